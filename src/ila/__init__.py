@@ -1,0 +1,36 @@
+"""ila: find the layers of a language model that matter for alignment, and fine-tune only those.
+
+Implements ILA (Shi et al., "Understanding Layer Significance in LLM Alignment", arXiv 2410.17875).
+
+Words used throughout (see README): a *layer* is one LoRA-adapted linear module, named by its full module
+name; a *block* is one decoder layer; the *gate* of layer i is sigmoid(s_i), where s_i is its *score*; the
+*ranking* is the layers sorted by score; a *selection* is the set of layers a fine-tuning run adapts.
+
+Python API (the command line only wraps these)::
+
+    from ila import load_config, run_all, stage1, stage2, stage3, Ranking
+    cfg = load_config("configs/tiny.yaml", ["stage2.steps=20"])
+    run_all(cfg, "runs/example")
+    ranking = Ranking.load("runs/example/stage2/ranking.json")
+    ranking.top(0.3)          # the 30 % most important layers
+"""
+
+__version__ = "0.1.0"
+
+from .config import RunConfig, load_config  # noqa: E402
+from .errors import ConfigError, DataError, IlaError, ModelError, RankingError, TrainingError  # noqa: E402
+from .ranking import Ranking  # noqa: E402
+
+
+def __getattr__(name: str):  # the training stack is imported lazily so that `ila --help` stays fast
+    if name in ("run_all", "stage1", "stage2", "stage3", "prepare_run_dir"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(name)
+
+
+__all__ = [
+    "__version__", "RunConfig", "load_config", "Ranking", "run_all", "stage1", "stage2", "stage3",
+    "prepare_run_dir", "IlaError", "ConfigError", "DataError", "ModelError", "RankingError", "TrainingError",
+]

@@ -1,0 +1,106 @@
+"""Files that stages hand to each other, written so that a later stage never trusts a half-written one.
+
+Every JSON artefact is strict (no NaN or Infinity, which strict parsers reject), carries a schema version and
+is written to a temporary file in the same folder and renamed into place, which is atomic on POSIX file
+systems. Folders (PEFT adapters) are written the same way: into a temporary sibling, then renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import IlaError
+
+
+def check_finite(obj: Any, where: str = "value") -> None:
+    """Raise if ``obj`` holds a NaN or infinite float anywhere (JSON would otherwise carry ``NaN``)."""
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise IlaError(f"{where} is {obj}; refusing to write a non-finite number")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            check_finite(v, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_finite(v, f"{where}[{i}]")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Strict JSON (``allow_nan=False``), written atomically."""
+    check_finite(obj, Path(path).name)
+    return write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Read strict JSON; NaN/Infinity literals are rejected."""
+    path = Path(path)
+    if not path.is_file():
+        raise IlaError(f"{what} {path} does not exist")
+
+    def reject(token: str) -> Any:
+        raise IlaError(f"{what} {path} contains {token}, which is not valid JSON")
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject)
+    except json.JSONDecodeError as e:
+        raise IlaError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
+
+    An interrupted write leaves only a ``.tmp`` sibling, never a partial ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder should read like any other
+    try:
+        yield tmp
+        if path.exists():
+            # rename() cannot replace a non-empty folder: move the old one aside first, then drop it.
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one metrics record; non-finite floats are written as null so the file stays strict JSON."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(clean, allow_nan=False) + "\n")

@@ -1,0 +1,105 @@
+"""Trainer callbacks of stage 1 and stage 2: milestone adapters, epsilon-stability, score trajectories."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .artifacts import append_jsonl, atomic_dir, write_json_atomic
+from .gates import LayerGates
+from .stability import LoraFactors, relative_change
+
+log = logging.getLogger(__name__)
+
+ADAPTER_META = "ila_adapter.json"
+
+
+def milestone_steps(fractions: list[float], planned_steps: int) -> dict[int, float]:
+    """Step at which each milestone fraction of the planned schedule falls (at least step 1)."""
+    return {max(1, round(f * planned_steps)): f for f in fractions}
+
+
+def milestone_name(fraction: float) -> str:
+    return f"{round(fraction * 100):03d}"
+
+
+def save_adapter(peft_model: Any, folder: Path, meta: dict[str, Any]) -> Path:
+    """A PEFT adapter folder plus ``ila_adapter.json``, written atomically (the metadata file last)."""
+    with atomic_dir(folder) as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        write_json_atomic(tmp / ADAPTER_META, meta)
+    return folder
+
+
+class MilestoneSaver(TrainerCallback):
+    """Saves the stage-1 adapter at fixed fractions of the planned steps (default 25/50/75/100 %)."""
+
+    def __init__(self, folder: Path, fractions: list[float], planned_steps: int,
+                 meta: Callable[[int, float], dict[str, Any]]):
+        self.folder = folder
+        self.steps = milestone_steps(fractions, planned_steps)
+        self.meta = meta
+        self.saved: dict[str, int] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        fraction = self.steps.get(state.global_step)
+        if fraction is not None and state.is_world_process_zero:
+            name = milestone_name(fraction)
+            save_adapter(model, self.folder / name, self.meta(state.global_step, fraction))
+            self.saved[name] = state.global_step
+            log.info("saved milestone %s%% at step %d", name, state.global_step)
+
+
+class StabilityTracker(TrainerCallback):
+    """Records the epsilon-stability figure r_t every ``window`` steps and can stop training once stable."""
+
+    def __init__(self, layer_names: list[str], window: int, epsilon: float, path: Path, stop_when_stable: bool):
+        self.layer_names = layer_names
+        self.window = window
+        self.epsilon = epsilon
+        self.path = path
+        self.stop_when_stable = stop_when_stable
+        self.previous: LoraFactors | None = None
+        self.history: list[dict[str, Any]] = []
+        self.stable_at: int | None = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        if state.global_step % self.window != 0:
+            return
+        current = LoraFactors.snapshot(model, self.layer_names)
+        if self.previous is not None:
+            r, _ = relative_change(self.previous, current)
+            stable = r <= self.epsilon
+            record = {"step": state.global_step, "window": self.window, "relative_change": r,
+                      "epsilon": self.epsilon, "stable": stable, "time": time.time()}
+            self.history.append(record)
+            if state.is_world_process_zero:
+                append_jsonl(self.path, record)
+            if stable and self.stable_at is None:
+                self.stable_at = state.global_step
+                log.info("epsilon-stable at step %d (r=%.4f <= %.4f)", state.global_step, r, self.epsilon)
+                # r is computed from replicated weights, so every process takes the same decision.
+                if self.stop_when_stable:
+                    control.should_training_stop = True
+        self.previous = current
+
+
+class ScoreTrajectory(TrainerCallback):
+    """Stage 2: writes the scores s (and the mean gate) every logging step."""
+
+    def __init__(self, gates: LayerGates, path: Path, every: int):
+        self.gates = gates
+        self.path = path
+        self.every = every
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.global_step % self.every == 0 and state.is_world_process_zero:
+            g = self.gates.gates().detach()
+            append_jsonl(self.path, {"step": state.global_step, "mean_gate": float(g.mean()),
+                                     "min_gate": float(g.min()), "max_gate": float(g.max()),
+                                     "scores": self.gates.as_dict()})

@@ -1,0 +1,152 @@
+"""The ``ila`` command: a thin wrapper over :mod:`ila.pipeline`.
+
+Examples::
+
+    ila run --config configs/smollm2.yaml --run-dir runs/demo        # stages 1-3
+    ila train --config configs/smollm2.yaml --run-dir runs/demo      # stage 1 only
+    ila score --run-dir runs/demo --set stage2.milestone=25          # stage 2 on the 25 % milestone
+    ila finetune --run-dir runs/demo --top 0.2                       # stage 3 on the top 20 % of layers
+    ila run --set model.name=/path/to/model --set data.name=my.jsonl --run-dir runs/mine
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import RunConfig, load_config
+from .errors import IlaError
+
+EXAMPLES = __doc__.split("Examples::", 1)[1]
+
+
+def _common(p: argparse.ArgumentParser, needs_run_dir: bool = False) -> None:
+    p.add_argument("--config", "-c", help="YAML run config (default: the builtin SmolLM2 defaults, or the run "
+                                           "directory's config.yaml when it has one)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable, e.g. --set stage2.learning_rate=0.1")
+    p.add_argument("--run-dir", "-o", required=needs_run_dir,
+                   help="run directory (default for run/train: runs/<time>)")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ila",
+        description="Find the layers of a causal LM that matter for alignment (ILA, arXiv 2410.17875) "
+                    "and fine-tune only those.",
+        epilog="examples:" + EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ila {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="stage 1, stage 2 and stage 3 in one go")
+    _common(p)
+    p.add_argument("--redo", action="store_true", help="redo stages that are already complete in the run dir")
+
+    p = sub.add_parser("train", help="stage 1: LoRA on every layer, milestones and epsilon-stability")
+    _common(p)
+
+    p = sub.add_parser("score", help="stage 2: learn one gate per layer and write ranking.json")
+    _common(p, needs_run_dir=True)
+    p.add_argument("--adapter", help="a stage-1 adapter folder to score instead of the run's own milestone")
+
+    p = sub.add_parser("finetune", help="stage 3: LoRA from the base model on the selected layers only")
+    _common(p, needs_run_dir=True)
+    p.add_argument("--ranking", help="ranking.json to select from (default: the run's stage2/ranking.json)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--top", type=float, metavar="FRACTION", help="tune only the top FRACTION of layers")
+    g.add_argument("--drop-bottom", type=float, metavar="FRACTION", help="freeze the bottom FRACTION, tune the rest")
+    g.add_argument("--layers", nargs="+", metavar="NAME", help="tune exactly these layers (full module names)")
+
+    p = sub.add_parser("config", help="print the resolved config (defaults, file and overrides) and exit")
+    _common(p)
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    overrides = list(args.overrides)
+    if getattr(args, "ranking", None):
+        overrides.append(f"stage3.ranking={args.ranking}")
+    if getattr(args, "top", None) is not None:
+        overrides += ["stage3.selection.mode=top", f"stage3.selection.fraction={args.top}"]
+    if getattr(args, "drop_bottom", None) is not None:
+        overrides += ["stage3.selection.mode=drop_bottom", f"stage3.selection.fraction={args.drop_bottom}"]
+    if getattr(args, "layers", None):
+        overrides += ["stage3.selection.mode=list", "stage3.selection.layers=" + json.dumps(args.layers)]
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    config = args.config
+    if config is None and (run_dir / "config.yaml").is_file():
+        config = run_dir / "config.yaml"
+    return load_config(config, overrides), run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        cfg, run_dir = _resolve(args)
+        if args.command == "config":
+            print(cfg.to_yaml(), end="")
+            return 0
+        from . import pipeline  # heavy imports only once the config is known to be valid
+
+        if args.command == "run":
+            out = pipeline.run_all(cfg, run_dir, redo=args.redo)
+            _print_summary(out, run_dir)
+        elif args.command == "train":
+            pipeline.prepare_run_dir(cfg, run_dir)
+            s = pipeline.stage1(cfg, run_dir)
+            print(f"stage 1: {s['steps']} steps, held-out loss {s['heldout_loss']}")
+            print(f"adapters: {run_dir / 'stage1' / 'milestones'} and {run_dir / 'stage1' / 'final'}")
+        elif args.command == "score":
+            pipeline.prepare_run_dir(cfg, run_dir)
+            ranking = pipeline.stage2(cfg, run_dir, adapter=args.adapter)
+            print("top layers: " + ", ".join(ranking.order[:5]))
+            print(f"ranking: {run_dir / 'stage2' / 'ranking.json'}")
+        elif args.command == "finetune":
+            pipeline.prepare_run_dir(cfg, run_dir)
+            s = pipeline.stage3(cfg, run_dir)
+            print(f"stage 3: {s['num_selected']} of {s['num_layers']} layers, held-out loss {s['heldout_loss']}")
+            print(f"adapter: {s['adapter']}")
+        return 0
+    except IlaError as e:
+        print(f"ila: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ila: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+def _fmt(x: object) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def _print_summary(out: dict, run_dir: Path) -> None:
+    s1, s2, s3 = out["stage1"], out["stage2"], out["stage3"]
+    print()
+    print(f"ILA run complete: {run_dir}")
+    print(f"  stage 1  {s1['steps']} steps, held-out loss {_fmt(s1['heldout_loss'])}, "
+          f"stable at step {s1['stable_at_step']}")
+    print(f"  stage 2  {s2['steps']} steps, top layers: {', '.join(s2['top10'][:3])} ...")
+    print(f"  stage 3  {s3['num_selected']}/{s3['num_layers']} layers, {s3['trainable_parameters']:,} trainable "
+          f"parameters, held-out loss {_fmt(s3['heldout_loss'])}")
+    print("outputs:")
+    print(f"  config      {run_dir / 'config.yaml'}")
+    print(f"  milestones  {run_dir / 'stage1' / 'milestones'}")
+    print(f"  ranking     {s2['ranking']}")
+    print(f"  adapter     {s3['adapter']}   (PeftModel.from_pretrained(base, this folder))")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""Typed, strictly validated configuration for every stage of an ila run.
+
+A run is configured by one YAML file (see ``configs/``) plus dotted ``--set key=value`` overrides. Loading is
+strict: an unknown key, a value of the wrong type or a value out of range raises :class:`ConfigError` naming
+the dotted key. This module imports no torch so that the command line can validate a config instantly.
+
+Defaults marked [spec] in the docstrings are this project's reconstruction of details the paper does not
+state (Shi et al., arXiv 2410.17875); each of them is an option here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to load and how."""
+
+    name: str = "smollm2"
+    """A builtin name (``smollm2``), a local folder with safetensors weights, or a Hub model id."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the loaded weights. Use ``bfloat16`` on GPUs; mixed precision is ``train.precision``."""
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    trust_remote_code: bool = False
+    """Run model code from the model folder. Off unless asked: it executes arbitrary Python."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when ``name`` is a Hub id."""
+    cache_dir: str | None = None
+    """Where builtin models are converted to safetensors (default ``$ILA_CACHE`` or ``~/.cache/ila``)."""
+
+    def validate(self, prefix: str) -> None:
+        _require(bool(self.name.strip()), prefix, "name", "must not be empty")
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] in ("cuda", "mps"),
+            prefix, "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+
+
+@dataclass
+class DataConfig:
+    """The alignment dataset and how it becomes tokens (see :mod:`ila.data`)."""
+
+    name: str = "sharegpt"
+    """A builtin (``sharegpt``, ``chitchat``, ``mtbench``, ``gsm8k``), a .json/.jsonl file, a ``save_to_disk``
+    folder, or a ``datasets`` Hub name."""
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = "auto"
+    split: str = "train"
+    subset: str | None = None
+    """Configuration name for ``datasets`` Hub datasets."""
+    template: Literal["auto", "chat", "plain"] = "auto"
+    """``auto`` uses the tokenizer's chat template when it has one, the documented plain template otherwise."""
+    max_length: int = 256
+    """Tokens per example; longer examples are truncated, and dropped if no response token remains."""
+    max_examples: int | None = 2000
+    """Examples drawn (seeded) from the dataset before the held-out split; null for all."""
+    heldout_fraction: float = 0.1
+    max_heldout_examples: int | None = 200
+    seed: int = 0
+    """Seed of the sample and of the train/held-out split."""
+    skip_bad_records: bool = False
+    """Skip malformed records (and count them) instead of stopping at the first one."""
+
+    def validate(self, prefix: str) -> None:
+        _require(bool(self.name.strip()), prefix, "name", "must not be empty")
+        _require(self.max_length >= 8, prefix, "max_length", f"must be >= 8, got {self.max_length}")
+        _require(self.max_examples is None or self.max_examples >= 1, prefix, "max_examples",
+                 f"must be >= 1 or null, got {self.max_examples}")
+        _require(0.0 <= self.heldout_fraction < 1.0, prefix, "heldout_fraction",
+                 f"must be in [0, 1), got {self.heldout_fraction}")
+        _require(self.max_heldout_examples is None or self.max_heldout_examples >= 0, prefix,
+                 "max_heldout_examples", f"must be >= 0 or null, got {self.max_heldout_examples}")
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapter put on every layer in stage 1 and on the selected layers in stage 3."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    """LoRA dropout in stages 1 and 3; stage 2 always runs with dropout off."""
+    include_lm_head: bool = False
+    """Adapt ``lm_head`` too (the paper's 225 layers of LLaMA-2-7B include it). Recorded with every result."""
+    module_types: list[str] | None = None
+    """Restrict layers to these module types (e.g. ``[q_proj, v_proj]``); null means every linear projection."""
+
+    def validate(self, prefix: str) -> None:
+        _require(self.r >= 1, prefix, "r", f"must be >= 1, got {self.r}")
+        _require(self.alpha > 0, prefix, "alpha", f"must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, prefix, "dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(self.module_types is None or len(self.module_types) > 0, prefix, "module_types",
+                 "must be null or a non-empty list")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by stage 1 and stage 3 (handed to transformers' TrainingArguments)."""
+
+    max_steps: int = 60
+    batch_size: int = 4
+    """Per-device batch size."""
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: Precision = "fp32"
+    """Mixed precision: ``bf16`` autocasts (also on CPUs with bf16 instructions); ``fp16`` needs CUDA."""
+    gradient_checkpointing: bool = False
+    logging_steps: int = 5
+    save_steps: int = 0
+    """Trainer checkpoints for resuming every this many steps; 0 picks a quarter of the run."""
+    eval_heldout: bool = True
+    """Report held-out loss at the end of the stage."""
+    dataloader_workers: int = 0
+
+    def validate(self, prefix: str) -> None:
+        _require(self.max_steps >= 1, prefix, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(self.batch_size >= 1, prefix, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.grad_accum >= 1, prefix, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _require(self.learning_rate > 0, prefix, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(0.0 <= self.warmup_ratio < 1.0, prefix, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _require(self.weight_decay >= 0, prefix, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.max_grad_norm >= 0, prefix, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        _require(self.logging_steps >= 1, prefix, "logging_steps", f"must be >= 1, got {self.logging_steps}")
+        _require(self.save_steps >= 0, prefix, "save_steps", f"must be >= 0, got {self.save_steps}")
+        _require(self.dataloader_workers >= 0, prefix, "dataloader_workers", "must be >= 0")
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1: LoRA on every layer until epsilon-stable."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    milestones: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    """Fractions of the planned steps at which the adapter is saved (``stage1/milestone-050`` ...)."""
+    stability_window: int = 10
+    """[spec] w: epsilon-stability compares the LoRA updates now with those w steps ago."""
+    stability_epsilon: float = 0.1
+    """[spec] epsilon: training is stable when ||Delta_t - Delta_{t-w}||_F / ||Delta_t||_F <= epsilon."""
+    stop_when_stable: bool = False
+    """Stop stage 1 at the first stable window instead of running the planned schedule."""
+
+    def validate(self, prefix: str) -> None:
+        self.train.validate(prefix + "train.")
+        _require(len(self.milestones) > 0, prefix, "milestones", "must list at least one fraction")
+        for m in self.milestones:
+            _require(0.0 < m <= 1.0, prefix, "milestones", f"every milestone must be in (0, 1], got {m}")
+        _require(sorted(set(self.milestones)) == list(self.milestones), prefix, "milestones",
+                 f"must be increasing without repeats, got {self.milestones}")
+        _require(self.stability_window >= 1, prefix, "stability_window", "must be >= 1")
+        _require(self.stability_epsilon > 0, prefix, "stability_epsilon", "must be > 0")
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: only the layer scores s train; the gate of layer i is sigmoid(s_i)."""
+
+    milestone: str = "last"
+    """Which stage-1 adapter to score: ``last``, a milestone such as ``50`` (percent), or an adapter folder."""
+    steps: int = 40
+    batch_size: int = 4
+    grad_accum: int = 1
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """[spec] Optimiser of the scores."""
+    learning_rate: float = 0.05
+    """[spec] Learning rate of the scores."""
+    init_mean: float = 0.0
+    """[spec] s starts at init_mean (gate 0.5 for 0) ..."""
+    init_std: float = 0.01
+    """[spec] ... plus N(0, init_std) noise drawn from the run's seed."""
+    budget_fraction: float = 0.5
+    """[spec] H/N of the budget penalty lambda * max(0, mean(gate) - H/N)."""
+    budget_lambda: float = 1.0
+    """[spec] lambda of the budget penalty; 0 turns the penalty off."""
+    precision: Precision = "fp32"
+    logging_steps: int = 5
+
+    def validate(self, prefix: str) -> None:
+        _require(self.steps >= 1, prefix, "steps", f"must be >= 1, got {self.steps}")
+        _require(self.batch_size >= 1, prefix, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.grad_accum >= 1, prefix, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _require(self.learning_rate > 0, prefix, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(self.init_std >= 0, prefix, "init_std", f"must be >= 0, got {self.init_std}")
+        _require(0.0 < self.budget_fraction <= 1.0, prefix, "budget_fraction",
+                 f"must be in (0, 1], got {self.budget_fraction}")
+        _require(self.budget_lambda >= 0, prefix, "budget_lambda", f"must be >= 0, got {self.budget_lambda}")
+        _require(self.logging_steps >= 1, prefix, "logging_steps", "must be >= 1")
+        if self.milestone not in ("last",):
+            try:
+                pct = float(self.milestone)
+            except ValueError:
+                pct = None  # a path to an adapter folder; checked when the stage runs
+            if pct is not None:
+                _require(0 < pct <= 100, prefix, "milestone", f"a percentage must be in (0, 100], got {pct}")
+
+
+@dataclass
+class SelectionConfig:
+    """Which layers stage 3 fine-tunes, taken from a ranking."""
+
+    mode: Literal["top", "drop_bottom", "list"] = "top"
+    """``top``: tune only the top ``fraction``; ``drop_bottom``: freeze the bottom ``fraction`` and tune the
+    rest; ``list``: tune exactly ``layers``."""
+    fraction: float = 0.3
+    layers: list[str] = field(default_factory=list)
+    """Full module names for ``mode: list``."""
+
+    def validate(self, prefix: str) -> None:
+        _require(0.0 < self.fraction <= 1.0, prefix, "fraction", f"must be in (0, 1], got {self.fraction}")
+        if self.mode == "drop_bottom":
+            _require(self.fraction < 1.0, prefix, "fraction", "drop_bottom 1.0 would tune nothing")
+        if self.mode == "list":
+            _require(len(self.layers) > 0, prefix, "layers", "mode list needs a non-empty list of layer names")
+        else:
+            _require(len(self.layers) == 0, prefix, "layers", f"is only used with mode list, not {self.mode}")
+
+
+@dataclass
+class Stage3Config:
+    """Stage 3: a fresh LoRA run from the base model on the selected layers only."""
+
+    ranking: str | None = None
+    """A ranking.json to select from; null means this run's ``stage2/ranking.json``."""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, prefix: str) -> None:
+        self.selection.validate(prefix + "selection.")
+        self.train.validate(prefix + "train.")
+
+
+@dataclass
+class RunConfig:
+    """One ILA run: the model, the data, and the three stages."""
+
+    seed: int = 0
+    """Seed of training order, LoRA initialisation and the stage-2 score noise."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    stage3: Stage3Config = field(default_factory=Stage3Config)
+
+    def validate(self) -> "RunConfig":
+        self.model.validate("model.")
+        self.data.validate("data.")
+        self.lora.validate("lora.")
+        self.stage1.validate("stage1.")
+        self.stage2.validate("stage2.")
+        self.stage3.validate("stage3.")
+        for stage in ("stage1", "stage3"):
+            if getattr(self, stage).train.precision == "fp16" and self.model.device == "cpu":
+                raise ConfigError(f"{stage}.train.precision: fp16 mixed precision needs CUDA; use bf16 or fp32 on the CPU")
+        if self.stage2.precision == "fp16" and self.model.device == "cpu":
+            raise ConfigError("stage2.precision: fp16 mixed precision needs CUDA; use bf16 or fp32 on the CPU")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def sha256(self) -> str:
+        """Hash of the resolved config, recorded in every artefact so that results can be traced to it."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _require(ok: bool, prefix: str, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{prefix}{key}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Strict construction from plain data
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from nested dicts, rejecting unknown keys and wrongly typed values."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key (valid keys under {prefix.rstrip('.') or 'the top level'}: "
+            f"{', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _coerce(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key}: must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. `milestone: 50`
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this module, not user input
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to nested dicts; values are parsed as YAML (``0.5``, ``true``, ``[a, b]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. stage2.learning_rate=0.1")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse {raw!r}: {e}") from None
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config (or the defaults when ``path`` is None), apply overrides, validate strictly."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(RunConfig, data).validate()
+
+
+def config_from_run_dir(run_dir: str | Path) -> RunConfig:
+    """The resolved config that a run directory was started with."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no config.yaml: is it an ila run directory?")
+    return load_config(path)

@@ -1,0 +1,112 @@
+"""The gates of stage 2: one learnable score per layer scaling that layer's LoRA update.
+
+ILA (Shi et al., arXiv 2410.17875) relaxes the binary layer mask gamma in {0,1}^N of
+
+    min_gamma  L_D(theta_0 + gamma (.) Delta)   s.t.  ||gamma||_0 <= H
+
+to gamma_i = sigmoid(s_i) and learns the scores s by gradient descent. For a LoRA layer the gated forward is
+
+    y = W_0 x + sigmoid(s_i) * scaling * B_i A_i x
+
+which is implemented here by a forward hook on the layer's ``lora_B`` that multiplies its output by the gate.
+peft adds ``lora_B(lora_A(x)) * scaling`` to the base output, so a gate of exactly 1 reproduces the plain
+peft model bit for bit and a gate of exactly 0 reproduces the base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+from .layers import PEFT_PREFIX
+
+
+class LayerGates(nn.Module):
+    """The N scores s, keyed by layer name; ``gates()`` is sigmoid(s)."""
+
+    def __init__(self, layer_names: Sequence[str], *, init_mean: float = 0.0, init_std: float = 0.01, seed: int = 0):
+        super().__init__()
+        if len(set(layer_names)) != len(layer_names):
+            raise ValueError("layer names must be unique")
+        self.layer_names = list(layer_names)
+        self.index = {name: i for i, name in enumerate(self.layer_names)}
+        # [spec] s_0 = init_mean + N(0, init_std) from the run's seed: the paper reports the ranking to be
+        # stable across gate initialisations; the noise breaks exact ties between layers.
+        g = torch.Generator().manual_seed(seed)
+        init = init_mean + init_std * torch.randn(len(self.layer_names), generator=g)
+        self.scores = nn.Parameter(init)  # (N,)
+        # When set, these gate values replace sigmoid(s) (for equivalence checks and ablations).
+        self.fixed: torch.Tensor | None = None
+
+    def gates(self) -> torch.Tensor:
+        """gamma = sigmoid(s), shape (N,)."""
+        if self.fixed is not None:
+            return self.fixed.to(self.scores.device)
+        return torch.sigmoid(self.scores)
+
+    def gate(self, i: int) -> torch.Tensor:
+        if self.fixed is not None:
+            return self.fixed[i].to(self.scores.device)
+        return torch.sigmoid(self.scores[i])
+
+    def set_fixed(self, values: float | torch.Tensor | None) -> None:
+        """Pin every gate to ``values`` (a number or an (N,) tensor); ``None`` returns to sigmoid(s)."""
+        if values is None:
+            self.fixed = None
+        else:
+            self.fixed = torch.as_tensor(values, dtype=torch.float32).expand(len(self.layer_names)).clone()
+
+    def budget_penalty(self, budget_fraction: float) -> torch.Tensor:
+        """[spec] max(0, mean(gamma) - H/N): zero while the gates, on average, stay within the budget."""
+        return torch.clamp(self.gates().mean() - budget_fraction, min=0.0)
+
+    def as_dict(self) -> dict[str, float]:
+        return {n: float(s) for n, s in zip(self.layer_names, self.scores.detach().cpu().tolist())}
+
+
+class GateHooks:
+    """The forward hooks that apply the gates; ``remove()`` restores the plain peft model."""
+
+    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle]):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def attach_gates(peft_model: nn.Module, gates: LayerGates, adapter_name: str = "default") -> GateHooks:
+    """Gate the LoRA update of every layer named in ``gates`` and register ``gates`` on the model.
+
+    Registering the scores as a submodule (``ila_gates``) makes them ordinary parameters of the model, so
+    the Trainer's optimiser, DDP's gradient averaging and device placement treat them like any other.
+    """
+    modules = dict(peft_model.named_modules())
+    handles = []
+    missing = []
+    for i, name in enumerate(gates.layer_names):
+        module = modules.get(PEFT_PREFIX + name)
+        lora_b = getattr(module, "lora_B", None) if module is not None else None
+        if lora_b is None or adapter_name not in lora_b:
+            missing.append(name)
+            continue
+        if adapter_name in getattr(module, "lora_variant", {}):
+            raise ModelError(f"{name} uses a LoRA variant (e.g. DoRA); ILA gates support plain LoRA only")
+
+        def hook(_mod: nn.Module, _inp: tuple, out: torch.Tensor, i: int = i) -> torch.Tensor:
+            return out * gates.gate(i).to(out.dtype)
+
+        handles.append(lora_b[adapter_name].register_forward_hook(hook))
+    if missing:
+        for h in handles:
+            h.remove()
+        raise ModelError(
+            f"{len(missing)} of {len(gates.layer_names)} layers carry no LoRA adapter, e.g. {missing[0]}; "
+            "the adapter does not match the layers being gated"
+        )
+    peft_model.add_module("ila_gates", gates)
+    return GateHooks(handles)

@@ -1,0 +1,207 @@
+"""The one Trainer set-up that every stage uses.
+
+The three stages of ILA differ only in which parameters train and which loss is minimised:
+
+- stage 1: every layer's LoRA A and B; the response-token loss;
+- stage 2: only the layer scores s; the response-token loss plus the budget penalty;
+- stage 3: the LoRA A and B of the selected layers; the response-token loss.
+
+So a stage sets ``requires_grad`` on what it trains, describes its schedule in a :class:`TrainingPlan`, and
+calls :func:`train`. Gradient accumulation, mixed precision, logging, checkpoint/resume and several
+processes come from transformers' Trainer and accelerate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .artifacts import append_jsonl
+from .errors import TrainingError
+from .models import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingPlan:
+    """What a stage asks of the Trainer."""
+
+    output_dir: Path
+    """Trainer checkpoints (for resuming) go here."""
+    metrics_path: Path
+    """JSON-lines log of every Trainer log record."""
+    max_steps: int
+    batch_size: int
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    optimizer: str = "adamw_torch"
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    logging_steps: int = 5
+    save_steps: int = 0
+    """0: no Trainer checkpoints."""
+    seed: int = 0
+    device: str = "auto"
+    dataloader_workers: int = 0
+    penalty: Callable[[], torch.Tensor] | None = None
+    """An extra term added to the loss of every optimiser step (stage 2's budget penalty)."""
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+    resume: bool = True
+    """Continue from the newest checkpoint in ``output_dir`` if there is one."""
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    train_loss: float
+    seconds: float
+    seconds_per_step: float
+    heldout_loss: float | None
+    peak_memory_mb: float | None
+    stopped_early: bool
+    resumed_from: str | None
+
+
+class IlaTrainer(Trainer):
+    """Trainer with an optional penalty term and a hard stop on a non-finite loss."""
+
+    def __init__(self, *args: Any, penalty: Callable[[], torch.Tensor] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.penalty = penalty
+        self.last_penalty: float | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if return_outputs else (result, None)
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingError(
+                f"the loss became {loss.item()} at step {self.state.global_step + 1}; stopping. The last good "
+                f"checkpoint (if any) is in {self.args.output_dir}. Lower the learning rate or use fp32/bf16."
+            )
+        if self.penalty is not None and model.training:
+            penalty = self.penalty()
+            self.last_penalty = float(penalty.detach())
+            # The language-model loss is already normalised over the whole accumulated batch when the model
+            # takes num_items_in_batch; then the penalty must be split over the micro-batches too, so that
+            # each optimiser step sees it exactly once.
+            scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            loss = loss + (penalty / self.current_gradient_accumulation_steps if scaled else penalty)
+        return (loss, outputs) if return_outputs else loss
+
+
+class JsonlMetrics(TrainerCallback):
+    """Writes every Trainer log record (loss, learning rate, grad norm...) as a JSON line."""
+
+    def __init__(self, path: Path, trainer_ref: list[IlaTrainer]):
+        self.path = path
+        self.trainer_ref = trainer_ref
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "time": time.time(), **logs}
+            if self.trainer_ref and self.trainer_ref[0].last_penalty is not None:
+                record["penalty"] = self.trainer_ref[0].last_penalty
+            append_jsonl(self.path, record)
+
+
+def training_arguments(plan: TrainingPlan) -> TrainingArguments:
+    use_cpu = resolve_device(plan.device).type == "cpu"
+    save_steps = plan.save_steps
+    return TrainingArguments(
+        output_dir=str(plan.output_dir),
+        max_steps=plan.max_steps,
+        per_device_train_batch_size=plan.batch_size,
+        per_device_eval_batch_size=plan.batch_size,
+        gradient_accumulation_steps=plan.grad_accum,
+        learning_rate=plan.learning_rate,
+        optim=plan.optimizer,
+        lr_scheduler_type=plan.lr_scheduler,
+        warmup_steps=int(math.ceil(plan.warmup_ratio * plan.max_steps)),
+        weight_decay=plan.weight_decay,
+        max_grad_norm=plan.max_grad_norm,
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
+        gradient_checkpointing=plan.gradient_checkpointing,
+        # Reentrant checkpointing needs inputs that require grad; the non-reentrant kind does not, so frozen
+        # early layers get no needless gradients.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
+        logging_steps=plan.logging_steps,
+        save_strategy="steps" if save_steps > 0 else "no",
+        save_steps=save_steps if save_steps > 0 else 500,
+        save_total_limit=2,
+        seed=plan.seed,
+        data_seed=plan.seed,
+        use_cpu=use_cpu,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=plan.dataloader_workers,
+        disable_tqdm=False,
+        label_names=["labels"],
+    )
+
+
+def make_trainer(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_dataset: Any,
+                 eval_dataset: Any = None) -> IlaTrainer:
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TrainingError("nothing to train: no parameter requires a gradient")
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+    ref: list[IlaTrainer] = []
+    trainer = IlaTrainer(
+        model=model,
+        args=training_arguments(plan),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset if eval_dataset is not None and len(eval_dataset) > 0 else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[JsonlMetrics(plan.metrics_path, ref), *plan.callbacks],
+        penalty=plan.penalty,
+    )
+    ref.append(trainer)
+    return trainer
+
+
+def train(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_dataset: Any,
+          eval_dataset: Any = None) -> TrainingResult:
+    """Train whatever in ``model`` requires a gradient, as the plan says; evaluate held-out loss at the end."""
+    trainer = make_trainer(model, plan, tokenizer, train_dataset, eval_dataset)
+    checkpoint = None
+    if plan.resume and plan.output_dir.is_dir():
+        checkpoint = get_last_checkpoint(str(plan.output_dir))
+        if checkpoint:
+            log.info("resuming from %s", checkpoint)
+    device = trainer.args.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+    steps = trainer.state.global_step
+    heldout = None
+    if trainer.eval_dataset is not None:
+        heldout = float(trainer.evaluate()["eval_loss"])
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return TrainingResult(
+        steps=steps,
+        train_loss=float(out.training_loss),
+        seconds=seconds,
+        seconds_per_step=seconds / max(1, steps),
+        heldout_loss=heldout,
+        peak_memory_mb=peak,
+        stopped_early=steps < plan.max_steps,
+        resumed_from=checkpoint,
+    )
+
