@@ -54,13 +54,17 @@ def tiny_data_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_config(tiny_model_dir, tiny_data_file):
-    """Overrides for a run on the tiny model that takes seconds."""
+def TINY_OVERRIDES(model_dir: Path, data_file: Path) -> list[str]:  # noqa: N802
+    """Overrides for a run of every stage on the tiny model that takes seconds."""
     return [
-        f"model.name={tiny_model_dir}", "model.device=cpu", f"data.name={tiny_data_file}", "data.max_length=64",
+        f"model.name={model_dir}", "model.device=cpu", f"data.name={data_file}", "data.max_length=64",
         "data.max_examples=null", "data.heldout_fraction=0.2",
         "stage1.train.max_steps=8", "stage1.train.batch_size=4", "stage1.train.logging_steps=2",
         "stage1.stability_window=2", "stage2.steps=6", "stage2.logging_steps=2",
         "stage3.train.max_steps=4", "stage3.train.logging_steps=2", "stage3.selection.fraction=0.25",
     ]
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, tiny_data_file) -> list[str]:
+    return TINY_OVERRIDES(tiny_model_dir, tiny_data_file)

@@ -296,6 +296,7 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
         },
     )
     ranking.save(folder / "ranking.json")
+    _cleanup_checkpoints(folder)
     gate_values = gates.gates().detach()
     write_json_atomic(folder / "summary.json", {
         "stage": 2, "finished": _now(), "steps": result.steps, "train_loss": result.train_loss,

@@ -135,10 +135,6 @@ def training_arguments(plan: TrainingPlan) -> TrainingArguments:
         max_grad_norm=plan.max_grad_norm,
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
-        gradient_checkpointing=plan.gradient_checkpointing,
-        # Reentrant checkpointing needs inputs that require grad; the non-reentrant kind does not, so frozen
-        # early layers get no needless gradients.
-        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
         logging_steps=plan.logging_steps,
         save_strategy="steps" if save_steps > 0 else "no",
         save_steps=save_steps if save_steps > 0 else 500,
@@ -151,7 +147,16 @@ def training_arguments(plan: TrainingPlan) -> TrainingArguments:
         dataloader_num_workers=plan.dataloader_workers,
         disable_tqdm=False,
         label_names=["labels"],
+        **_checkpointing_kwargs(plan.gradient_checkpointing),
     )
+
+
+def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
+    if not enabled:
+        return {}  # passing the (renamed in transformers 5) option at all triggers a deprecation warning
+    # Reentrant checkpointing needs inputs that require grad, which forces gradients down to the embeddings;
+    # the non-reentrant kind does not, so frozen early layers get no needless gradients.
+    return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
 
 
 def make_trainer(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_dataset: Any,
