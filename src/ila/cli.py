@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("ila").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         cfg, run_dir = _resolve(args)
         if args.command == "config":

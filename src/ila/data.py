@@ -900,8 +900,8 @@ def _tokenize_all(
             if not skip_refused:
                 first = next((m["content"] for m in conv if m["role"] == "user"), "")[:60]
                 raise DataError(
-                    f"{cfg.name}: sampled conversation {n} (first user message {first!r}): {str(err).rstrip('.')}. "
-                    f"{_SKIP_HINT}"
+                    f"{cfg.name}: sampled conversation {n} (first user message {first!r}): "
+                    f"{str(err).rstrip('.')}. {_SKIP_HINT}"
                 ) from err
             n_refused += 1
             continue
