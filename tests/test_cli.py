@@ -42,13 +42,28 @@ def test_run_train_score_finetune(tmp_path, tiny_config, capsys):
     assert not (fresh / "stage2").exists()
 
 
-def test_run_skips_completed_stages(tmp_path, tiny_config, caplog):
+def test_run_skips_completed_stages(tmp_path, tiny_config, caplog, capsys):
     run_dir = tmp_path / "run"
     assert main(["run", "--run-dir", str(run_dir), *_sets(tiny_config)]) == 0
     before = (run_dir / "stage2" / "ranking.json").read_text()
     assert main(["run", "--run-dir", str(run_dir)]) == 0
     assert "already complete" in caplog.text
     assert (run_dir / "stage2" / "ranking.json").read_text() == before
+
+    # A changed stage-3 setting: `run` refuses to overwrite the old result; `finetune` redoes stage 3 alone.
+    assert main(["run", "--run-dir", str(run_dir), "--set", "stage3.selection.fraction=0.5"]) == 2
+    assert "ila finetune" in capsys.readouterr().err
+    assert main(["finetune", "--run-dir", str(run_dir), "--set", "stage3.selection.fraction=0.5"]) == 0
+    assert (run_dir / "stage2" / "ranking.json").read_text() == before
+    assert json.loads((run_dir / "stage3" / "selection.json").read_text())["num_selected"] == 14
+    caplog.clear()
+    assert main(["run", "--run-dir", str(run_dir)]) == 0  # the run dir's config now has fraction 0.5
+    assert caplog.text.count("already complete") == 3
+
+    # A changed data setting would make stage 1 stale: refused, nothing rewritten.
+    config_before = (run_dir / "config.yaml").read_text()
+    assert main(["run", "--run-dir", str(run_dir), "--set", "data.max_length=48"]) == 2
+    assert (run_dir / "config.yaml").read_text() == config_before
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -281,6 +281,20 @@ class RunConfig:
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    def stage_sha256(self, stage: str) -> str:
+        """Hash of the parts of the config that a stage's result depends on.
+
+        A completed stage is reused only while this hash is unchanged: changing ``stage3`` does not
+        invalidate stage 1, but changing ``data`` or ``lora`` does.
+        """
+        d = self.to_dict()
+        common = {k: d[k] for k in ("seed", "model", "data", "lora")}
+        # The device and cache location do not change what a stage computes.
+        common["model"] = {k: v for k, v in common["model"].items() if k not in ("device", "cache_dir")}
+        parts = {"stage1": ["stage1"], "stage2": ["stage1", "stage2"], "stage3": ["stage1", "stage2", "stage3"]}[stage]
+        blob = json.dumps({**common, **{k: d[k] for k in parts}}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 

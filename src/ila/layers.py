@@ -85,9 +85,11 @@ def adaptable_layers(
     for name, module in model.named_modules():
         if not name.startswith(prefix) or not _is_linear(module):
             continue
-        # peft inserts base_layer / lora_A / lora_B below an adapted module; those are not layers.
-        if ".lora_" in name or name.endswith(".base_layer") or ".base_layer." in name:
+        # peft replaces an adapted module by a wrapper holding the original as `base_layer` plus lora_A /
+        # lora_B; the layer is the wrapper's name, and the LoRA factors are not layers.
+        if ".lora_" in name or ".base_layer." in name:
             continue
+        name = name.removesuffix(".base_layer")
         index_str, _, inner = name[len(prefix):].partition(".")
         module_type = inner
         if module_types is not None and module_type not in module_types and module_type.rsplit(".", 1)[-1] not in module_types:

@@ -65,8 +65,20 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunCo
     return load_config(path, overrides)
 
 
-def stage_done(run_dir: Path, stage: str) -> bool:
-    return (run_dir / stage / "summary.json").is_file()
+def stage_done(run_dir: Path, stage: str, cfg: RunConfig | None = None) -> bool:
+    """Whether ``stage`` is complete in ``run_dir``; with ``cfg``, refuse a result made with another config."""
+    path = run_dir / stage / "summary.json"
+    if not path.is_file():
+        return False
+    if cfg is not None:
+        recorded = read_json(path, f"{stage} summary").get("stage_sha256")
+        if recorded is not None and recorded != cfg.stage_sha256(stage):
+            raise ConfigError(
+                f"{run_dir} holds a completed {stage} made with a different config (model, data, lora, seed or "
+                f"{stage} settings changed) and `run` does not overwrite it: use another --run-dir, --redo to "
+                f"run every stage again, or run one stage alone (ila train / ila score / ila finetune)"
+            )
+    return True
 
 
 def _train_plan(cfg: RunConfig, train_cfg: TrainConfig, folder: Path, callbacks: list) -> TrainingPlan:
@@ -159,6 +171,7 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     stability = StabilityTracker(names, s1.stability_window, s1.stability_epsilon, folder / "stability.jsonl",
                                  s1.stop_when_stable)
     plan = _train_plan(cfg, s1.train, folder, [milestones, stability])
+    plan.eval_before = True  # LoRA B starts at zero, so this is the base model's held-out loss
     result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if s1.train.eval_heldout else None)
     save_adapter(peft_model, folder / "final", meta(result.steps, result.steps / planned))
     summary = {
@@ -172,6 +185,7 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "milestones": sorted(p.name for p in (folder / "milestones").iterdir() if not p.name.startswith(".")),
         "train_loss": result.train_loss,
         "heldout_loss": result.heldout_loss,
+        "base_heldout_loss": result.heldout_loss_before,
         "seconds": result.seconds,
         "seconds_per_step": result.seconds_per_step,
         "peak_memory_mb": result.peak_memory_mb,
@@ -182,6 +196,7 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "base_model": identity,
         "resumed_from": result.resumed_from,
         "config_sha256": cfg.sha256(),
+        "stage_sha256": cfg.stage_sha256("stage1"),
     }
     write_json_atomic(folder / "summary.json", summary)
     _cleanup_checkpoints(folder)
@@ -303,6 +318,7 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
         "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
         "peak_memory_mb": result.peak_memory_mb, "trainable_parameters": len(names),
         "mean_gate": float(gate_values.mean()), "top10": ranking.order[:10], "ranking": str(folder / "ranking.json"),
+        "stage_sha256": cfg.stage_sha256("stage2"),
     })
     return ranking
 
@@ -352,6 +368,7 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "seconds_per_step": result.seconds_per_step, "peak_memory_mb": result.peak_memory_mb,
         "trainable_parameters": trainable, "total_parameters": total, "num_selected": len(selected),
         "num_layers": len(layers), "adapter": str(folder / "adapter"), "resumed_from": result.resumed_from,
+        "stage_sha256": cfg.stage_sha256("stage3"),
     }
     write_json_atomic(folder / "summary.json", summary)
     _cleanup_checkpoints(folder)
@@ -363,22 +380,20 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 def run_all(cfg: RunConfig, run_dir: str | Path, *, redo: bool = False) -> dict[str, Any]:
-    """Stages 1-3 in order; a completed stage (its summary.json exists) is skipped unless ``redo``."""
-    run_dir = prepare_run_dir(cfg, run_dir)
+    """Stages 1-3 in order. A stage that is complete in ``run_dir`` with the same config is reused, unless
+    ``redo``; once a stage runs, every later stage runs again too."""
+    run_dir = Path(run_dir)
+    stages = ("stage1", "stage2", "stage3")
+    # Check before writing anything, so a refused run leaves the directory as it was.
+    done = {s: (not redo) and stage_done(run_dir, s, cfg) for s in stages}
+    prepare_run_dir(cfg, run_dir)
     out: dict[str, Any] = {"run_dir": str(run_dir)}
-    if redo or not stage_done(run_dir, "stage1"):
-        out["stage1"] = stage1(cfg, run_dir)
-    else:
-        log.info("stage 1 already complete in %s; skipping", run_dir)
-        out["stage1"] = read_json(run_dir / "stage1" / "summary.json")
-    if redo or not stage_done(run_dir, "stage2"):
-        stage2(cfg, run_dir)
-    else:
-        log.info("stage 2 already complete in %s; skipping", run_dir)
-    out["stage2"] = read_json(run_dir / "stage2" / "summary.json")
-    if redo or not stage_done(run_dir, "stage3"):
-        out["stage3"] = stage3(cfg, run_dir)
-    else:
-        log.info("stage 3 already complete in %s; skipping", run_dir)
-        out["stage3"] = read_json(run_dir / "stage3" / "summary.json")
+    rerun = False
+    for name, fn in (("stage1", stage1), ("stage2", stage2), ("stage3", stage3)):
+        if rerun or not done[name]:
+            fn(cfg, run_dir)
+            rerun = True
+        else:
+            log.info("%s already complete in %s; skipping", name.replace("stage", "stage "), run_dir)
+        out[name] = read_json(run_dir / name / "summary.json", f"{name} summary")
     return out

@@ -62,6 +62,8 @@ class TrainingPlan:
     callbacks: list[TrainerCallback] = field(default_factory=list)
     resume: bool = True
     """Continue from the newest checkpoint in ``output_dir`` if there is one."""
+    eval_before: bool = False
+    """Also evaluate the held-out loss before training."""
 
 
 @dataclass
@@ -71,6 +73,8 @@ class TrainingResult:
     seconds: float
     seconds_per_step: float
     heldout_loss: float | None
+    heldout_loss_before: float | None
+    """Held-out loss before the first step (a fresh LoRA adapter starts as the base model, B = 0)."""
     peak_memory_mb: float | None
     stopped_early: bool
     resumed_from: str | None
@@ -188,6 +192,9 @@ def train(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_data
         checkpoint = get_last_checkpoint(str(plan.output_dir))
         if checkpoint:
             log.info("resuming from %s", checkpoint)
+    before = None
+    if checkpoint is None and trainer.eval_dataset is not None and plan.eval_before:
+        before = float(trainer.evaluate()["eval_loss"])
     device = trainer.args.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -205,6 +212,7 @@ def train(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_data
         seconds=seconds,
         seconds_per_step=seconds / max(1, steps),
         heldout_loss=heldout,
+        heldout_loss_before=before,
         peak_memory_mb=peak,
         stopped_early=steps < plan.max_steps,
         resumed_from=checkpoint,
