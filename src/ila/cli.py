@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="stage 2: learn one gate per layer and write ranking.json")
     _common(p, needs_run_dir=True)
     p.add_argument("--adapter", help="a stage-1 adapter folder to score instead of the run's own milestone")
+    p.add_argument("--scorer", choices=["ila", "taylor", "update-norm", "block-influence", "snr", "random", "position"],
+                   help="score with this scorer instead of stage2.scorer (written to stage2/ranking-<scorer>.json)")
 
     p = sub.add_parser("finetune", help="stage 3: LoRA from the base model on the selected layers only")
     _common(p, needs_run_dir=True)
@@ -112,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adapters: {run_dir / 'stage1' / 'milestones'} and {run_dir / 'stage1' / 'final'}")
         elif args.command == "score":
             pipeline.prepare_run_dir(cfg, run_dir)
-            ranking = pipeline.stage2(cfg, run_dir, adapter=args.adapter)
+            ranking = pipeline.stage2(cfg, run_dir, adapter=args.adapter, scorer=args.scorer)
             print("top layers: " + ", ".join(ranking.order[:5]))
-            print(f"ranking: {run_dir / 'stage2' / 'ranking.json'}")
+            print(f"ranking: {pipeline.ranking_path(run_dir, ranking.scorer)}")
         elif args.command == "finetune":
             pipeline.prepare_run_dir(cfg, run_dir)
             s = pipeline.stage3(cfg, run_dir)

@@ -172,6 +172,14 @@ class Stage1Config:
 class Stage2Config:
     """Stage 2: only the layer scores s train; the gate of layer i is sigmoid(s_i)."""
 
+    scorer: Literal["ila", "taylor", "update-norm", "block-influence", "snr", "random", "position"] = "ila"
+    """How layers are scored: ``ila`` learns the gates (the method); the others are baselines and cheap
+    alternatives (see ila/scoring.py). Rankings go to ``stage2/ranking.json`` for ``ila`` and to
+    ``stage2/ranking-<scorer>.json`` for the others."""
+    sample_batches: int = 8
+    """Batches of data that the ``taylor`` and ``block-influence`` scorers look at."""
+    position_from: Literal["last", "first"] = "last"
+    """For the ``position`` scorer: rank the last blocks first, or the first blocks first."""
     milestone: str = "last"
     """Which stage-1 adapter to score: ``last``, a milestone such as ``50`` (percent), or an adapter folder."""
     steps: int = 40
@@ -194,6 +202,7 @@ class Stage2Config:
 
     def validate(self, prefix: str) -> None:
         _require(self.steps >= 1, prefix, "steps", f"must be >= 1, got {self.steps}")
+        _require(self.sample_batches >= 1, prefix, "sample_batches", f"must be >= 1, got {self.sample_batches}")
         _require(self.batch_size >= 1, prefix, "batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.grad_accum >= 1, prefix, "grad_accum", f"must be >= 1, got {self.grad_accum}")
         _require(self.learning_rate > 0, prefix, "learning_rate", f"must be > 0, got {self.learning_rate}")

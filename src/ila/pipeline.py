@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,9 @@ import torch
 
 from . import __version__
 from .artifacts import read_json, write_json_atomic, write_text_atomic
-from .callbacks import ADAPTER_META, MilestoneSaver, ScoreTrajectory, StabilityTracker, milestone_name, save_adapter
+from .callbacks import ADAPTER_META, MilestoneSaver, StabilityTracker, milestone_name, save_adapter
 from .config import RunConfig, TrainConfig, load_config
 from .errors import ConfigError, IlaError, ModelError
-from .gates import LayerGates, attach_gates
 from .layers import Layer, adaptable_layers, describe_layers, layer_names_digest
 from .models import attach_lora, count_parameters, load_base_model, load_lora, load_tokenizer, model_identity
 from .ranking import Ranking
@@ -228,98 +228,104 @@ def resolve_stage1_adapter(run_dir: Path, milestone: str) -> Path:
     return folder
 
 
-def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = None) -> Ranking:
-    """Freeze everything, learn one score per layer, write ``stage2/ranking.json``."""
+def ranking_path(run_dir: Path, scorer: str) -> Path:
+    """Where stage 2 writes the ranking of ``scorer``: ``ranking.json`` for ILA, ``ranking-<scorer>.json`` else."""
+    return run_dir / "stage2" / ("ranking.json" if scorer == "ila" else f"ranking-{scorer}.json")
+
+
+def _frozen_adapter_model(model: Any, adapter_dir: Path) -> Any:
+    """The base model with a stage-1 adapter, every parameter frozen, LoRA dropout off: the gates (and the
+    other scorers) must see the update the adapter actually learned (ila-method.md, stage 2)."""
     import peft
 
-    run_dir = Path(run_dir)
-    folder = run_dir / "stage2"
-    folder.mkdir(parents=True, exist_ok=True)
-    adapter_dir = Path(adapter) if adapter is not None else resolve_stage1_adapter(run_dir, cfg.stage2.milestone)
-    meta = read_json(adapter_dir / ADAPTER_META, "stage-1 adapter metadata")
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_base_model(cfg.model)
-    identity = model_identity(model, cfg.model.name)
-    layers = adaptable_layers(model, include_lm_head=meta["include_lm_head"], module_types=meta.get("module_types"))
-    names = [layer.name for layer in layers]
-    if set(names) != set(meta["layers"]):
-        raise ModelError(
-            f"the stage-1 adapter in {adapter_dir} was trained on {len(meta['layers'])} layers of "
-            f"{meta['base_model'].get('name')}, which do not match the {len(names)} layers of {cfg.model.name}"
-        )
-    train_ds, heldout_ds = _datasets(cfg, tokenizer, folder)
-
-    # Dropout off: the gates must see the update the adapter actually learned (ila-method.md, stage 2).
     adapter_cfg = peft.PeftConfig.from_pretrained(str(adapter_dir))
     adapter_cfg.lora_dropout = 0.0
     adapter_cfg.inference_mode = True
     peft_model = peft.PeftModel.from_pretrained(model, str(adapter_dir), config=adapter_cfg, is_trainable=False)
     for p in peft_model.parameters():
         p.requires_grad_(False)
+    return peft_model
+
+
+def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = None,
+           scorer: str | None = None) -> Ranking:
+    """Score every layer and write the ranking. With the default scorer ``ila`` this is stage 2 of the
+    method: freeze everything and learn one gate per layer."""
+    from .models import resolve_device
+    from .scoring import NEEDS_ADAPTER, NEEDS_DATA, ScoringInputs, data_batches, learn_gates, score_layers
+
+    scorer = scorer or cfg.stage2.scorer
     s2 = cfg.stage2
-    gates = LayerGates(names, init_mean=s2.init_mean, init_std=s2.init_std, seed=cfg.seed)
-    attach_gates(peft_model, gates)
-
-    def penalty() -> torch.Tensor:
-        return s2.budget_lambda * gates.budget_penalty(s2.budget_fraction)
-
-    plan = TrainingPlan(
-        output_dir=folder / "checkpoints",
-        metrics_path=folder / "metrics.jsonl",
-        max_steps=s2.steps,
-        batch_size=s2.batch_size,
-        grad_accum=s2.grad_accum,
-        learning_rate=s2.learning_rate,
-        # AdamW with zero weight decay is Adam.
-        optimizer={"adam": "adamw_torch", "sgd": "sgd"}[s2.optimizer],
-        lr_scheduler="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,  # clipping would distort the relative size of the score gradients
-        precision=s2.precision,
-        logging_steps=s2.logging_steps,
-        save_steps=0,
-        seed=cfg.seed,
-        device=cfg.model.device,
-        penalty=penalty if s2.budget_lambda > 0 else None,
-        callbacks=[ScoreTrajectory(gates, folder / "scores.jsonl", s2.logging_steps)],
-        resume=False,
-    )
-    result = train(peft_model, plan, tokenizer, train_ds, None)
-    milestone_label = f"{meta['fraction'] * 100:.0f}%" if meta.get("fraction") is not None else adapter_dir.name
+    run_dir = Path(run_dir)
+    folder = run_dir / "stage2"
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_base_model(cfg.model)
+    identity = model_identity(model, cfg.model.name)
+    meta: dict[str, Any] = {}
+    adapter_dir = None
+    if scorer in NEEDS_ADAPTER:
+        adapter_dir = Path(adapter) if adapter is not None else resolve_stage1_adapter(run_dir, s2.milestone)
+        meta = read_json(adapter_dir / ADAPTER_META, "stage-1 adapter metadata")
+        include_lm_head, module_types = meta["include_lm_head"], meta.get("module_types")
+    else:
+        include_lm_head, module_types = cfg.lora.include_lm_head, cfg.lora.module_types
+    layers = adaptable_layers(model, include_lm_head=include_lm_head, module_types=module_types)
+    names = [layer.name for layer in layers]
+    if meta and set(names) != set(meta["layers"]):
+        raise ModelError(
+            f"the stage-1 adapter in {adapter_dir} was trained on {len(meta['layers'])} layers of "
+            f"{meta['base_model'].get('name')}, which do not match the {len(names)} layers of {cfg.model.name}"
+        )
+    train_ds = _datasets(cfg, tokenizer, folder)[0] if scorer in NEEDS_DATA else None
+    scored = _frozen_adapter_model(model, adapter_dir) if adapter_dir is not None else model
+    start = time.perf_counter()
+    if scorer == "ila":
+        scores, facts = learn_gates(scored, layers, tokenizer=tokenizer, train_dataset=train_ds, s2=s2,
+                                    seed=cfg.seed, device=cfg.model.device, folder=folder)
+    else:
+        device = resolve_device(cfg.model.device)
+        scored.to(device)
+        batches = None
+        if train_ds is not None:
+            batches = data_batches(train_ds, tokenizer, batch_size=s2.batch_size, max_batches=s2.sample_batches,
+                                   device=device, seed=cfg.seed)
+        inputs = ScoringInputs(model=scored, layers=layers, seed=cfg.seed, batches=batches,
+                               options={"position_from": s2.position_from})
+        scores, facts = score_layers(scorer, inputs)
+    seconds = time.perf_counter() - start
+    milestone_label = None
+    if meta:
+        milestone_label = f"{meta['fraction'] * 100:.0f}%" if meta.get("fraction") is not None else adapter_dir.name
     ranking = Ranking(
-        scores=gates.as_dict(),
+        scores=scores,
         layers=layers,
         base_model=identity,
-        include_lm_head=meta["include_lm_head"],
-        scorer="ila",
+        include_lm_head=include_lm_head,
+        scorer=scorer,
         milestone=milestone_label,
         config_sha256=cfg.sha256(),
         meta={
-            "stage1_adapter": str(adapter_dir),
+            "stage1_adapter": str(adapter_dir) if adapter_dir else None,
             "stage1_step": meta.get("step"),
-            "steps": result.steps,
-            "optimizer": s2.optimizer,
-            "learning_rate": s2.learning_rate,
-            "budget_fraction": s2.budget_fraction,
-            "budget_lambda": s2.budget_lambda,
-            "init_mean": s2.init_mean,
-            "init_std": s2.init_std,
-            "seed": cfg.seed,
-            "data": cfg.data.name,
-            "train_loss": result.train_loss,
-            "seconds_per_step": result.seconds_per_step,
+            "data": cfg.data.name if train_ds is not None else None,
+            "seconds": seconds,
+            **facts,
         },
     )
-    ranking.save(folder / "ranking.json")
+    path = ranking_path(run_dir, scorer)
+    ranking.save(path)
     _cleanup_checkpoints(folder)
-    gate_values = gates.gates().detach()
-    write_json_atomic(folder / "summary.json", {
-        "stage": 2, "finished": _now(), "steps": result.steps, "train_loss": result.train_loss,
-        "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
-        "peak_memory_mb": result.peak_memory_mb, "trainable_parameters": len(names),
-        "mean_gate": float(gate_values.mean()), "top10": ranking.order[:10], "ranking": str(folder / "ranking.json"),
+    summary = {
+        "stage": 2, "scorer": scorer, "finished": _now(), "seconds": seconds,
+        "steps": facts.get("steps"), "train_loss": facts.get("train_loss"),
+        "seconds_per_step": facts.get("seconds_per_step"), "peak_memory_mb": facts.get("peak_memory_mb"),
+        "trainable_parameters": len(names) if scorer == "ila" else 0,
+        "mean_gate": facts.get("mean_gate"), "top10": ranking.order[:10], "ranking": str(path),
         "stage_sha256": cfg.stage_sha256("stage2"),
-    })
+    }
+    write_json_atomic(folder / ("summary.json" if scorer == cfg.stage2.scorer else f"summary-{scorer}.json"),
+                      summary)
     return ranking
 
 
@@ -332,10 +338,10 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     folder = run_dir / "stage3"
     folder.mkdir(parents=True, exist_ok=True)
-    ranking_path = Path(cfg.stage3.ranking) if cfg.stage3.ranking else run_dir / "stage2" / "ranking.json"
-    if not ranking_path.is_file():
-        raise IlaError(f"no ranking at {ranking_path}; run stage 2 first (ila score) or set stage3.ranking")
-    ranking = Ranking.load(ranking_path)
+    ranking_file = Path(cfg.stage3.ranking) if cfg.stage3.ranking else ranking_path(run_dir, cfg.stage2.scorer)
+    if not ranking_file.is_file():
+        raise IlaError(f"no ranking at {ranking_file}; run stage 2 first (ila score) or set stage3.ranking")
+    ranking = Ranking.load(ranking_file)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = load_base_model(cfg.model)
@@ -351,7 +357,7 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("stage 3: LoRA on %d of %d layers (%s trainable parameters)", len(selected), len(layers), f"{trainable:,}")
     selection = {
         "schema_version": 1, "kind": "ila.selection", "mode": sel.mode, "fraction": sel.fraction,
-        "ranking": str(ranking_path), "num_selected": len(selected), "num_layers": len(layers),
+        "ranking": str(ranking_file), "num_selected": len(selected), "num_layers": len(layers),
         "layers": selected, "base_model": identity,
     }
     write_json_atomic(folder / "selection.json", selection)

@@ -1,0 +1,285 @@
+"""Ways to score layers. Every scorer returns one finite score per layer (higher = more important); the
+pipeline turns them into the same ranking artefact, so comparison tools accept any of them.
+
+| scorer | needs | cost |
+| --- | --- | --- |
+| ``ila`` | stage-1 adapter + data | ``stage2.steps`` forward/backward passes, gradients for N scores only |
+| ``taylor`` | stage-1 adapter + data | ``stage2.sample_batches`` forward/backward passes |
+| ``update-norm`` | stage-1 adapter | free: ||Delta_i||_F from the LoRA factors |
+| ``block-influence`` | data | ``stage2.sample_batches`` forward passes of the base model |
+| ``snr`` | nothing (weights) | one SVD per layer weight |
+| ``random`` / ``position`` | nothing | free |
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random as _random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import IlaError
+from .gates import LayerGates, attach_gates
+from .layers import Layer, find_blocks, unwrap
+from .stability import LoraFactors, update_norms
+
+log = logging.getLogger(__name__)
+
+SCORER_NAMES = ("ila", "taylor", "update-norm", "block-influence", "snr", "random", "position")
+NEEDS_ADAPTER = {"ila", "taylor", "update-norm"}
+NEEDS_DATA = {"ila", "taylor", "block-influence"}
+
+
+@dataclass
+class ScoringInputs:
+    """What a scorer may use. ``model`` carries the stage-1 adapter (frozen, dropout off) for the scorers in
+    NEEDS_ADAPTER and is the plain base model otherwise."""
+
+    model: nn.Module
+    layers: list[Layer]
+    seed: int = 0
+    batches: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
+    """Yields batches (input_ids, attention_mask, labels) on the model's device, for scorers that need data."""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def score_layers(scorer: str, inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
+    """(score of every layer, facts about the scoring) for one of :data:`SCORER_NAMES` other than ``ila``,
+    which trains through the Trainer (see :func:`ila.pipeline.stage2`)."""
+    fns: dict[str, Callable[[ScoringInputs], tuple[dict[str, float], dict[str, Any]]]] = {
+        "random": random_scores,
+        "position": position_scores,
+        "update-norm": update_norm_scores,
+        "taylor": taylor_scores,
+        "snr": snr_scores,
+        "block-influence": block_influence_scores,
+    }
+    if scorer not in fns:
+        raise IlaError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORER_NAMES)}")
+    if scorer in NEEDS_DATA and inputs.batches is None:
+        raise IlaError(f"the {scorer} scorer needs data")
+    scores, meta = fns[scorer](inputs)
+    bad = [n for n, s in scores.items() if not math.isfinite(s)]
+    if bad:
+        raise IlaError(f"the {scorer} scorer gave non-finite scores for {len(bad)} layers, e.g. {bad[0]}")
+    return scores, meta
+
+
+def random_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
+    """A seeded random order: the baseline any other scorer must beat."""
+    rng = _random.Random(inputs.seed)
+    return {layer.name: rng.random() for layer in inputs.layers}, {"seed": inputs.seed}
+
+
+def position_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
+    """Whole blocks by depth: the last blocks first (``position_from: last``) or the first blocks first.
+
+    Within a block the layers keep model order (ties are broken by it). ``lm_head`` counts as the deepest.
+    """
+    from_end = inputs.options.get("position_from", "last") == "last"
+    depth = 1 + max((layer.block_index or 0) for layer in inputs.layers)
+    scores = {}
+    for layer in inputs.layers:
+        d = depth if layer.block_index is None else layer.block_index
+        scores[layer.name] = float(d if from_end else -d)
+    return scores, {"position_from": "last" if from_end else "first"}
+
+
+def update_norm_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
+    """||Delta_i||_F = ||scaling * B_i A_i||_F of the stage-1 update: free once stage 1 ran."""
+    factors = LoraFactors.snapshot(inputs.model, [layer.name for layer in inputs.layers])
+    return update_norms(factors), {}
+
+
+def taylor_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
+    """First-order estimate of the loss increase from removing each update:
+
+        L(gamma_i = 0) - L(gamma = 1)  ~  -dL/dgamma_i  at gamma = 1
+
+    averaged over a sample of batches. One forward/backward per batch, gradients for the gates only.
+    """
+    model = inputs.model
+    names = [layer.name for layer in inputs.layers]
+    gates = LayerGates(names)
+    gates.set_fixed(1.0)
+    device = next(model.parameters()).device
+    gates.fixed = gates.fixed.to(device).requires_grad_(True)
+    hooks = attach_gates(model, gates)
+    total = torch.zeros(len(names), device=device)
+    n = 0
+    try:
+        model.eval()
+        for batch in inputs.batches():  # type: ignore[misc]
+            loss = model(**batch).loss
+            (grad,) = torch.autograd.grad(loss, gates.fixed)
+            total += grad.detach()
+            n += 1
+    finally:
+        hooks.remove()
+        del model._modules["ila_gates"]
+    if n == 0:
+        raise IlaError("the taylor scorer got no batch of data")
+    scores = (-total / n).cpu().tolist()
+    return dict(zip(names, scores)), {"batches": n}
+
+
+def snr_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
+    """Data-free weight signal-to-noise ratio in the manner of Spectrum (Hartford et al., 2024).
+
+    The singular values above the Marchenko-Pastur bulk edge ``sigma (1 + sqrt(beta))`` (sigma estimated as
+    IQR / 1.349 of the singular values, beta the aspect ratio) are signal, the rest noise; the score is
+    (sum of signal / sum of noise) / largest singular value. Spectrum picks the top layers *per module
+    type*; this score is global, so compare it within a module type when types differ in shape.
+    """
+    modules = dict(unwrap(inputs.model).named_modules())
+    scores = {}
+    for layer in inputs.layers:
+        module = modules[layer.name]
+        w = getattr(module, "base_layer", module).weight.detach().float()
+        if w.ndim != 2:
+            raise IlaError(f"{layer.name}: snr needs a 2-D weight, got shape {tuple(w.shape)}")
+        s = torch.linalg.svdvals(w)
+        sigma = (torch.quantile(s, 0.75) - torch.quantile(s, 0.25)) / 1.349
+        n_rows, n_cols = w.shape
+        beta = min(n_rows, n_cols) / max(n_rows, n_cols)
+        edge = sigma * (1 + math.sqrt(beta))
+        signal = s[s > edge].sum()
+        noise = s[s <= edge].sum()
+        # No singular value in the bulk: all signal. Cap instead of writing Infinity (strict JSON).
+        snr = float(signal / noise) if noise > 0 else 1e6
+        scores[layer.name] = snr / float(s[0]) if s[0] > 0 else 0.0
+    return scores, {}
+
+
+def block_influence_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
+    """Block influence (ShortGPT, Men et al., 2024): BI_b = 1 - E_tokens[cos(x_in, x_out)] of block b on the
+    base model. Every layer of a block gets the block's score, so this ranks blocks, not layers;
+    ``lm_head`` gets the median block score.
+    """
+    model = inputs.model
+    blocks_name, n_blocks = find_blocks(model)
+    blocks = dict(unwrap(model).named_modules())[blocks_name]
+    sums = torch.zeros(n_blocks, dtype=torch.float64)
+    count = 0.0
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def hook(i: int) -> Callable:
+        def fn(_mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            x_in = args[0] if args else kwargs["hidden_states"]
+            x_out = out[0] if isinstance(out, (tuple, list)) else out
+            cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # (B, T)
+            sums[i] += float((cos * mask_holder["mask"]).sum())
+        return fn
+
+    handles = [blocks[i].register_forward_hook(hook(i), with_kwargs=True) for i in range(n_blocks)]
+    n = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in inputs.batches():  # type: ignore[misc]
+                mask = batch["attention_mask"].float()
+                mask_holder["mask"] = mask
+                count += float(mask.sum())
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                n += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if n == 0 or count == 0:
+        raise IlaError("the block-influence scorer got no tokens")
+    influence = (1.0 - sums / count).tolist()
+    median = sorted(influence)[len(influence) // 2]
+    scores = {
+        layer.name: influence[layer.block_index] if layer.block_index is not None else median
+        for layer in inputs.layers
+    }
+    return scores, {"batches": n, "granularity": "block",
+                    "block_influence": {f"{blocks_name}.{i}": v for i, v in enumerate(influence)}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stage 2 proper: learning the gates
+
+
+def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, train_dataset: Any, s2: Any,
+                seed: int, device: str, folder: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """Stage 2 of ILA on a frozen peft model: only the N scores train (ila-method.md, stage 2).
+
+    The loss is the response-token loss plus ``budget_lambda * max(0, mean(sigmoid(s)) - budget_fraction)``.
+    """
+    from .callbacks import ScoreTrajectory
+    from .training import TrainingPlan, train
+
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+    names = [layer.name for layer in layers]
+    gates = LayerGates(names, init_mean=s2.init_mean, init_std=s2.init_std, seed=seed)
+    hooks = attach_gates(peft_model, gates)
+
+    def penalty() -> torch.Tensor:
+        return s2.budget_lambda * gates.budget_penalty(s2.budget_fraction)
+
+    plan = TrainingPlan(
+        output_dir=folder / "checkpoints",
+        metrics_path=folder / "metrics.jsonl",
+        max_steps=s2.steps,
+        batch_size=s2.batch_size,
+        grad_accum=s2.grad_accum,
+        learning_rate=s2.learning_rate,
+        optimizer={"adam": "adamw_torch", "sgd": "sgd"}[s2.optimizer],  # AdamW with zero weight decay is Adam
+        lr_scheduler="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,  # clipping would rescale all score gradients together and change their ratios
+        precision=s2.precision,
+        logging_steps=s2.logging_steps,
+        save_steps=0,
+        seed=seed,
+        device=device,
+        penalty=penalty if s2.budget_lambda > 0 else None,
+        callbacks=[ScoreTrajectory(gates, folder / "scores.jsonl", s2.logging_steps)],
+        resume=False,
+    )
+    try:
+        result = train(peft_model, plan, tokenizer, train_dataset, None)
+    finally:
+        hooks.remove()
+    scores = gates.as_dict()
+    del peft_model._modules["ila_gates"]
+    meta = {
+        "steps": result.steps, "optimizer": s2.optimizer, "learning_rate": s2.learning_rate,
+        "budget_fraction": s2.budget_fraction, "budget_lambda": s2.budget_lambda, "init_mean": s2.init_mean,
+        "init_std": s2.init_std, "seed": seed, "train_loss": result.train_loss,
+        "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
+        "peak_memory_mb": result.peak_memory_mb,
+        "mean_gate": float(torch.sigmoid(torch.tensor(list(scores.values()))).mean()),
+    }
+    return scores, meta
+
+
+def data_batches(dataset: Any, tokenizer: Any, *, batch_size: int, max_batches: int, device: torch.device,
+                 seed: int) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
+    """A re-iterable sample of ``max_batches`` padded batches (the same ones every time)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+    order = list(range(len(dataset)))
+    _random.Random(seed).shuffle(order)
+    order = order[: batch_size * max_batches]
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, len(order), batch_size):
+            rows = [dataset[i] for i in order[start:start + batch_size]]
+            batch = collator(rows)
+            yield {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+
+    return batches
+
+
+__all__ = ["SCORER_NAMES", "NEEDS_ADAPTER", "NEEDS_DATA", "ScoringInputs", "score_layers", "learn_gates",
+           "data_batches"]
