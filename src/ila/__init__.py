@@ -8,11 +8,13 @@ name; a *block* is one decoder layer; the *gate* of layer i is sigmoid(s_i), whe
 
 Python API (the command line only wraps these)::
 
-    from ila import load_config, run_all, stage1, stage2, stage3, Ranking
+    from ila import load_config, run_all, stage1, stage2, stage3, Ranking, rank_layers, select, apply_selection
     cfg = load_config("configs/tiny.yaml", ["stage2.steps=20"])
     run_all(cfg, "runs/example")
     ranking = Ranking.load("runs/example/stage2/ranking.json")
     ranking.top(0.3)          # the 30 % most important layers
+    names = select(ranking, drop_bottom=0.25)
+    peft_model = apply_selection(model, names, method="lora")
 """
 
 __version__ = "0.1.0"
@@ -27,10 +29,22 @@ def __getattr__(name: str):  # the training stack is imported lazily so that `il
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name in ("select", "apply_selection"):
+        from . import selection
+
+        return getattr(selection, name)
+    if name == "rank_layers":
+        from .scoring import rank_layers
+
+        return rank_layers
+    if name == "IlaCallback":
+        from .callbacks import IlaCallback
+
+        return IlaCallback
     raise AttributeError(name)
 
 
 __all__ = [
     "__version__", "RunConfig", "load_config", "Ranking", "run_all", "stage1", "stage2", "stage3",
-    "prepare_run_dir", "IlaError", "ConfigError", "DataError", "ModelError", "RankingError", "TrainingError",
+    "prepare_run_dir", "rank_layers", "select", "apply_selection", "IlaCallback", "IlaError", "ConfigError", "DataError", "ModelError", "RankingError", "TrainingError",
 ]

@@ -103,3 +103,76 @@ class ScoreTrajectory(TrainerCallback):
             append_jsonl(self.path, {"step": state.global_step, "mean_gate": float(g.mean()),
                                      "min_gate": float(g.min()), "max_gate": float(g.max()),
                                      "scores": self.gates.as_dict()})
+
+
+class IlaCallback(TrainerCallback):
+    """ILA inside your own LoRA training run (transformers Trainer or trl's SFTTrainer).
+
+    Saves the adapter at ``milestones`` (fractions of the planned steps) into ``output_dir/milestones/NNN``
+    and, when training ends, scores the layers with ``scorer`` and writes ``output_dir/ranking.json``::
+
+        trainer = SFTTrainer(model=peft_model, ..., callbacks=[IlaCallback("runs/mine")])
+        trainer.train()
+        ranking = Ranking.load("runs/mine/ranking.json")
+
+    The ``ila`` scorer trains the gates for ``stage2.steps`` steps on ``dataset`` (default: the trainer's own
+    training data; its ``labels``, or ``completion_mask`` / ``assistant_masks``, decide which tokens count).
+    Only the main process writes files.
+    """
+
+    def __init__(self, output_dir: str | Path, *, milestones: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
+                 scorer: str = "ila", stage2: Any = None, dataset: Any = None, seed: int = 0):
+        self.output_dir = Path(output_dir)
+        self.fractions = list(milestones)
+        self.scorer = scorer
+        self.stage2 = stage2
+        self.dataset = dataset
+        self.seed = seed
+        self.steps: dict[int, float] = {}
+        self.ranking: Any = None
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.steps = milestone_steps(self.fractions, state.max_steps)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        fraction = self.steps.get(state.global_step)
+        if fraction is not None and state.is_world_process_zero:
+            save_adapter(model, self.output_dir / "milestones" / milestone_name(fraction), {
+                "schema_version": 1, "kind": "ila.stage1_adapter", "step": state.global_step,
+                "planned_steps": state.max_steps, "fraction": fraction,
+            })
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, train_dataloader=None,  # noqa: ANN001
+                     **kwargs):
+        from .scoring import NEEDS_DATA, rank_layers
+
+        dataset = self.dataset
+        if dataset is None and self.scorer in NEEDS_DATA and train_dataloader is not None:
+            dataset = labelled_rows(train_dataloader.dataset)
+        ranking = rank_layers(model, scorer=self.scorer, tokenizer=processing_class, dataset=dataset,
+                              stage2=self.stage2, seed=self.seed,
+                              device="cpu" if args.use_cpu else "auto", output_dir=self.output_dir / "scoring")
+        ranking.milestone = f"step {state.global_step}"
+        self.ranking = ranking
+        if state.is_world_process_zero:
+            ranking.save(self.output_dir / "ranking.json")
+
+
+def labelled_rows(dataset: Any) -> Any:
+    """A trainer's tokenized dataset as ``input_ids`` / ``attention_mask`` / ``labels`` rows.
+
+    trl marks the trained tokens with ``completion_mask`` or ``assistant_masks``; without either, every
+    token counts, as in trl's default.
+    """
+    def convert(row: dict[str, Any]) -> dict[str, Any]:
+        ids = list(row["input_ids"])
+        if "labels" in row and row["labels"] is not None:
+            labels = list(row["labels"])
+        else:
+            mask = row.get("completion_mask") or row.get("assistant_masks")
+            labels = [t if (mask is None or m) else -100 for t, m in zip(ids, mask or [1] * len(ids))]
+        return {"input_ids": ids, "attention_mask": list(row.get("attention_mask") or [1] * len(ids)),
+                "labels": labels}
+
+    keep = [c for c in dataset.column_names]
+    return dataset.map(convert, remove_columns=keep)

@@ -13,21 +13,25 @@ pipeline turns them into the same ranking artefact, so comparison tools accept a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random as _random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .errors import IlaError
 from .gates import LayerGates, attach_gates
-from .layers import Layer, find_blocks, unwrap
+from .layers import PEFT_PREFIX, Layer, find_blocks, unwrap
 from .stability import LoraFactors, update_norms
+
+if TYPE_CHECKING:
+    from .ranking import Ranking
 
 log = logging.getLogger(__name__)
 
@@ -282,4 +286,86 @@ def data_batches(dataset: Any, tokenizer: Any, *, batch_size: int, max_batches: 
 
 
 __all__ = ["SCORER_NAMES", "NEEDS_ADAPTER", "NEEDS_DATA", "ScoringInputs", "score_layers", "learn_gates",
-           "data_batches"]
+           "data_batches", "rank_layers", "lora_layers", "scoring_mode"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Python entry point
+
+
+def lora_layers(model: nn.Module) -> list[Layer]:
+    """The layers of ``model`` that carry a LoRA adapter (all layers for a plain model)."""
+    from .layers import adaptable_layers
+
+    layers = adaptable_layers(model, include_lm_head=True)
+    modules = dict(model.named_modules())
+    adapted = [layer for layer in layers if hasattr(modules.get(PEFT_PREFIX + layer.name), "lora_A")]
+    if adapted:
+        return adapted
+    return [layer for layer in layers if layer.block is not None]
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module) -> Iterator[None]:
+    """Freeze ``model`` and switch LoRA dropout off for scoring; restore both afterwards."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    swapped = []
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            for key in list(dropouts.keys()):
+                swapped.append((dropouts, key, dropouts[key]))
+                dropouts[key] = nn.Identity()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for dropouts, key, original in swapped:
+            dropouts[key] = original
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, False))
+
+
+def rank_layers(model: nn.Module, *, scorer: str = "ila", tokenizer: Any = None, dataset: Any = None,
+                stage2: Any = None, seed: int = 0, device: str = "auto", output_dir: str | Path | None = None,
+                model_name: str | None = None) -> "Ranking":
+    """Score the layers of an in-memory model and return the :class:`~ila.ranking.Ranking`.
+
+    ``model`` is a peft LoRA model (stage 1 already trained) for ``ila``, ``taylor`` and ``update-norm``,
+    or any model for the others. ``dataset`` holds ``input_ids`` / ``attention_mask`` / ``labels`` rows
+    (as :func:`ila.data.build_datasets` makes) for the scorers that need data. The model is left as it
+    was: its trainable flags and LoRA dropout are restored.
+    """
+    import tempfile
+
+    from .config import Stage2Config
+    from .models import model_identity, resolve_device
+    from .ranking import Ranking
+
+    if scorer not in SCORER_NAMES:
+        raise IlaError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORER_NAMES)}")
+    s2 = stage2 or Stage2Config()
+    layers = lora_layers(model)
+    if scorer in NEEDS_ADAPTER and not hasattr(dict(model.named_modules()).get(PEFT_PREFIX + layers[0].name), "lora_A"):
+        raise IlaError(f"the {scorer} scorer needs a model with a trained LoRA adapter on its layers")
+    if scorer in NEEDS_DATA and (dataset is None or tokenizer is None):
+        raise IlaError(f"the {scorer} scorer needs a dataset and a tokenizer")
+    name = model_name or getattr(getattr(unwrap(model), "config", None), "name_or_path", None) or "model"
+    with scoring_mode(model), tempfile.TemporaryDirectory() as tmp:
+        folder = Path(output_dir) if output_dir is not None else Path(tmp)
+        if scorer == "ila":
+            scores, meta = learn_gates(model, layers, tokenizer=tokenizer, train_dataset=dataset, s2=s2,
+                                       seed=seed, device=device, folder=folder)
+        else:
+            dev = next(model.parameters()).device if device == "auto" else resolve_device(device)
+            batches = None
+            if dataset is not None and tokenizer is not None:
+                batches = data_batches(dataset, tokenizer, batch_size=s2.batch_size,
+                                       max_batches=s2.sample_batches, device=dev, seed=seed)
+            scores, meta = score_layers(scorer, ScoringInputs(model=model, layers=layers, seed=seed,
+                                                              batches=batches,
+                                                              options={"position_from": s2.position_from}))
+    include_head = any(layer.block is None for layer in layers)
+    return Ranking(scores=scores, layers=layers, base_model=model_identity(unwrap(model), name),
+                   include_lm_head=include_head, scorer=scorer, meta=meta)
