@@ -282,7 +282,7 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
     start = time.perf_counter()
     if scorer == "ila":
         scores, facts = learn_gates(scored, layers, tokenizer=tokenizer, train_dataset=train_ds, s2=s2,
-                                    seed=cfg.seed, device=cfg.model.device, folder=folder)
+                                    seed=cfg.seed, device=cfg.model.device, folder=folder, resume=True)
     else:
         device = resolve_device(cfg.model.device)
         scored.to(device)

@@ -212,7 +212,7 @@ def block_influence_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dic
 
 
 def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, train_dataset: Any, s2: Any,
-                seed: int, device: str, folder: Path) -> tuple[dict[str, float], dict[str, Any]]:
+                seed: int, device: str, folder: Path, resume: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
     """Stage 2 of ILA on a frozen peft model: only the N scores train (ila-method.md, stage 2).
 
     The loss is the response-token loss plus ``budget_lambda * max(0, mean(sigmoid(s)) - budget_fraction)``.
@@ -242,12 +242,14 @@ def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, t
         max_grad_norm=0.0,  # clipping would rescale all score gradients together and change their ratios
         precision=s2.precision,
         logging_steps=s2.logging_steps,
-        save_steps=0,
+        # Checkpoints (scores + optimiser state only) let an interrupted stage 2 resume.
+        save_steps=max(1, s2.steps // 4) if resume else 0,
+        save_trainable_only=True,
         seed=seed,
         device=device,
         penalty=penalty if s2.budget_lambda > 0 else None,
         callbacks=[ScoreTrajectory(gates, folder / "scores.jsonl", s2.logging_steps)],
-        resume=False,
+        resume=resume,
     )
     try:
         result = train(peft_model, plan, tokenizer, train_dataset, None)

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from .artifacts import append_jsonl
 from .errors import TrainingError
@@ -64,6 +63,8 @@ class TrainingPlan:
     """Continue from the newest checkpoint in ``output_dir`` if there is one."""
     eval_before: bool = False
     """Also evaluate the held-out loss before training."""
+    save_trainable_only: bool = False
+    """Checkpoints hold only the parameters that train (stage 2: the scores)."""
 
 
 @dataclass
@@ -81,12 +82,28 @@ class TrainingResult:
 
 
 class IlaTrainer(Trainer):
-    """Trainer with an optional penalty term and a hard stop on a non-finite loss."""
+    """Trainer with an optional penalty term, a hard stop on a non-finite loss, and (for stage 2)
+    checkpoints that hold only the trainable parameters."""
 
-    def __init__(self, *args: Any, penalty: Callable[[], torch.Tensor] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, penalty: Callable[[], torch.Tensor] | None = None,
+                 save_trainable_only: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.penalty = penalty
+        self.save_trainable_only = save_trainable_only
         self.last_penalty: float | None = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.save_trainable_only:
+            return super()._save(output_dir, state_dict)
+        # Stage 2 trains N scores on a frozen model: a checkpoint needs only those. Saved as model.safetensors,
+        # the Trainer's own resume path loads them back with load_state_dict(strict=False).
+        from safetensors.torch import save_file
+
+        if self.args.should_save:
+            out = Path(output_dir or self.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            save_file(trainable, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -163,6 +180,28 @@ def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
     return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
 
 
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest Trainer checkpoint that was written to the end.
+
+    The Trainer writes ``checkpoint-N`` file by file and ``trainer_state.json`` last, so a process killed
+    while saving leaves a folder without it. Such folders are removed: resuming from them would fail.
+    """
+    import shutil
+
+    found = []
+    for path in folder.glob("checkpoint-*"):
+        try:
+            found.append((int(path.name.split("-", 1)[1]), path))
+        except ValueError:
+            continue
+    for _, path in sorted(found, reverse=True):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        log.warning("removing incomplete checkpoint %s (interrupted while saving)", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
 def make_trainer(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_dataset: Any,
                  eval_dataset: Any = None) -> IlaTrainer:
     if not any(p.requires_grad for p in model.parameters()):
@@ -178,6 +217,7 @@ def make_trainer(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, tra
         processing_class=tokenizer,
         callbacks=[JsonlMetrics(plan.metrics_path, ref), *plan.callbacks],
         penalty=plan.penalty,
+        save_trainable_only=plan.save_trainable_only,
     )
     ref.append(trainer)
     return trainer
@@ -189,7 +229,7 @@ def train(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_data
     trainer = make_trainer(model, plan, tokenizer, train_dataset, eval_dataset)
     checkpoint = None
     if plan.resume and plan.output_dir.is_dir():
-        checkpoint = get_last_checkpoint(str(plan.output_dir))
+        checkpoint = last_complete_checkpoint(plan.output_dir)
         if checkpoint:
             log.info("resuming from %s", checkpoint)
     before = None
