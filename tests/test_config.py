@@ -80,3 +80,11 @@ def test_yaml_file_errors(tmp_path):
 def test_config_hash_tracks_content():
     a, b = load_config(), load_config(None, ["stage2.steps=7"])
     assert a.sha256() == load_config().sha256() and a.sha256() != b.sha256()
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage1:\n  train:\n    learning_rate: 2e-4\n")
+    assert load_config(path).stage1.train.learning_rate == 2e-4
+    with pytest.raises(ConfigError, match="stage2.learning_rate: must be finite"):
+        load_config(None, ["stage2.learning_rate=inf"])

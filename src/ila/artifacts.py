@@ -68,6 +68,8 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 
     try:
         return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject)
+    except UnicodeDecodeError:
+        raise IlaError(f"{what} {path} is not UTF-8 text; is it the right file?") from None
     except json.JSONDecodeError as e:
         raise IlaError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
 

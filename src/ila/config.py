@@ -38,6 +38,8 @@ class ModelConfig:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     trust_remote_code: bool = False
     """Run model code from the model folder. Off unless asked: it executes arbitrary Python."""
+    allow_pickle: bool = False
+    """Also load pickled ``.bin`` weights. Off: unpickling can run arbitrary code; safetensors cannot."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when ``name`` is a Hub id."""
     cache_dir: str | None = None
@@ -370,6 +372,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `2e-4` (no dot) as a string: accept any spelling Python reads as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if value != value or value in (float("inf"), float("-inf")):

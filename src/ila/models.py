@@ -140,7 +140,7 @@ def load_base_model(cfg: "ModelConfig") -> "PreTrainedModel":
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
             # Pickled .bin checkpoints can execute code when loaded; safetensors cannot.
-            use_safetensors=True,
+            use_safetensors=None if cfg.allow_pickle else True,
         )
     except (OSError, ValueError) as e:
         raise ModelError(_load_hint(cfg.name, "model", e)) from None
@@ -154,6 +154,9 @@ def _load_hint(name: str, what: str, err: Exception) -> str:
         f"Pass a local folder with safetensors weights, a builtin name ({', '.join(BUILTIN_MODELS)}), or a Hub id "
         "on a machine that can reach the Hub"
     )
+    if "safetensors" in str(err) or ".bin" in str(err):
+        hint += ("; ila loads safetensors weights only: convert the checkpoint, or set model.allow_pickle=true "
+                 "if you trust its origin")
     if "trust_remote_code" in str(err):
         hint += "; this model needs its own code: set model.trust_remote_code=true if you trust it"
     return hint

@@ -114,6 +114,28 @@ def _datasets(cfg: RunConfig, tokenizer: Any, folder: Path) -> tuple[Any, Any]:
     return train_ds, (heldout_ds if len(heldout_ds) > 0 else None)
 
 
+def check_model_fits(cfg: RunConfig, model: Any) -> None:
+    """Refuse sequence lengths the model cannot take (position embeddings would run out)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.data.max_length > limit:
+        raise ConfigError(
+            f"data.max_length: {cfg.data.max_length} tokens is more than {cfg.model.name} takes "
+            f"(max_position_embeddings = {limit}); set data.max_length <= {limit}"
+        )
+
+
+def check_adapter_model(meta: dict[str, Any], identity: dict[str, Any], adapter_dir: Path) -> None:
+    """Refuse a stage-1 adapter that was trained on another base model."""
+    theirs = meta.get("base_model") or {}
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
+        a, b = theirs.get(key), identity.get(key)
+        if a is not None and b is not None and a != b:
+            raise ModelError(
+                f"the adapter in {adapter_dir} was trained on {theirs.get('name')} ({key} {a}), not on "
+                f"{identity.get('name')} ({key} {b}); score it with the model it was trained on"
+            )
+
+
 def _layers(cfg: RunConfig, model: Any) -> list[Layer]:
     return adaptable_layers(model, include_lm_head=cfg.lora.include_lm_head, module_types=cfg.lora.module_types)
 
@@ -137,6 +159,7 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # LoRA A is initialised randomly when the adapter is attached
     tokenizer = load_tokenizer(cfg.model)
     model = load_base_model(cfg.model)
+    check_model_fits(cfg, model)
     identity = model_identity(model, cfg.model.name)
     layers = _layers(cfg, model)
     names = [layer.name for layer in layers]
@@ -261,12 +284,14 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
     model = load_base_model(cfg.model)
+    check_model_fits(cfg, model)
     identity = model_identity(model, cfg.model.name)
     meta: dict[str, Any] = {}
     adapter_dir = None
     if scorer in NEEDS_ADAPTER:
         adapter_dir = Path(adapter) if adapter is not None else resolve_stage1_adapter(run_dir, s2.milestone)
         meta = read_json(adapter_dir / ADAPTER_META, "stage-1 adapter metadata")
+        check_adapter_model(meta, identity, adapter_dir)
         include_lm_head, module_types = meta["include_lm_head"], meta.get("module_types")
     else:
         include_lm_head, module_types = cfg.lora.include_lm_head, cfg.lora.module_types
@@ -345,6 +370,7 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = load_base_model(cfg.model)
+    check_model_fits(cfg, model)
     identity = model_identity(model, cfg.model.name)
     layers = adaptable_layers(model, include_lm_head=ranking.include_lm_head,
                               module_types=None if cfg.lora.module_types is None else cfg.lora.module_types)

@@ -92,6 +92,17 @@ class IlaTrainer(Trainer):
         self.save_trainable_only = save_trainable_only
         self.last_penalty: float | None = None
 
+    def _save_checkpoint(self, model, trial):  # type: ignore[override]
+        # Never write a checkpoint that a resume would trust but that holds NaN or infinite weights.
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(
+                f"the weights became non-finite at step {self.state.global_step} (e.g. {bad[0]}); stopping "
+                f"without saving. The last good checkpoint (if any) is in {self.args.output_dir}. "
+                "Lower the learning rate or keep gradient clipping on."
+            )
+        return super()._save_checkpoint(model, trial)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.save_trainable_only:
             return super()._save(output_dir, state_dict)

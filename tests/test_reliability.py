@@ -1,0 +1,171 @@
+"""Bad input gets a clear error and loses nothing: the table of failure cases, and property-based tests
+of the parsers that read what users and earlier stages wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from conftest import TINY_OVERRIDES, write_model_dir
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ila.config import load_config
+from ila.errors import ConfigError, IlaError, ModelError, RankingError, TrainingError
+from ila.pipeline import prepare_run_dir, run_all, stage1, stage2
+from ila.ranking import Ranking
+
+
+@pytest.fixture
+def overrides(tiny_model_dir, tiny_data_file):
+    return TINY_OVERRIDES(tiny_model_dir, tiny_data_file)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, overrides):
+    cfg = load_config(None, overrides + ["stage1.train.learning_rate=1e30", "stage1.train.max_grad_norm=0",
+                                         "stage1.train.save_steps=1", "stage1.train.warmup_ratio=0"])
+    prepare_run_dir(cfg, tmp_path)
+    with pytest.raises(TrainingError, match=r"step \d+") as e:
+        stage1(cfg, tmp_path)
+    assert "checkpoint" in str(e.value)
+    assert not (tmp_path / "stage1" / "summary.json").exists()
+    assert not (tmp_path / "stage1" / "final").exists()
+    checkpoints = list((tmp_path / "stage1" / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints, "the last good checkpoint is kept"
+    import torch
+    from safetensors.torch import load_file
+
+    for ckpt in checkpoints:
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "adapter_model.safetensors").values())
+
+
+def test_sequence_length_over_the_model_limit(tmp_path, overrides):
+    cfg = load_config(None, overrides + ["data.max_length=4096"])
+    with pytest.raises(ConfigError, match="data.max_length.*max_position_embeddings = 512"):
+        stage1(cfg, tmp_path)
+
+
+def test_adapter_of_another_model_is_refused(tmp_path, overrides):
+    cfg = load_config(None, overrides)
+    prepare_run_dir(cfg, tmp_path / "a")
+    stage1(cfg, tmp_path / "a")
+    wider = tmp_path / "wider"
+    from conftest import make_model
+    from tiny import make_tokenizer
+
+    make_model(hidden=96).save_pretrained(wider)
+    make_tokenizer().save_pretrained(wider)
+    other = load_config(None, overrides + [f"model.name={wider}"])
+    with pytest.raises(ModelError, match="hidden_size 64"):
+        stage2(other, tmp_path / "a")
+
+
+def test_incomplete_stage1_adapter_is_refused(tmp_path, overrides):
+    cfg = load_config(None, overrides)
+    prepare_run_dir(cfg, tmp_path)
+    (tmp_path / "stage1" / "final").mkdir(parents=True)
+    (tmp_path / "stage1" / "final" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelError, match="no complete stage-1 adapter"):
+        stage2(cfg, tmp_path)
+
+
+def test_pickled_weights_load_only_when_allowed(tmp_path):
+    from conftest import make_model
+
+    from ila.config import ModelConfig
+    from ila.models import load_base_model
+
+    import torch
+
+    folder = tmp_path / "pickled"
+    model = make_model(num_blocks=1)
+    model.save_pretrained(folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="allow_pickle"):
+        load_base_model(ModelConfig(name=str(folder)))
+    assert load_base_model(ModelConfig(name=str(folder), allow_pickle=True)) is not None
+
+
+def test_a_run_writes_only_inside_its_run_dir(tmp_path, overrides, monkeypatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    run_all(load_config(None, overrides), "myrun")
+    assert os.listdir(work) == ["myrun"]
+
+
+def test_full_disk_while_writing_the_ranking_leaves_no_file(tmp_path, overrides, monkeypatch):
+    cfg = load_config(None, overrides + ["stage2.scorer=random"])
+    prepare_run_dir(cfg, tmp_path)
+    import ila.artifacts as artifacts
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(artifacts.os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        stage2(cfg, tmp_path)
+    assert not (tmp_path / "stage2" / "ranking-random.json").exists()
+    assert not list((tmp_path / "stage2").glob(".*.tmp"))
+
+
+# --- property-based: the parsers never fail with anything but their own clear error ---------------------
+
+_keys = st.sampled_from(["seed", "model.name", "model.dtype", "data.max_length", "data.heldout_fraction",
+                         "lora.r", "lora.include_lm_head", "stage1.milestones", "stage2.learning_rate",
+                         "stage2.optimizer", "stage3.selection.mode", "stage3.selection.fraction",
+                         "stage3.selection.layers", "nope", "stage1.train.precision", "stage2"])
+_values = st.one_of(st.integers(-5, 5000), st.floats(allow_nan=True), st.booleans(), st.none(),
+                    st.text(max_size=12), st.lists(st.floats(0, 1.5), max_size=4))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(_keys, _values), max_size=4))
+def test_config_overrides_fail_only_with_config_errors(pairs):
+    overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in pairs]
+    try:
+        cfg = load_config(None, overrides)
+    except ConfigError as e:
+        assert str(e)  # a message, naming what was wrong
+    else:
+        cfg.validate()
+
+
+def _ranking_dict():
+    from ila.layers import Layer
+
+    layers = [Layer(f"model.layers.{b}.mlp.up_proj", f"model.layers.{b}", b, "mlp.up_proj") for b in range(3)]
+    r = Ranking(scores={layer.name: float(i) for i, layer in enumerate(layers)}, layers=layers,
+                base_model={"name": "t"}, include_lm_head=False)
+    return r.to_dict()
+
+
+_json = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5)),
+                     lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=5), c, max_size=3)),
+                     max_leaves=6)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["schema_version", "kind", "layers", "base_model", "include_lm_head", "num_layers", "order",
+                        "scorer", "meta"]), _json)
+def test_ranking_reader_fails_only_with_ranking_errors(tmp_path, key, value):
+    data = _ranking_dict()
+    data[key] = value
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    try:
+        Ranking.load(path)
+    except RankingError as e:
+        assert str(e)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=200))
+def test_ranking_reader_survives_garbage_bytes(tmp_path, blob):
+    path = tmp_path / "r.json"
+    path.write_bytes(blob)
+    with pytest.raises(IlaError):
+        Ranking.load(path)
