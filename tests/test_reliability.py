@@ -169,3 +169,13 @@ def test_ranking_reader_survives_garbage_bytes(tmp_path, blob):
     path.write_bytes(blob)
     with pytest.raises(IlaError):
         Ranking.load(path)
+
+
+def test_interrupted_stage_is_not_resumed_under_another_config(tmp_path, overrides):
+    cfg = load_config(None, overrides)
+    prepare_run_dir(cfg, tmp_path)
+    folder = tmp_path / "stage1"
+    (folder / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (folder / "started.json").write_text(json.dumps({"stage": "stage1", "stage_sha256": "other"}))
+    with pytest.raises(ConfigError, match="interrupted stage1 made with a different config"):
+        stage1(cfg, tmp_path)

@@ -136,6 +136,21 @@ def check_adapter_model(meta: dict[str, Any], identity: dict[str, Any], adapter_
             )
 
 
+def _start_stage(cfg: RunConfig, folder: Path, stage: str) -> None:
+    """Record which config a stage runs with; refuse to resume an interrupted stage under another config
+    (its checkpoints would mix two runs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "started.json"
+    sha = cfg.stage_sha256(stage)
+    if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()) and marker.is_file():
+        if read_json(marker, f"{stage} start marker").get("stage_sha256") != sha:
+            raise ConfigError(
+                f"{folder} holds checkpoints of an interrupted {stage} made with a different config; run the "
+                f"same config again to resume it, or delete {folder / 'checkpoints'} to start {stage} afresh"
+            )
+    write_json_atomic(marker, {"stage": stage, "started": _now(), "stage_sha256": sha})
+
+
 def _layers(cfg: RunConfig, model: Any) -> list[Layer]:
     return adaptable_layers(model, include_lm_head=cfg.lora.include_lm_head, module_types=cfg.lora.module_types)
 
@@ -155,7 +170,7 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     """LoRA on every layer, milestones saved, epsilon-stability recorded."""
     run_dir = Path(run_dir)
     folder = run_dir / "stage1"
-    folder.mkdir(parents=True, exist_ok=True)
+    _start_stage(cfg, folder, "stage1")
     torch.manual_seed(cfg.seed)  # LoRA A is initialised randomly when the adapter is attached
     tokenizer = load_tokenizer(cfg.model)
     model = load_base_model(cfg.model)
@@ -281,7 +296,7 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
     s2 = cfg.stage2
     run_dir = Path(run_dir)
     folder = run_dir / "stage2"
-    folder.mkdir(parents=True, exist_ok=True)
+    _start_stage(cfg, folder, "stage2")
     tokenizer = load_tokenizer(cfg.model)
     model = load_base_model(cfg.model)
     check_model_fits(cfg, model)
@@ -362,7 +377,7 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     """A fresh LoRA run from the base model on the selected layers only; writes ``stage3/adapter``."""
     run_dir = Path(run_dir)
     folder = run_dir / "stage3"
-    folder.mkdir(parents=True, exist_ok=True)
+    _start_stage(cfg, folder, "stage3")
     ranking_file = Path(cfg.stage3.ranking) if cfg.stage3.ranking else ranking_path(run_dir, cfg.stage2.scorer)
     if not ranking_file.is_file():
         raise IlaError(f"no ranking at {ranking_file}; run stage 2 first (ila score) or set stage3.ranking")
