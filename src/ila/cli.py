@@ -7,6 +7,9 @@ Examples::
     ila score --run-dir runs/demo --set stage2.milestone=25          # stage 2 on the 25 % milestone
     ila finetune --run-dir runs/demo --top 0.2                       # stage 3 on the top 20 % of layers
     ila run --set model.name=/path/to/model --set data.name=my.jsonl --run-dir runs/mine
+    ila select runs/demo/stage2/ranking.json --top 0.2                # the selected layer names, one a line
+    ila select runs/demo/stage2/ranking.json --top 0.2 --dry-run      # what would train, per block and type
+    ila export runs/demo/stage2/ranking.json --top 0.2                # PEFT/axolotl/LLaMA-Factory/ms-swift configs
 """
 
 from __future__ import annotations
@@ -69,7 +72,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config (defaults, file and overrides) and exit")
     _common(p)
+
+    p = sub.add_parser("select", help="print the layers a selection picks from a ranking; --dry-run: what would train")
+    _selection_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="load the model, check the ranking is of it, and count what the selection would train")
+    p.add_argument("--model", metavar="NAME_OR_PATH",
+                   help="model for the dry run (default: the ranking's base model, e.g. smollm2 or its folder)")
+    p.add_argument("--method", choices=("lora", "full"), default="lora",
+                   help="count LoRA parameters (default) or the selected modules' weights for full fine-tuning")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank for the dry run (default 8)")
+
+    p = sub.add_parser("export", help="write a selection as PEFT, axolotl, LLaMA-Factory and ms-swift configs")
+    _selection_args(p)
+    p.add_argument("--out", metavar="DIR", help="output folder (default: <ranking dir>/export-<mode>-<fraction>)")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
     return parser
+
+
+def _selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ranking", metavar="RANKING", help="a ranking.json (e.g. runs/demo/stage2/ranking.json)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--top", type=float, metavar="FRACTION", help="the top FRACTION of layers")
+    g.add_argument("--drop-bottom", type=float, metavar="FRACTION", help="every layer but the bottom FRACTION")
+    g.add_argument("--layers", nargs="+", metavar="NAME", help="exactly these layers (full module names)")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
 def _resolve(args: argparse.Namespace) -> tuple[RunConfig, Path]:
@@ -98,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("ila").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        if args.command in ("select", "export"):  # work on a ranking file, not on a run config
+            return _selection_command(args)
         cfg, run_dir = _resolve(args)
         if args.command == "config":
             print(cfg.to_yaml(), end="")
@@ -129,6 +160,42 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ila: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+
+
+def _selection_command(args: argparse.Namespace) -> int:
+    """``ila select`` and ``ila export``: read a ranking, apply --top / --drop-bottom / --layers."""
+    from . import export
+    from .ranking import Ranking
+
+    ranking = Ranking.load(args.ranking)
+    if args.top is not None:
+        mode, fraction = "top", args.top
+    elif args.drop_bottom is not None:
+        mode, fraction = "drop_bottom", args.drop_bottom
+    else:
+        mode, fraction = "list", None
+    names = export.select_layers(ranking, mode, fraction, args.layers or ())
+    what = "explicit list" if mode == "list" else f"{mode.replace('_', '-')} {fraction:g}"
+    if args.command == "export":
+        out = Path(args.out) if args.out else export.default_export_dir(args.ranking, mode, fraction, names)
+        summary = export.export_selection(ranking, names, out, r=args.r, alpha=args.alpha, dropout=args.dropout,
+                                          mode=mode, fraction=fraction, ranking_path=args.ranking)
+        print(export.render_export(summary))
+        return 0
+    if not args.dry_run:
+        print("\n".join(names))
+        return 0
+    from .config import ModelConfig
+    from .models import load_base_model
+
+    name = args.model or ranking.base_model.get("name")
+    if not name:
+        raise IlaError("the ranking records no base model name; pass --model NAME_OR_PATH")
+    # bfloat16 halves the memory of a model that is only counted, never run
+    model = load_base_model(ModelConfig(name=str(name), dtype="bfloat16"))
+    result = export.dry_run(ranking, names, model, args.method, args.r, model_name=str(name))
+    print(export.render_dry_run(result, what))
+    return 0
 
 
 def _fmt(x: object) -> str:
