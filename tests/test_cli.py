@@ -95,3 +95,16 @@ def test_console_script_help_and_config():
     assert "steps: 9" in out
     bad = subprocess.run([sys.executable, "-m", "ila.cli", "config", "--set", "lora.rank=4"], capture_output=True, text=True)
     assert bad.returncode == 2 and "lora.rank" in bad.stderr
+
+
+def test_full_disk_is_a_clear_error(tmp_path, tiny_config, capsys, monkeypatch):
+    import ila.artifacts as artifacts
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(artifacts.os, "fsync", full)
+    assert main(["train", "--run-dir", str(tmp_path / "r"), *_sets(tiny_config)]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "run the same command again" in err
+    assert not (tmp_path / "r" / "config.yaml").exists()

@@ -179,3 +179,32 @@ def test_interrupted_stage_is_not_resumed_under_another_config(tmp_path, overrid
     (folder / "started.json").write_text(json.dumps({"stage": "stage1", "stage_sha256": "other"}))
     with pytest.raises(ConfigError, match="interrupted stage1 made with a different config"):
         stage1(cfg, tmp_path)
+
+
+def test_unreadable_model_folder(tmp_path):
+    from ila.config import ModelConfig
+    from ila.models import load_base_model
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{ not json")
+    with pytest.raises(ModelError, match="could not load the model"):
+        load_base_model(ModelConfig(name=str(folder)))
+
+
+def test_remote_code_is_never_enabled_silently(tiny_model_dir, monkeypatch):
+    import transformers
+
+    from ila.config import ModelConfig
+    from ila.models import load_base_model
+
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    load_base_model(ModelConfig(name=str(tiny_model_dir)))
+    assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True

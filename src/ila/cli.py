@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("ila").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    _terminate_like_ctrl_c()
     try:
         if args.command in ("select", "export"):  # work on a ranking file, not on a run config
             return _selection_command(args)
@@ -160,6 +161,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ila: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except OSError as e:
+        # A full disk or a read-only folder: every artefact is written atomically, so nothing half-written
+        # is left for a later stage to trust.
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"ila: error: could not read or write a file{where}: {e.strerror or e}. Nothing incomplete was "
+              "kept; free space or fix the path and run the same command again to resume", file=sys.stderr)
+        return 1
+
+
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM (a scheduler stopping the job) ends the run like Ctrl-C: no traceback, a resumable run dir."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):  # noqa: ANN001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _selection_command(args: argparse.Namespace) -> int:
