@@ -1,5 +1,8 @@
 """Files that stages hand to each other, written so that a later stage never trusts a half-written one.
 
+Only the main process writes: under ``torchrun`` / ``accelerate launch`` every other rank computes the same
+result and skips the write (``RANK`` != 0), and :func:`sync_processes` lets them wait for the files.
+
 Every JSON artefact is strict (no NaN or Infinity, which strict parsers reject), carries a schema version and
 is written to a temporary file in the same folder and renamed into place, which is atomic on POSIX file
 systems. Folders (PEFT adapters) are written the same way: into a temporary sibling, then renamed.
@@ -20,6 +23,20 @@ from typing import Any
 from .errors import IlaError
 
 
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a torchrun / accelerate launch job."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def sync_processes() -> None:
+    """Wait until every process gets here (a no-op without a process group), so that files the main process
+    has just written are there for the others."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def check_finite(obj: Any, where: str = "value") -> None:
     """Raise if ``obj`` holds a NaN or infinite float anywhere (JSON would otherwise carry ``NaN``)."""
     if isinstance(obj, float):
@@ -36,6 +53,8 @@ def check_finite(obj: Any, where: str = "value") -> None:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
     path = Path(path)
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -81,6 +100,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     An interrupted write leaves only a ``.tmp`` sibling, never a partial ``path``.
     """
     path = Path(path)
+    if not is_main_process():
+        # Other ranks write into a scratch folder that is thrown away.
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder should read like any other
@@ -101,6 +125,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one metrics record; non-finite floats are written as null so the file stays strict JSON."""
+    if not is_main_process():
+        return
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .artifacts import read_json, write_json_atomic, write_text_atomic
+from .artifacts import read_json, sync_processes, write_json_atomic, write_text_atomic
 from .callbacks import ADAPTER_META, MilestoneSaver, StabilityTracker, milestone_name, save_adapter
 from .config import RunConfig, TrainConfig, load_config
 from .errors import ConfigError, IlaError, ModelError
@@ -155,11 +155,16 @@ def _layers(cfg: RunConfig, model: Any) -> list[Layer]:
     return adaptable_layers(model, include_lm_head=cfg.lora.include_lm_head, module_types=cfg.lora.module_types)
 
 
-def _cleanup_checkpoints(folder: Path) -> None:
-    """Trainer checkpoints exist for resuming an interrupted stage; a completed stage no longer needs them."""
+def _finish_stage(folder: Path) -> None:
+    """Drop the Trainer checkpoints (they exist for resuming an interrupted stage) and let every process
+    catch up with the files the main process wrote."""
     import shutil
 
-    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    from .artifacts import is_main_process
+
+    if is_main_process():
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    sync_processes()
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -237,7 +242,7 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "stage_sha256": cfg.stage_sha256("stage1"),
     }
     write_json_atomic(folder / "summary.json", summary)
-    _cleanup_checkpoints(folder)
+    _finish_stage(folder)
     return summary
 
 
@@ -355,7 +360,6 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
     )
     path = ranking_path(run_dir, scorer)
     ranking.save(path)
-    _cleanup_checkpoints(folder)
     summary = {
         "stage": 2, "scorer": scorer, "finished": _now(), "seconds": seconds,
         "steps": facts.get("steps"), "train_loss": facts.get("train_loss"),
@@ -366,6 +370,7 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
     }
     write_json_atomic(folder / ("summary.json" if scorer == cfg.stage2.scorer else f"summary-{scorer}.json"),
                       summary)
+    _finish_stage(folder)
     return ranking
 
 
@@ -418,7 +423,7 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "stage_sha256": cfg.stage_sha256("stage3"),
     }
     write_json_atomic(folder / "summary.json", summary)
-    _cleanup_checkpoints(folder)
+    _finish_stage(folder)
     return summary
 
 

@@ -179,6 +179,9 @@ def training_arguments(plan: TrainingPlan) -> TrainingArguments:
         dataloader_num_workers=plan.dataloader_workers,
         disable_tqdm=False,
         label_names=["labels"],
+        # Every trainable parameter takes part in every forward pass (LoRA factors, scores), so DDP need
+        # not search the graph for unused ones.
+        ddp_find_unused_parameters=False,
         **_checkpointing_kwargs(plan.gradient_checkpointing),
     )
 
