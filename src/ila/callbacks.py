@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from .artifacts import append_jsonl, atomic_dir, write_json_atomic
 from .gates import LayerGates
-from .stability import LoraFactors, relative_change
+from .stability import LoraFactors, relative_change, relative_change_full, weight_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,46 @@ def milestone_name(fraction: float) -> str:
     return f"{round(fraction * 100):03d}"
 
 
-def save_adapter(peft_model: Any, folder: Path, meta: dict[str, Any]) -> Path:
-    """A PEFT adapter folder plus ``ila_adapter.json``, written atomically (the metadata file last)."""
+LAYER_WEIGHTS = "layers.safetensors"
+
+
+def save_adapter(model: Any, folder: Path, meta: dict[str, Any]) -> Path:
+    """A stage-1 (or stage-3) update plus ``ila_adapter.json``, written atomically (the metadata file last).
+
+    For LoRA (``meta["method"]`` absent or ``lora``) a PEFT adapter folder; for full fine-tuning the trained
+    weights W_T of the layers in ``meta["layers"]`` as ``layers.safetensors`` (W_0 is the base model).
+    """
     with atomic_dir(folder) as tmp:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
+        if meta.get("method", "lora") == "full":
+            from safetensors.torch import save_file
+
+            from .layers import unwrap
+
+            modules = dict(unwrap(model).named_modules())
+            weights = {name: modules[name].weight.detach().cpu().contiguous() for name in meta["layers"]}
+            save_file(weights, str(tmp / LAYER_WEIGHTS), metadata={"format": "pt"})
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         write_json_atomic(tmp / ADAPTER_META, meta)
     return folder
+
+
+def load_full_updates(folder: Path, base_model: Any, layer_names: list[str]) -> dict[str, Any]:
+    """Delta_i = W_T - W_0 for every layer, from a full fine-tuning milestone and the base model."""
+    from safetensors.torch import load_file
+
+    from .errors import ModelError
+    from .layers import unwrap
+
+    path = folder / LAYER_WEIGHTS
+    if not path.is_file():
+        raise ModelError(f"{folder} has no {LAYER_WEIGHTS}; the full fine-tuning milestone is incomplete")
+    trained = load_file(str(path))
+    modules = dict(unwrap(base_model).named_modules())
+    missing = [n for n in layer_names if n not in trained]
+    if missing:
+        raise ModelError(f"{path} lacks the weights of {len(missing)} layers, e.g. {missing[0]}")
+    return {n: trained[n].to(modules[n].weight.dtype) - modules[n].weight.detach().cpu() for n in layer_names}
 
 
 class MilestoneSaver(TrainerCallback):
@@ -58,22 +92,31 @@ class MilestoneSaver(TrainerCallback):
 class StabilityTracker(TrainerCallback):
     """Records the epsilon-stability figure r_t every ``window`` steps and can stop training once stable."""
 
-    def __init__(self, layer_names: list[str], window: int, epsilon: float, path: Path, stop_when_stable: bool):
+    def __init__(self, layer_names: list[str], window: int, epsilon: float, path: Path, stop_when_stable: bool,
+                 base_weights: dict[str, Any] | None = None):
         self.layer_names = layer_names
+        # Full fine-tuning: Delta_t = W_t - W_0 needs W_0 (LoRA needs nothing: Delta_0 = 0 as B starts at 0).
+        self.base_weights = base_weights
         self.window = window
         self.epsilon = epsilon
         self.path = path
         self.stop_when_stable = stop_when_stable
-        self.previous: LoraFactors | None = None
+        self.previous: Any = None
         self.history: list[dict[str, Any]] = []
         self.stable_at: int | None = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
         if state.global_step % self.window != 0:
             return
-        current = LoraFactors.snapshot(model, self.layer_names)
+        if self.base_weights is not None:
+            current: Any = weight_snapshot(model, self.layer_names)
+        else:
+            current = LoraFactors.snapshot(model, self.layer_names)
         if self.previous is not None:
-            r, _ = relative_change(self.previous, current)
+            if self.base_weights is not None:
+                r = relative_change_full(self.base_weights, self.previous, current)
+            else:
+                r, _ = relative_change(self.previous, current)
             stable = r <= self.epsilon
             record = {"step": state.global_step, "window": self.window, "relative_change": r,
                       "epsilon": self.epsilon, "stable": stable, "time": time.time()}

@@ -149,6 +149,9 @@ class TrainConfig:
 class Stage1Config:
     """Stage 1: LoRA on every layer until epsilon-stable."""
 
+    method: Literal["lora", "full"] = "lora"
+    """``lora``: a LoRA adapter on every layer (Delta = scaling * B A). ``full``: full fine-tuning of every
+    layer's weights (Delta = W_T - W_0); embeddings and norms stay frozen so that all gates at 0 give theta_0."""
     train: TrainConfig = field(default_factory=TrainConfig)
     milestones: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     """Fractions of the planned steps at which the adapter is saved (``stage1/milestone-050`` ...)."""
@@ -247,6 +250,9 @@ class SelectionConfig:
 class Stage3Config:
     """Stage 3: a fresh LoRA run from the base model on the selected layers only."""
 
+    method: Literal["lora", "full"] = "lora"
+    """``lora``: a LoRA adapter on the selected layers (written as a PEFT folder). ``full``: selective full
+    fine-tuning, every unselected parameter frozen (written as a transformers model folder)."""
     ranking: str | None = None
     """A ranking.json to select from; null means this run's ``stage2/ranking.json``."""
     selection: SelectionConfig = field(default_factory=SelectionConfig)

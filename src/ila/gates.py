@@ -70,13 +70,17 @@ class LayerGates(nn.Module):
 class GateHooks:
     """The forward hooks that apply the gates; ``remove()`` restores the plain peft model."""
 
-    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle]):
+    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle], buffers: list[nn.Module] | None = None):
         self.handles = handles
+        self.buffers = buffers or []
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for module in self.buffers:  # the stored full-weight updates
+            module._buffers.pop("ila_delta", None)
+        self.buffers.clear()
 
 
 def attach_gates(peft_model: nn.Module, gates: LayerGates, adapter_name: str = "default") -> GateHooks:
@@ -110,3 +114,35 @@ def attach_gates(peft_model: nn.Module, gates: LayerGates, adapter_name: str = "
         )
     peft_model.add_module("ila_gates", gates)
     return GateHooks(handles)
+
+
+def attach_update_gates(model: nn.Module, gates: LayerGates, deltas: dict[str, torch.Tensor]) -> GateHooks:
+    """Gate full-weight updates: layer i computes ``W_0 x + sigmoid(s_i) * Delta_i x`` with Delta_i = W_T - W_0
+    (the full fine-tuning form of ILA); ``model`` holds W_0. A gate of 0 gives the base model exactly, a gate
+    of 1 the fine-tuned model up to float rounding of the split product."""
+    from .layers import unwrap
+
+    modules = dict(unwrap(model).named_modules())
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    owners: list[nn.Module] = []
+    for i, name in enumerate(gates.layer_names):
+        module = modules.get(name)
+        if module is None or name not in deltas:
+            for h in handles:
+                h.remove()
+            raise ModelError(f"no full-weight update for layer {name}")
+        delta = deltas[name].to(device=module.weight.device, dtype=module.weight.dtype)
+        if tuple(delta.shape) != tuple(module.weight.shape):
+            raise ModelError(f"{name}: update of shape {tuple(delta.shape)} for a weight of {tuple(module.weight.shape)}")
+        module.register_buffer("ila_delta", delta, persistent=False)
+        transposed = type(module).__name__ == "Conv1D"  # GPT-2 stores (d_in, d_out)
+
+        def hook(mod: nn.Module, inp: tuple, out: torch.Tensor, i: int = i, transposed: bool = transposed) -> torch.Tensor:
+            x = inp[0]
+            update = x @ mod.ila_delta if transposed else nn.functional.linear(x, mod.ila_delta)
+            return out + gates.gate(i).to(out.dtype) * update
+
+        handles.append(module.register_forward_hook(hook))
+        owners.append(module)
+    model.add_module("ila_gates", gates)
+    return GateHooks(handles, owners)

@@ -184,12 +184,27 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     layers = _layers(cfg, model)
     names = [layer.name for layer in layers]
     train_ds, heldout_ds = _datasets(cfg, tokenizer, folder)
-    peft_model = attach_lora(model, names, cfg.lora)
+    s1 = cfg.stage1
+    base_weights = None
+    if s1.method == "full":
+        from .selection import apply_selection
+        from .stability import weight_snapshot
+
+        if cfg.lora.include_lm_head and getattr(model.config, "tie_word_embeddings", False):
+            raise ConfigError(
+                "lora.include_lm_head with stage1.method full: this model ties lm_head to the input embeddings, "
+                "so a full update of lm_head would change the inputs too and could not be gated; use LoRA or "
+                "leave lm_head out"
+            )
+        base_weights = weight_snapshot(model, names)  # W_0, for epsilon-stability of W_t - W_0
+        peft_model = apply_selection(model, names, method="full")
+    else:
+        peft_model = attach_lora(model, names, cfg.lora)
     trainable, total = count_parameters(peft_model)
-    log.info("stage 1: LoRA r=%d on %d layers (%s trainable of %s parameters)", cfg.lora.r, len(names),
+    log.info("stage 1: %s on %d layers (%s trainable of %s parameters)",
+             f"LoRA r={cfg.lora.r}" if s1.method == "lora" else "full fine-tuning", len(names),
              f"{trainable:,}", f"{total:,}")
 
-    s1 = cfg.stage1
     planned = s1.train.max_steps
 
     def meta(step: int, fraction: float | None) -> dict[str, Any]:
@@ -197,6 +212,7 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
             "schema_version": 1,
             "kind": "ila.stage1_adapter",
             "ila_version": __version__,
+            "method": s1.method,
             "step": step,
             "planned_steps": planned,
             "fraction": fraction,
@@ -212,9 +228,9 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
 
     milestones = MilestoneSaver(folder / "milestones", s1.milestones, planned, meta)
     stability = StabilityTracker(names, s1.stability_window, s1.stability_epsilon, folder / "stability.jsonl",
-                                 s1.stop_when_stable)
+                                 s1.stop_when_stable, base_weights=base_weights)
     plan = _train_plan(cfg, s1.train, folder, [milestones, stability])
-    plan.eval_before = True  # LoRA B starts at zero, so this is the base model's held-out loss
+    plan.eval_before = True  # before the first step the model is theta_0 (LoRA B starts at zero)
     result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if s1.train.eval_heldout else None)
     save_adapter(peft_model, folder / "final", meta(result.steps, result.steps / planned))
     summary = {
@@ -236,6 +252,7 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "total_parameters": total,
         "layers": describe_layers(layers),
         "include_lm_head": cfg.lora.include_lm_head,
+        "method": s1.method,
         "base_model": identity,
         "resumed_from": result.resumed_from,
         "config_sha256": cfg.sha256(),
@@ -259,7 +276,8 @@ def resolve_stage1_adapter(run_dir: Path, milestone: str) -> Path:
             folder = run_dir / "stage1" / "milestones" / milestone_name(float(milestone) / 100)
         except ValueError:
             folder = Path(milestone)
-    if not (folder / ADAPTER_META).is_file() or not (folder / "adapter_config.json").is_file():
+    weights = (folder / "adapter_config.json").is_file() or (folder / "layers.safetensors").is_file()
+    if not (folder / ADAPTER_META).is_file() or not weights:
         available = []
         ms = run_dir / "stage1" / "milestones"
         if ms.is_dir():
@@ -323,11 +341,21 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
             f"{meta['base_model'].get('name')}, which do not match the {len(names)} layers of {cfg.model.name}"
         )
     train_ds = _datasets(cfg, tokenizer, folder)[0] if scorer in NEEDS_DATA else None
-    scored = _frozen_adapter_model(model, adapter_dir) if adapter_dir is not None else model
+    deltas = None
+    if adapter_dir is not None and meta.get("method", "lora") == "full":
+        from .callbacks import load_full_updates
+
+        deltas = load_full_updates(adapter_dir, model, names)  # Delta_i = W_T - W_0
+        for p in model.parameters():
+            p.requires_grad_(False)
+        scored = model
+    else:
+        scored = _frozen_adapter_model(model, adapter_dir) if adapter_dir is not None else model
     start = time.perf_counter()
     if scorer == "ila":
         scores, facts = learn_gates(scored, layers, tokenizer=tokenizer, train_dataset=train_ds, s2=s2,
-                                    seed=cfg.seed, device=cfg.model.device, folder=folder, resume=True)
+                                    seed=cfg.seed, device=cfg.model.device, folder=folder, resume=True,
+                                    deltas=deltas)
     else:
         device = resolve_device(cfg.model.device)
         scored.to(device)
@@ -336,7 +364,7 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
             batches = data_batches(train_ds, tokenizer, batch_size=s2.batch_size, max_batches=s2.sample_batches,
                                    device=device, seed=cfg.seed)
         inputs = ScoringInputs(model=scored, layers=layers, seed=cfg.seed, batches=batches,
-                               options={"position_from": s2.position_from})
+                               options={"position_from": s2.position_from}, deltas=deltas)
         scores, facts = score_layers(scorer, inputs)
     seconds = time.perf_counter() - start
     milestone_label = None
@@ -352,6 +380,7 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
         config_sha256=cfg.sha256(),
         meta={
             "stage1_adapter": str(adapter_dir) if adapter_dir else None,
+            "method": meta.get("method", "lora") if meta else None,
             "stage1_step": meta.get("step"),
             "data": cfg.data.name if train_ds is not None else None,
             "seconds": seconds,
@@ -398,9 +427,16 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     sel = cfg.stage3.selection
     selected = ranking.select(sel.mode, sel.fraction, sel.layers)
     train_ds, heldout_ds = _datasets(cfg, tokenizer, folder)
-    peft_model = attach_lora(model, selected, cfg.lora)
+    method = cfg.stage3.method
+    if method == "full":
+        from .selection import apply_selection
+
+        peft_model = apply_selection(model, selected, method="full")
+    else:
+        peft_model = attach_lora(model, selected, cfg.lora)
     trainable, total = count_parameters(peft_model)
-    log.info("stage 3: LoRA on %d of %d layers (%s trainable parameters)", len(selected), len(layers), f"{trainable:,}")
+    log.info("stage 3: %s on %d of %d layers (%s trainable parameters)", "LoRA" if method == "lora" else
+             "full fine-tuning", len(selected), len(layers), f"{trainable:,}")
     selection = {
         "schema_version": 1, "kind": "ila.selection", "mode": sel.mode, "fraction": sel.fraction,
         "ranking": str(ranking_file), "num_selected": len(selected), "num_layers": len(layers),
@@ -409,17 +445,30 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     write_json_atomic(folder / "selection.json", selection)
     plan = _train_plan(cfg, cfg.stage3.train, folder, [])
     result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if cfg.stage3.train.eval_heldout else None)
-    save_adapter(peft_model, folder / "adapter", {
-        "schema_version": 1, "kind": "ila.stage3_adapter", "ila_version": __version__, "step": result.steps,
-        "base_model": identity, "layers": selected, "selection": {k: selection[k] for k in ("mode", "fraction")},
-        "config_sha256": cfg.sha256(),
-    })
+    out_meta = {
+        "schema_version": 1, "kind": "ila.stage3_adapter", "ila_version": __version__, "method": method,
+        "step": result.steps, "base_model": identity, "layers": selected,
+        "selection": {k: selection[k] for k in ("mode", "fraction")}, "config_sha256": cfg.sha256(),
+    }
+    if method == "full":
+        # A plain transformers model folder: every tool loads it with from_pretrained.
+        from .artifacts import atomic_dir
+
+        output = folder / "model"
+        with atomic_dir(output) as tmp:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_json_atomic(tmp / ADAPTER_META, out_meta)
+    else:
+        output = folder / "adapter"
+        save_adapter(peft_model, output, out_meta)
     summary = {
         "stage": 3, "finished": _now(), "steps": result.steps, "train_loss": result.train_loss,
         "heldout_loss": result.heldout_loss, "seconds": result.seconds,
         "seconds_per_step": result.seconds_per_step, "peak_memory_mb": result.peak_memory_mb,
         "trainable_parameters": trainable, "total_parameters": total, "num_selected": len(selected),
-        "num_layers": len(layers), "adapter": str(folder / "adapter"), "resumed_from": result.resumed_from,
+        "num_layers": len(layers), "method": method,
+        ("adapter" if method == "lora" else "model"): str(output), "resumed_from": result.resumed_from,
         "stage_sha256": cfg.stage_sha256("stage3"),
     }
     write_json_atomic(folder / "summary.json", summary)

@@ -51,6 +51,8 @@ class ScoringInputs:
     batches: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
     """Yields batches (input_ids, attention_mask, labels) on the model's device, for scorers that need data."""
     options: dict[str, Any] = field(default_factory=dict)
+    deltas: dict[str, torch.Tensor] | None = None
+    """Full fine-tuning: Delta_i = W_T - W_0 per layer (``model`` then holds W_0 and no adapter)."""
 
 
 def score_layers(scorer: str, inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
@@ -97,6 +99,8 @@ def position_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, 
 
 def update_norm_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
     """||Delta_i||_F = ||scaling * B_i A_i||_F of the stage-1 update: free once stage 1 ran."""
+    if inputs.deltas is not None:
+        return {layer.name: float(inputs.deltas[layer.name].float().norm()) for layer in inputs.layers}, {}
     factors = LoraFactors.snapshot(inputs.model, [layer.name for layer in inputs.layers])
     return update_norms(factors), {}
 
@@ -114,7 +118,7 @@ def taylor_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, An
     gates.set_fixed(1.0)
     device = next(model.parameters()).device
     gates.fixed = gates.fixed.to(device).requires_grad_(True)
-    hooks = attach_gates(model, gates)
+    hooks = _attach(model, gates, inputs.deltas)
     total = torch.zeros(len(names), device=device)
     n = 0
     try:
@@ -211,8 +215,16 @@ def block_influence_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dic
 # stage 2 proper: learning the gates
 
 
+def _attach(model: nn.Module, gates: LayerGates, deltas: dict[str, torch.Tensor] | None) -> Any:
+    """Gates on LoRA updates, or on full-weight updates when ``deltas`` are given."""
+    from .gates import attach_update_gates
+
+    return attach_gates(model, gates) if deltas is None else attach_update_gates(model, gates, deltas)
+
+
 def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, train_dataset: Any, s2: Any,
-                seed: int, device: str, folder: Path, resume: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
+                seed: int, device: str, folder: Path, resume: bool = False,
+                deltas: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Stage 2 of ILA on a frozen peft model: only the N scores train (ila-method.md, stage 2).
 
     The loss is the response-token loss plus ``budget_lambda * max(0, mean(sigmoid(s)) - budget_fraction)``.
@@ -224,7 +236,7 @@ def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, t
         p.requires_grad_(False)
     names = [layer.name for layer in layers]
     gates = LayerGates(names, init_mean=s2.init_mean, init_std=s2.init_std, seed=seed)
-    hooks = attach_gates(peft_model, gates)
+    hooks = _attach(peft_model, gates, deltas)
 
     def penalty() -> torch.Tensor:
         return s2.budget_lambda * gates.budget_penalty(s2.budget_fraction)

@@ -66,3 +66,21 @@ def relative_change(prev: LoraFactors, cur: LoraFactors) -> tuple[float, dict[st
         per_layer[name] = (diff / cc) ** 0.5 if cc > 0 else float("inf") if diff > 0 else 0.0
     overall = (total_diff / total_cur) ** 0.5 if total_cur > 0 else (float("inf") if total_diff > 0 else 0.0)
     return overall, per_layer
+
+
+def weight_snapshot(model: nn.Module, layer_names: list[str]) -> dict[str, torch.Tensor]:
+    """A detached copy of every layer's full weight (full fine-tuning)."""
+    from .layers import unwrap
+
+    modules = dict(unwrap(model).named_modules())
+    return {n: modules[n].weight.detach().float().clone() for n in layer_names}
+
+
+def relative_change_full(base: dict[str, torch.Tensor], prev: dict[str, torch.Tensor],
+                         cur: dict[str, torch.Tensor]) -> float:
+    """r_t for full fine-tuning: ||W_t - W_{t-w}||_F / ||W_t - W_0||_F over all layers stacked."""
+    diff = sum(float((cur[n] - prev[n]).pow(2).sum()) for n in cur)
+    total = sum(float((cur[n] - base[n]).pow(2).sum()) for n in cur)
+    if total == 0:
+        return float("inf") if diff > 0 else 0.0
+    return (diff / total) ** 0.5
