@@ -65,3 +65,53 @@ def test_every_stage_runs_under_torchrun_and_only_rank_0_writes(stage1_dir, tmp_
         assert len(steps) == len(set(steps)), "metrics written once, by rank 0"
     assert not list(Path(run_dir).rglob(".*.tmp"))
     assert Ranking.load(run_dir / "stage2" / "ranking.json").num_layers == 28
+
+
+CONFIGS = Path(__file__).parent.parent / "configs" / "accelerate"
+
+
+def _launch(config: Path, args: list[str], overrides: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+           "29544", "-m", "ila.cli", *args]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def test_fsdp_config_trains_stage1_on_two_cpu_processes(stage1_dir, tmp_path):
+    """The shipped FSDP config, with two CPU processes instead of eight GPUs."""
+    import yaml
+
+    overrides, one = stage1_dir
+    cfg = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())
+    cfg.update(num_processes=2, use_cpu=True, mixed_precision="no")
+    local = tmp_path / "fsdp-cpu.yaml"
+    local.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "fsdp"
+    _launch(local, ["train", "--run-dir", str(run_dir)], overrides)
+    from safetensors.torch import load_file
+
+    sharded = load_file(run_dir / "stage1" / "final" / "adapter_model.safetensors")
+    single = load_file(one / "stage1" / "final" / "adapter_model.safetensors")
+    assert sharded.keys() == single.keys()
+    assert all(sharded[k].shape == single[k].shape for k in single)  # whole tensors, not shards
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="DeepSpeed ZeRO needs CUDA")
+def test_deepspeed_zero2_config(stage1_dir, tmp_path):
+    import torch
+    import yaml
+
+    pytest.importorskip("deepspeed")
+    overrides, _ = stage1_dir
+    overrides = [o for o in overrides if not o.startswith("model.device")] + ["model.device=cuda"]
+    cfg = yaml.safe_load((CONFIGS / "deepspeed_zero2.yaml").read_text())
+    cfg.update(num_processes=torch.cuda.device_count())
+    local = tmp_path / "ds.yaml"
+    local.write_text(yaml.safe_dump(cfg))
+    _launch(local, ["train", "--run-dir", str(tmp_path / "ds")], overrides)
+    assert (tmp_path / "ds" / "stage1" / "summary.json").is_file()

@@ -38,6 +38,9 @@ class ModelConfig:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     trust_remote_code: bool = False
     """Run model code from the model folder. Off unless asked: it executes arbitrary Python."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Load the frozen base in 4 bits (QLoRA: NF4, double quantisation, bf16 compute) or 8 bits through
+    bitsandbytes. Needs CUDA and ``pip install bitsandbytes``; LoRA stages only."""
     allow_pickle: bool = False
     """Also load pickled ``.bin`` weights. Off: unpickling can run arbitrary code; safetensors cannot."""
     revision: str | None = None
@@ -286,6 +289,13 @@ class RunConfig:
         for stage in ("stage1", "stage3"):
             if getattr(self, stage).train.precision == "fp16" and self.model.device == "cpu":
                 raise ConfigError(f"{stage}.train.precision: fp16 mixed precision needs CUDA; use bf16 or fp32 on the CPU")
+        if self.model.quantization != "none":
+            if self.model.device == "cpu":
+                raise ConfigError("model.quantization: 4-bit and 8-bit bases (bitsandbytes) need CUDA, not the CPU")
+            for stage in ("stage1", "stage3"):
+                if getattr(self, stage).method == "full":
+                    raise ConfigError(f"{stage}.method: full fine-tuning cannot train quantized weights; use "
+                                      "lora (QLoRA) or model.quantization: none")
         if self.stage2.precision == "fp16" and self.model.device == "cpu":
             raise ConfigError("stage2.precision: fp16 mixed precision needs CUDA; use bf16 or fp32 on the CPU")
         return self

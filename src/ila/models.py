@@ -128,14 +128,39 @@ def load_tokenizer(cfg: "ModelConfig") -> "PreTrainedTokenizerBase":
     return tok
 
 
+def quantization_config(cfg: "ModelConfig") -> object | None:
+    """The bitsandbytes settings for ``model.quantization`` (QLoRA: NF4 with double quantisation and bf16
+    compute, as in Dettmers et al., 2023), or None."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def load_base_model(cfg: "ModelConfig") -> "PreTrainedModel":
     """Load the pre-trained model (theta_0) in ``cfg.dtype``, from safetensors only."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(cfg)
+    quant = quantization_config(cfg)
+    extra: dict[str, object] = {}
+    if quant is not None:
+        if not torch.cuda.is_available():
+            raise ModelError(f"model.quantization {cfg.quantization} needs CUDA (bitsandbytes kernels); none is available")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ModelError("model.quantization needs the bitsandbytes package: pip install bitsandbytes") from None
+        # Each process holds a whole quantized copy on its own GPU (DDP); bitsandbytes weights cannot move.
+        extra = {"quantization_config": quant, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
+            **extra,
             dtype=DTYPES[cfg.dtype],
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
@@ -145,6 +170,12 @@ def load_base_model(cfg: "ModelConfig") -> "PreTrainedModel":
     except (OSError, ValueError) as e:
         raise ModelError(_load_hint(cfg.name, "model", e)) from None
     model.config.use_cache = False  # training never reuses the key/value cache
+    if quant is not None:
+        import peft
+
+        # Casts norms to fp32 and freezes the base; gradient checkpointing stays with the Trainer
+        # (non-reentrant), so no input gradients are forced down to the embeddings.
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
 
