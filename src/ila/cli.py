@@ -10,6 +10,7 @@ Examples::
     ila select runs/demo/stage2/ranking.json --top 0.2                # the selected layer names, one a line
     ila select runs/demo/stage2/ranking.json --top 0.2 --dry-run      # what would train, per block and type
     ila export runs/demo/stage2/ranking.json --top 0.2                # PEFT/axolotl/LLaMA-Factory/ms-swift configs
+    ila compare runs/a/stage2/ranking.json runs/b/stage2/ranking.json --out cmp   # top-k overlap, plots
 """
 
 from __future__ import annotations
@@ -89,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+
+    p = sub.add_parser("compare", help="how much rankings agree: top-k overlap (Jaccard) vs chance, rank "
+                                       "correlations, heat maps")
+    p.add_argument("rankings", nargs="+", metavar="RANKING", help="ranking.json files (one: only its heat map)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL",
+                   help="a short name per ranking (default: the part of the paths that differs)")
+    p.add_argument("--fractions", nargs="+", type=float, metavar="F", default=[0.1, 0.2, 0.3, 0.5],
+                   help="compare the top F of the layers, for each F (default 0.1 0.2 0.3 0.5)")
+    p.add_argument("--level", choices=("layer", "block"), default="layer",
+                   help="compare layers (default) or blocks ranked by their mean score")
+    p.add_argument("--mapping", choices=("auto", "name", "depth"), default="auto",
+                   help="match layers by full name, or by (relative depth, module type) across models of "
+                        "different depth; auto (default): by name when the layer names agree")
+    p.add_argument("--buckets", type=int, metavar="B",
+                   help="depth buckets for --mapping depth (default: the smaller model's number of blocks)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: <first ranking's folder>/compare)")
+    p.add_argument("--no-plots", action="store_true", help="write compare.json and compare.md only")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return parser
 
 
@@ -130,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("select", "export"):  # work on a ranking file, not on a run config
             return _selection_command(args)
+        if args.command == "compare":  # works on ranking files too
+            return _compare_command(args)
         cfg, run_dir = _resolve(args)
         if args.command == "config":
             print(cfg.to_yaml(), end="")
@@ -153,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.prepare_run_dir(cfg, run_dir)
             s = pipeline.stage3(cfg, run_dir)
             print(f"stage 3: {s['num_selected']} of {s['num_layers']} layers, held-out loss {s['heldout_loss']}")
-            print(f"adapter: {s['adapter']}")
+            print(f"{'adapter' if 'adapter' in s else 'model'}: {s.get('adapter') or s.get('model')}")
         return 0
     except IlaError as e:
         print(f"ila: error: {e}", file=sys.stderr)
@@ -220,6 +241,97 @@ def _selection_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_labels(paths: list[str]) -> list[str]:
+    """The part of each path that differs from the others (runs/a/stage2/ranking.json, runs/b/... -> a, b)."""
+    parts = [list(Path(p).with_suffix("").parts) if p.endswith(".json") else list(Path(p).parts) for p in paths]
+    shortest = min(len(x) for x in parts)
+    pre = 0
+    while pre < shortest - 1 and all(x[pre] == parts[0][pre] for x in parts):
+        pre += 1
+    suf = 0
+    while suf < shortest - pre - 1 and all(x[-1 - suf] == parts[0][-1 - suf] for x in parts):
+        suf += 1
+    labels = ["/".join(x[pre:len(x) - suf]) for x in parts]
+    if len(set(labels)) < len(labels) or not all(labels):
+        labels = [f"{i + 1}:{Path(p).stem}" for i, p in enumerate(paths)]
+    return labels
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    """``ila compare``: overlap statistics, compare.json, compare.md and figures for ranking files."""
+    import re
+
+    from . import overlap
+    from .artifacts import read_json, write_json_atomic, write_text_atomic
+    from .ranking import Ranking
+
+    rankings = [Ranking.load(p) for p in args.rankings]
+    labels = args.labels or _compare_labels(args.rankings)
+    if len(labels) != len(rankings):
+        raise IlaError(f"{len(labels)} --labels for {len(rankings)} rankings; give one label per ranking")
+    out = Path(args.out) if args.out else Path(args.rankings[0]).parent / "compare"
+    used: set[str] = set()
+
+    def slug(label: str, i: int) -> str:
+        s = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or f"ranking{i + 1}"
+        if s in used:
+            s = f"{i + 1}-{s}"
+        used.add(s)
+        return s
+
+    plots = None
+    if not args.no_plots:
+        try:
+            from . import plots as _plots
+
+            _plots._figure(1, 1)  # fails early and clearly without matplotlib
+            plots = _plots
+        except IlaError as e:
+            print(f"ila: warning: {e}; writing the statistics without figures", file=sys.stderr)
+
+    if len(rankings) == 1:
+        if plots is None:
+            raise IlaError("one ranking gives only its heat map, which needs matplotlib; pass two or more "
+                           "rankings to compare them")
+        path = plots.plot_ranking_heatmap(rankings[0], out / f"heatmap-{slug(labels[0], 0)}.png", label=labels[0])
+        print(f"one ranking: wrote its heat map {path}; pass two or more rankings to compare them")
+        return 0
+
+    result = overlap.compare_rankings(rankings, labels, args.fractions, level=args.level, mapping=args.mapping,
+                                      buckets=args.buckets)
+    for entry, p in zip(result["rankings"], args.rankings):
+        entry["path"] = str(p)
+    files: list[str] = []
+    if plots is not None:
+        for i, (r, label) in enumerate(zip(rankings, labels)):
+            files.append(plots.plot_ranking_heatmap(r, out / f"heatmap-{slug(label, i)}.png", label=label).name)
+        for f in result["fractions"]:
+            files.append(plots.plot_jaccard_matrix(result, f, out / f"jaccard-top{f * 100:g}.png").name)
+        files.append(plots.plot_overlap_curve(result, out / "overlap-curve.png").name)
+    table = overlap.render_markdown(result)
+    write_text_atomic(out / "compare.md", table)
+    files = ["compare.json", "compare.md", *files]
+    result["files"] = files
+    old = out / "compare.json"
+    stale: list[str] = []
+    if old.is_file():  # figures of an earlier comparison in this folder that this one does not redraw
+        try:
+            previous = read_json(old, "comparison")
+            if isinstance(previous, dict) and previous.get("kind") == overlap.KIND:
+                stale = [f for f in previous.get("files", []) if isinstance(f, str) and f not in files
+                         and f == Path(f).name and f.endswith(".png")]
+        except IlaError:
+            pass
+    write_json_atomic(old, result)
+    for f in stale:
+        if (out / f).is_file():
+            (out / f).unlink()
+    print(table, end="")
+    print()
+    print(f"wrote {len(files)} files to {out}: " + ", ".join(files))
+    return 0
+
+
 def _fmt(x: object) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
@@ -238,7 +350,10 @@ def _print_summary(out: dict, run_dir: Path) -> None:
     print(f"  config      {run_dir / 'config.yaml'}")
     print(f"  milestones  {run_dir / 'stage1' / 'milestones'}")
     print(f"  ranking     {s2['ranking']}")
-    print(f"  adapter     {s3['adapter']}   (PeftModel.from_pretrained(base, this folder))")
+    if "adapter" in s3:
+        print(f"  adapter     {s3['adapter']}   (PeftModel.from_pretrained(base, this folder))")
+    else:
+        print(f"  model       {s3['model']}   (AutoModelForCausalLM.from_pretrained(this folder))")
 
 
 if __name__ == "__main__":
