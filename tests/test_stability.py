@@ -34,3 +34,24 @@ def test_identical_snapshots_are_stable_and_zero_update_is_not():
     assert relative_change(f, f)[0] == pytest.approx(0.0, abs=1e-3)
     zero = LoraFactors({n: (s, a, torch.zeros_like(b)) for n, (s, a, b) in f.factors.items()})
     assert relative_change(zero, f)[0] == pytest.approx(1.0, rel=1e-4)  # everything learned since the start
+
+
+def test_stage1_stops_when_the_ranking_settles(tmp_path, tiny_model_dir, tiny_data_file):
+    import json
+
+    from conftest import TINY_OVERRIDES
+
+    from ila.config import load_config
+    from ila.pipeline import prepare_run_dir, stage1
+
+    cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + [
+        "stage1.train.max_steps=40", "stage1.stability_window=2", "stage1.stop_when_stable=true",
+        "stage1.stability_criterion=ranking", "stage1.stability_epsilon=0.5", "stage1.stability_patience=2",
+        "stage1.train.lr_scheduler=constant"])
+    prepare_run_dir(cfg, tmp_path)
+    out = stage1(cfg, tmp_path)
+    records = [json.loads(x) for x in (tmp_path / "stage1" / "stability.jsonl").read_text().splitlines()]
+    assert out["stopped_when_stable"] and out["steps"] < 40 and out["steps"] == out["stable_at_step"]
+    assert records[-1]["stable"] and records[-1]["top_overlap"] >= 0.5
+    assert all(0.0 <= r["top_overlap"] <= 1.0 for r in records)
+    assert (tmp_path / "stage1" / "final" / "ila_adapter.json").is_file()

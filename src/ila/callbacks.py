@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from .artifacts import append_jsonl, atomic_dir, write_json_atomic
 from .gates import LayerGates
-from .stability import LoraFactors, relative_change, relative_change_full, weight_snapshot
+from .stability import LoraFactors, relative_change, relative_change_full, update_norms, weight_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,14 @@ class StabilityTracker(TrainerCallback):
     """Records the epsilon-stability figure r_t every ``window`` steps and can stop training once stable."""
 
     def __init__(self, layer_names: list[str], window: int, epsilon: float, path: Path, stop_when_stable: bool,
-                 base_weights: dict[str, Any] | None = None):
+                 base_weights: dict[str, Any] | None = None, criterion: str = "update", fraction: float = 0.3,
+                 patience: int = 2):
         self.layer_names = layer_names
+        self.criterion = criterion
+        self.fraction = fraction
+        self.patience = patience
+        self.previous_top: set[str] | None = None
+        self.calm_windows = 0
         # Full fine-tuning: Delta_t = W_t - W_0 needs W_0 (LoRA needs nothing: Delta_0 = 0 as B starts at 0).
         self.base_weights = base_weights
         self.window = window
@@ -112,24 +118,42 @@ class StabilityTracker(TrainerCallback):
             current: Any = weight_snapshot(model, self.layer_names)
         else:
             current = LoraFactors.snapshot(model, self.layer_names)
+        top = self._top_by_update_norm(current)
         if self.previous is not None:
             if self.base_weights is not None:
                 r = relative_change_full(self.base_weights, self.previous, current)
             else:
                 r, _ = relative_change(self.previous, current)
-            stable = r <= self.epsilon
+            overlap = len(top & self.previous_top) / len(top | self.previous_top) if self.previous_top else 0.0
+            if self.criterion == "ranking":
+                self.calm_windows = self.calm_windows + 1 if overlap >= 1 - self.epsilon else 0
+                stable = self.calm_windows >= self.patience
+            else:
+                stable = r <= self.epsilon
             record = {"step": state.global_step, "window": self.window, "relative_change": r,
+                      "top_overlap": overlap, "criterion": self.criterion,
                       "epsilon": self.epsilon, "stable": stable, "time": time.time()}
             self.history.append(record)
             if state.is_world_process_zero:
                 append_jsonl(self.path, record)
             if stable and self.stable_at is None:
                 self.stable_at = state.global_step
-                log.info("epsilon-stable at step %d (r=%.4f <= %.4f)", state.global_step, r, self.epsilon)
+                log.info("epsilon-stable at step %d (%s criterion: r=%.4f, top-%.0f%% overlap %.3f)", state.global_step,
+                         self.criterion, r, self.fraction * 100, overlap)
                 # r is computed from replicated weights, so every process takes the same decision.
                 if self.stop_when_stable:
                     control.should_training_stop = True
         self.previous = current
+        self.previous_top = top
+
+    def _top_by_update_norm(self, snapshot: Any) -> set[str]:
+        """The top ``fraction`` of layers by ||Delta_i||_F (ties by name, for a deterministic set)."""
+        if self.base_weights is not None:
+            norms = {n: float((snapshot[n] - self.base_weights[n]).norm()) for n in self.layer_names}
+        else:
+            norms = update_norms(snapshot)
+        k = max(1, round(self.fraction * len(norms)))
+        return set(sorted(norms, key=lambda n: (-norms[n], n))[:k])
 
 
 class ScoreTrajectory(TrainerCallback):

@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-bottom", type=float, metavar="FRACTION", help="freeze the bottom FRACTION, tune the rest")
     g.add_argument("--layers", nargs="+", metavar="NAME", help="tune exactly these layers (full module names)")
 
+    p = sub.add_parser("study", help="the stability study: rankings across datasets, seeds, milestones, models")
+    p.add_argument("--config", "-c", required=True, help="study config (see configs/study.yaml)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every run of the study, e.g. --set stage2.steps=10")
+    p.add_argument("--out", "-o", required=True, help="study folder (runs/, report.md, study.json, plots/)")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
     p = sub.add_parser("config", help="print the resolved config (defaults, file and overrides) and exit")
     _common(p)
 
@@ -149,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("select", "export"):  # work on a ranking file, not on a run config
             return _selection_command(args)
+        if args.command == "study":
+            from .study import load_study, run_study
+
+            report = run_study(load_study(args.config, args.overrides), args.out,
+                               command="ila " + " ".join(argv if argv is not None else sys.argv[1:]))
+            print(report.read_text())
+            print(f"report: {report}")
+            return 0
         if args.command == "compare":  # works on ranking files too
             return _compare_command(args)
         cfg, run_dir = _resolve(args)

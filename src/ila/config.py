@@ -164,6 +164,13 @@ class Stage1Config:
     """[spec] epsilon: training is stable when ||Delta_t - Delta_{t-w}||_F / ||Delta_t||_F <= epsilon."""
     stop_when_stable: bool = False
     """Stop stage 1 at the first stable window instead of running the planned schedule."""
+    stability_criterion: Literal["update", "ranking"] = "update"
+    """[spec] What must settle: ``update`` is r_t <= epsilon above; ``ranking`` compares the top
+    ``stability_fraction`` of layers ranked by update norm ||Delta_i||_F (free to compute) with the same set one
+    window earlier, and is stable when their Jaccard overlap is >= 1 - epsilon for ``stability_patience``
+    windows in a row."""
+    stability_fraction: float = 0.3
+    stability_patience: int = 2
 
     def validate(self, prefix: str) -> None:
         self.train.validate(prefix + "train.")
@@ -174,6 +181,8 @@ class Stage1Config:
                  f"must be increasing without repeats, got {self.milestones}")
         _require(self.stability_window >= 1, prefix, "stability_window", "must be >= 1")
         _require(self.stability_epsilon > 0, prefix, "stability_epsilon", "must be > 0")
+        _require(0 < self.stability_fraction <= 1, prefix, "stability_fraction", "must be in (0, 1]")
+        _require(self.stability_patience >= 1, prefix, "stability_patience", "must be >= 1")
 
 
 @dataclass
@@ -375,6 +384,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _coerce(args[1], v if v is not None else [], f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")

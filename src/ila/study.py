@@ -1,0 +1,275 @@
+"""The stability study: do the important layers agree across datasets, seeds, milestones and models?
+
+    ila study --config configs/study.yaml --out runs/study
+
+Runs stage 1 for every (model, dataset, seed) the study names, stage 2 on each chosen stage-1 milestone,
+then compares the rankings with :mod:`ila.overlap` (Jaccard of the top-k with random baselines and p-values,
+Spearman and Kendall) and writes ``report.md``, ``study.json`` and plots. The paper's findings it checks
+(Shi et al., arXiv 2410.17875): ~90 % overlap across alignment datasets, 86 % across reasoning datasets,
+agreement across seeds and from 25 % of training, weaker transfer across models. Every run directory is
+reused when complete, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .artifacts import read_json, write_json_atomic, write_text_atomic
+from .callbacks import milestone_name
+from .config import from_dict, load_config
+from .errors import ConfigError
+from .ranking import Ranking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyConfig:
+    """What the study runs. Run settings come from ``base`` plus ``overrides`` (and per-model overrides)."""
+
+    base: str = "configs/smollm2.yaml"
+    overrides: list[str] = field(default_factory=list)
+    models: dict[str, list[str]] = field(default_factory=lambda: {"smollm2": []})
+    """Model name -> extra overrides for that model (e.g. a smaller batch)."""
+    alignment: list[str] = field(default_factory=lambda: ["sharegpt", "chitchat", "mtbench"])
+    reasoning: list[str] = field(default_factory=lambda: ["gsm8k"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seed_dataset: str = "sharegpt"
+    """Dataset on which every seed is run (the other datasets use the first seed)."""
+    milestones: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    """Stage-1 milestones that stage 2 ranks (the last one is the reference)."""
+    cross_model_datasets: list[str] = field(default_factory=lambda: ["sharegpt", "gsm8k"])
+    """Datasets run on every model besides the first, for the cross-model comparison."""
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
+
+    def validate(self) -> "StudyConfig":
+        if not self.models:
+            raise ConfigError("models: name at least one model")
+        if not self.seeds:
+            raise ConfigError("seeds: name at least one seed")
+        if not self.milestones or any(not 0 < m <= 1 for m in self.milestones):
+            raise ConfigError("milestones: fractions in (0, 1]")
+        if self.seed_dataset not in self.alignment + self.reasoning:
+            raise ConfigError(f"seed_dataset: {self.seed_dataset} is not among the datasets")
+        return self
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study config {p} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    cfg = from_dict(StudyConfig, data).validate()
+    cfg.overrides = cfg.overrides + list(overrides or [])
+    base = Path(cfg.base)
+    if not base.is_absolute() and not base.is_file():
+        base = p.parent / Path(cfg.base).name
+    cfg.base = str(base)
+    return cfg
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    model: str
+    dataset: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{_slug(self.model)}/{_slug(self.dataset)}/seed{self.seed}"
+
+
+def _slug(name: str) -> str:
+    """A folder-safe label for a model or dataset given by name or by path."""
+    base = Path(name).name if ("/" in name or "." in name) else name
+    base = base.rsplit(".", 1)[0] if base.endswith((".json", ".jsonl")) else base
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in base) or "x"
+
+
+def planned_runs(cfg: StudyConfig) -> list[StudyRun]:
+    models = list(cfg.models)
+    first = models[0]
+    runs = [StudyRun(first, d, cfg.seeds[0]) for d in cfg.alignment + cfg.reasoning]
+    runs += [StudyRun(first, cfg.seed_dataset, s) for s in cfg.seeds[1:]]
+    for m in models[1:]:
+        runs += [StudyRun(m, d, cfg.seeds[0]) for d in cfg.cross_model_datasets]
+    return runs
+
+
+def _run_config(cfg: StudyConfig, run: StudyRun) -> Any:
+    overrides = cfg.overrides + cfg.models[run.model] + [
+        f"model.name={run.model}", f"data.name={run.dataset}", f"seed={run.seed}", f"data.seed={run.seed}",
+        "stage1.milestones=[" + ", ".join(f"{m:g}" for m in sorted(set(cfg.milestones) | {1.0})) + "]",
+    ]
+    return load_config(cfg.base, overrides)
+
+
+def ranking_file(out: Path, run: StudyRun, milestone: float) -> Path:
+    return out / "runs" / run.key / f"rank-{milestone_name(milestone)}" / "stage2" / "ranking.json"
+
+
+def execute(cfg: StudyConfig, out: Path) -> dict[str, dict[str, Path]]:
+    """Stage 1 and the milestone stage-2 runs of every planned run; complete ones are reused."""
+    from .pipeline import prepare_run_dir, stage1, stage2, stage_done
+
+    done: dict[str, dict[str, Path]] = {}
+    for run in planned_runs(cfg):
+        rc = _run_config(cfg, run)
+        run_dir = out / "runs" / run.key
+        if not stage_done(run_dir, "stage1", rc):
+            log.info("study: stage 1 of %s", run.key)
+            prepare_run_dir(rc, run_dir)
+            stage1(rc, run_dir)
+        done[run.key] = {}
+        for m in cfg.milestones:
+            target = ranking_file(out, run, m)
+            if not target.is_file():
+                log.info("study: stage 2 of %s at %s%%", run.key, milestone_name(m))
+                sub = target.parent.parent
+                prepare_run_dir(rc, sub)
+                stage2(rc, sub, adapter=run_dir / "stage1" / "milestones" / milestone_name(m))
+            done[run.key][milestone_name(m)] = target
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------------
+# analysis
+
+
+def _summarise(result: dict[str, Any], fraction: float) -> dict[str, Any]:
+    """Mean Jaccard, mean random expectation and the largest p-value over the pairs, at one fraction."""
+    js, es, ps = [], [], []
+    for pair in result["pairs"]:
+        o = next(x for x in pair["fractions"] if abs(x["fraction"] - fraction) < 1e-9)
+        js.append(o["jaccard"])
+        es.append(o["expected_random"])
+        ps.append(o["p_value"])
+    rho = [p["spearman"] for p in result["pairs"] if p["spearman"] is not None]
+    return {"pairs": len(js), "mean_jaccard": sum(js) / len(js), "mean_random": sum(es) / len(es),
+            "max_p_value": max(ps), "mean_spearman": sum(rho) / len(rho) if rho else None}
+
+
+def analyse(cfg: StudyConfig, files: dict[str, dict[str, Path]], out: Path) -> dict[str, Any]:
+    from .overlap import compare_rankings
+
+    last = milestone_name(max(cfg.milestones))
+    first_model = list(cfg.models)[0]
+    seed0 = cfg.seeds[0]
+
+    def load(model: str, dataset: str, seed: int, milestone: str = last) -> Ranking:
+        return Ranking.load(files[StudyRun(model, dataset, seed).key][milestone])
+
+    groups: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, rankings: list[Ranking], labels: list[str], **kw: Any) -> None:
+        if len(rankings) >= 2:
+            groups[name] = compare_rankings(rankings, labels, cfg.fractions, **kw)
+
+    add("alignment datasets", [load(first_model, d, seed0) for d in cfg.alignment], [_slug(d) for d in cfg.alignment])
+    if len(cfg.reasoning) >= 2:
+        add("reasoning datasets", [load(first_model, d, seed0) for d in cfg.reasoning], [_slug(d) for d in cfg.reasoning])
+    if cfg.reasoning:
+        add("alignment vs reasoning", [load(first_model, cfg.seed_dataset, seed0), load(first_model, cfg.reasoning[0], seed0)],
+            [_slug(cfg.seed_dataset), _slug(cfg.reasoning[0])])
+    add("seeds", [load(first_model, cfg.seed_dataset, s) for s in cfg.seeds], [f"seed{s}" for s in cfg.seeds])
+    for m in cfg.milestones:
+        if milestone_name(m) != last:
+            add(f"milestone {milestone_name(m)}% vs {last}%",
+                [load(first_model, cfg.seed_dataset, seed0, milestone_name(m)), load(first_model, cfg.seed_dataset, seed0)],
+                [f"{milestone_name(m)}%", f"{last}%"])
+    for other in list(cfg.models)[1:]:
+        for d in cfg.cross_model_datasets:
+            add(f"{_slug(first_model)} vs {_slug(other)} on {_slug(d)}", [load(first_model, d, seed0), load(other, d, seed0)],
+                [_slug(first_model), _slug(other)], mapping="depth")
+        if len(cfg.cross_model_datasets) >= 2:
+            a, b = cfg.cross_model_datasets[:2]
+            add(f"{_slug(other)}: {_slug(a)} vs {_slug(b)}", [load(other, a, seed0), load(other, b, seed0)],
+                [_slug(a), _slug(b)])
+    block_level = {}
+    if "alignment datasets" in groups:
+        block_level["alignment datasets"] = compare_rankings(
+            [load(first_model, d, seed0) for d in cfg.alignment], [_slug(d) for d in cfg.alignment], cfg.fractions,
+            level="block")
+    return {"groups": groups, "block_level": block_level}
+
+
+PAPER = {
+    "alignment datasets": "~0.90 (Alpaca-GPT4, LIMA, No Robots; LLaMA-2-7B)",
+    "reasoning datasets": "0.86 (LIMO, s1.1)",
+    "seeds": "stable across seeds",
+    "milestone": "25 % of training already agrees",
+    "vs": "weaker across models (~0.7 in one summary)",
+}
+
+
+def _paper_figure(group: str) -> str:
+    for key, text in PAPER.items():
+        if key in group:
+            return text
+    return ""
+
+
+def render_report(cfg: StudyConfig, analysis: dict[str, Any], seconds: float, command: str) -> str:
+    lines = ["# Stability of the important layers", "",
+             f"Command: `{command}`", "",
+             f"Models: {', '.join(cfg.models)}. Alignment data: {', '.join(cfg.alignment)}. Reasoning data: "
+             f"{', '.join(cfg.reasoning)}. Seeds: {', '.join(map(str, cfg.seeds))} (on {cfg.seed_dataset}). "
+             f"Milestones ranked: {', '.join(f'{m:.0%}' for m in cfg.milestones)}. Run settings: `{cfg.base}` with "
+             f"`{' '.join(cfg.overrides) or 'no overrides'}`. Wall time {seconds / 60:.0f} min.", "",
+             "Jaccard of the top-k layer sets (mean over the pairs of each group), beside the Jaccard expected of random "
+             "sets of the same sizes and the largest one-sided p-value of the pairs (hypergeometric, exact).", ""]
+    for f in cfg.fractions:
+        lines += [f"### top {f:.0%}", "", "| comparison | pairs | Jaccard | random | max p | Spearman | paper |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, result in analysis["groups"].items():
+            s = _summarise(result, f)
+            rho = f"{s['mean_spearman']:.2f}" if s["mean_spearman"] is not None else "-"
+            lines.append(f"| {name} | {s['pairs']} | {s['mean_jaccard']:.2f} | {s['mean_random']:.2f} | "
+                         f"{s['max_p_value']:.1e} | {rho} | {_paper_figure(name) if f == 0.3 else ''} |")
+        lines.append("")
+    for name, result in analysis["block_level"].items():
+        lines += [f"Block level ({name}): " + ", ".join(
+            f"top {f:.0%} Jaccard {_summarise(result, f)['mean_jaccard']:.2f} (random {_summarise(result, f)['mean_random']:.2f})"
+            for f in cfg.fractions), ""]
+    return "\n".join(lines) + "\n"
+
+
+def run_study(cfg: StudyConfig, out: str | Path, command: str = "ila study") -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    files = execute(cfg, out)
+    analysis = analyse(cfg, files, out)
+    seconds = time.time() - start
+    write_json_atomic(out / "study.json", {"schema_version": 1, "kind": "ila.study", "seconds": seconds,
+                                           "runs": {k: {m: str(p) for m, p in v.items()} for k, v in files.items()},
+                                           **analysis})
+    _plots(cfg, files, analysis, out)
+    report = render_report(cfg, analysis, seconds, command)
+    write_text_atomic(out / "report.md", report)
+    return out / "report.md"
+
+
+def _plots(cfg: StudyConfig, files: dict[str, dict[str, Path]], analysis: dict[str, Any], out: Path) -> None:
+    try:
+        from .plots import plot_jaccard_matrix, plot_overlap_curve, plot_ranking_heatmap
+    except ImportError:
+        return
+    plots = out / "plots"
+    last = milestone_name(max(cfg.milestones))
+    for key, by_m in files.items():
+        plot_ranking_heatmap(Ranking.load(by_m[last]), plots / f"heatmap-{key.replace('/', '-')}.png", label=key)
+    for name, result in analysis["groups"].items():
+        slug = "".join(c if c.isalnum() else "-" for c in name)
+        plot_overlap_curve(result, plots / f"overlap-{slug}.png")
+        if len(result["rankings"]) > 2:
+            plot_jaccard_matrix(result, 0.3, plots / f"jaccard-{slug}.png")
+
+
+__all__ = ["StudyConfig", "load_study", "planned_runs", "run_study", "execute", "analyse"]
