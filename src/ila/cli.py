@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import RunConfig, load_config
@@ -77,6 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override applied to every run of the study, e.g. --set stage2.steps=10")
     p.add_argument("--out", "-o", required=True, help="study folder (runs/, report.md, study.json, plots/)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+    p = sub.add_parser("evaluate", help="held-out loss and lm-eval benchmarks of the base model and adapters")
+    _common(p, needs_run_dir=True)
+    p.add_argument("--adapter", action="append", default=[], metavar="LABEL=PATH",
+                   help="an adapter to evaluate (repeatable); default: the run's stage-3 adapter")
+    p.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks: ila_mmlu_dev ila_gsm8k_heldout ila_hhh, or "
+                                                          "any lm-eval task name with Hub access")
+    p.add_argument("--limit", type=int, help="examples per lm-eval task")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also answer the first N MT-Bench questions with every model, side by side")
+
+    p = sub.add_parser("compare-strategies", help="fine-tune with ILA, random, first/last and all layers on the same "
+                                                  "budget and compare quality and cost")
+    _common(p, needs_run_dir=True)
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per strategy; reused when rerun)")
+    p.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks to score every strategy on")
+    p.add_argument("--limit", type=int, help="examples per lm-eval task")
 
     p = sub.add_parser("config", help="print the resolved config (defaults, file and overrides) and exit")
     _common(p)
@@ -185,6 +203,15 @@ def main(argv: list[str] | None = None) -> int:
             ranking = pipeline.stage2(cfg, run_dir, adapter=args.adapter, scorer=args.scorer)
             print("top layers: " + ", ".join(ranking.order[:5]))
             print(f"ranking: {pipeline.ranking_path(run_dir, ranking.scorer)}")
+        elif args.command == "evaluate":
+            _evaluate(cfg, run_dir, args)
+        elif args.command == "compare-strategies":
+            from .strategies import compare_strategies
+
+            report = compare_strategies(cfg, run_dir, Path(args.out), tasks=tuple(args.tasks), limit=args.limit,
+                                        command="ila " + " ".join(argv if argv is not None else sys.argv[1:]))
+            print(report.read_text())
+            print(f"results: {report.parent}")
         elif args.command == "finetune":
             pipeline.prepare_run_dir(cfg, run_dir)
             s = pipeline.stage3(cfg, run_dir)
@@ -204,6 +231,49 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ila: error: could not read or write a file{where}: {e.strerror or e}. Nothing incomplete was "
               "kept; free space or fix the path and run the same command again to resume", file=sys.stderr)
         return 1
+
+
+def _evaluate(cfg: RunConfig, run_dir: Path, args: argparse.Namespace) -> None:
+    """Held-out loss (and lm-eval scores, generations) of the base model and each adapter."""
+    from .artifacts import write_json_atomic, write_text_atomic
+    from .data import mtbench_questions
+    from .evaluation import generate, heldout_loss, lm_eval_scores
+    from .models import load_base_model, load_lora, load_tokenizer, resolve_model_source
+    from .pipeline import _datasets
+
+    adapters = dict(a.split("=", 1) if "=" in a else (Path(a).name, a) for a in args.adapter)
+    if not adapters and (run_dir / "stage3" / "adapter").is_dir():
+        adapters = {"stage3": str(run_dir / "stage3" / "adapter")}
+    if not adapters and (run_dir / "stage1" / "final").is_dir():
+        adapters["stage1-all-layers"] = str(run_dir / "stage1" / "final")
+    tokenizer = load_tokenizer(cfg.model)
+    out = run_dir / "eval"
+    heldout = _datasets(cfg, tokenizer, out)[1]
+    results: dict[str, Any] = {}
+    questions = [[{"role": "user", "content": q["turns"][0]}] for q in mtbench_questions()[: args.generate]]
+    answers: dict[str, list[str]] = {}
+    for label, path in [("base", None), *adapters.items()]:
+        model = load_base_model(cfg.model)
+        if path is not None:
+            model = load_lora(model, path)
+        entry: dict[str, Any] = {"adapter": path}
+        if heldout is not None:
+            entry["heldout"] = heldout_loss(model, tokenizer, heldout)
+        if args.tasks:
+            entry["benchmarks"] = lm_eval_scores(resolve_model_source(cfg.model), args.tasks, adapter=path,
+                                                 limit=args.limit, device="cpu")
+        if questions:
+            answers[label] = generate(model, tokenizer, questions)
+        results[label] = entry
+        print(f"{label:>20}: " + ", ".join(f"{k} {v}" for k, v in entry.items() if k != "adapter"))
+    write_json_atomic(out / "evaluation.json", {"schema_version": 1, "kind": "ila.evaluation", "results": results})
+    if questions:
+        md = ["# Generations (MT-Bench, first turns)", ""]
+        for i, q in enumerate(questions):
+            md += [f"## {i + 1}. {q[0]['content']}", ""]
+            md += [f"**{label}**: {ans[i]}\n" for label, ans in answers.items()]
+        write_text_atomic(out / "generations.md", "\n".join(md) + "\n")
+    print(f"results: {out / 'evaluation.json'}")
 
 
 def _terminate_like_ctrl_c() -> None:

@@ -1,0 +1,266 @@
+"""Evaluation: held-out loss, benchmark accuracy through lm-evaluation-harness, and generations to read.
+
+Held-out loss is the response-token loss on the held-out split, weighted by tokens (the mean over all
+response tokens, not over batches), with its perplexity ``exp(loss)``.
+
+Benchmarks run through lm-evaluation-harness itself (``lm_eval.simple_evaluate`` with its ``HFLM`` model,
+which loads the base model and a PEFT adapter). These machines cannot reach the Hub, so ila writes task
+definitions that point lm-eval at local data (:func:`write_offline_tasks`):
+
+- ``ila_mmlu_dev``: the MMLU dev questions of 57 subjects shipped inside the ``lm-eval`` package (281 of 282 parse)
+  (``tasks/mmlu/flan_cot_fewshot/_cot_prompts.json``), as four-way multiple choice scored by log-likelihood.
+- ``ila_gsm8k_heldout``: the GSM8K problems of ila's held-out split (``data.split: test`` of the builtin,
+  never trained on), generated greedily and scored by exact match of the final number.
+- ``ila_hhh``: BIG-bench ``hhh_alignment`` (helpful / honest / harmless / other choices). The ``bigbench``
+  source archive is 358 MB, so it is fetched on demand with ``pip download`` into the cache, once.
+
+With Hub access any lm-eval task name works as well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import subprocess
+import sys
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifacts import write_text_atomic
+from .errors import DataError, IlaError
+
+log = logging.getLogger(__name__)
+
+OFFLINE_TASKS = ("ila_mmlu_dev", "ila_gsm8k_heldout", "ila_hhh")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# held-out loss
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, tokenizer: Any, dataset: Any, *, batch_size: int = 4) -> dict[str, float]:
+    """Token-weighted response-token loss and perplexity of ``model`` on ``dataset`` (rows with input_ids,
+    attention_mask and labels, -100 on prompt tokens)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    if dataset is None or len(dataset) == 0:
+        raise DataError("no held-out examples: set data.heldout_fraction > 0")
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
+        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]  # position t predicts token t+1
+        logits = logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total += float(loss)
+        tokens += int((labels != -100).sum())
+    model.train(was_training)
+    if tokens == 0:
+        raise DataError("the held-out examples have no response token")
+    mean = total / tokens
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens, "examples": len(dataset)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# offline lm-eval tasks
+
+
+def _mmlu_dev_rows() -> list[dict[str, Any]]:
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("lm-eval")
+    except importlib.metadata.PackageNotFoundError:
+        raise IlaError("benchmarks need lm-evaluation-harness: pip install 'lm-eval==0.4.13'") from None
+    path = Path(str(dist.locate_file("lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json")))
+    prompts = json.loads(path.read_text())
+    rows = []
+    option = re.compile(r"\(([A-D])\)\s*")
+    for subject, text in prompts.items():
+        for block in text.split("\n\nQ: ")[1:] if "\n\nQ: " in text else []:
+            match = re.search(r"\nA: .*?The answer is \(([A-D])\)", block, re.S)
+            lines = block.split("\nA: ")[0]
+            opts_at = lines.rfind("\n(A)")
+            if match is None or opts_at < 0:
+                continue
+            question, options_line = lines[:opts_at].strip(), lines[opts_at + 1:]
+            parts = option.split(options_line)[1:]  # [A, text, B, text, ...]
+            choices = {parts[i]: parts[i + 1].strip() for i in range(0, len(parts) - 1, 2)}
+            if sorted(choices) != ["A", "B", "C", "D"]:
+                continue
+            rows.append({"subject": subject, "question": question, "choices": [choices[c] for c in "ABCD"],
+                         "answer": "ABCD".index(match.group(1))})
+    return rows
+
+
+def _gsm8k_rows() -> list[dict[str, Any]]:
+    from .data import gsm8k_final_answer, read_records
+
+    convs, _, _ = read_records("gsm8k", split="test")
+    rows = []
+    for conv in convs:
+        user = next(m["content"] for m in conv if m["role"] == "user")
+        answer = next(m["content"] for m in conv if m["role"] == "assistant")
+        rows.append({"question": user, "answer": answer, "target": gsm8k_final_answer(answer)})
+    return rows
+
+
+def fetch_bigbench(cache: Path) -> Path:
+    """The ``hhh_alignment`` task folder from the bigbench source archive, downloaded once into ``cache``."""
+    target = cache / "bigbench" / "hhh_alignment"
+    if (target / "done").is_file():
+        return target
+    archive_dir = cache / "bigbench" / "archive"
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    archives = list(archive_dir.glob("bigbench-*.tar.gz"))
+    if not archives:
+        log.info("downloading the bigbench source archive (358 MB, once) into %s", archive_dir)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                               "bigbench==1.0.0", "-d", str(archive_dir)], capture_output=True, text=True)
+        archives = list(archive_dir.glob("bigbench-*.tar.gz"))
+        if done.returncode != 0 or not archives:
+            raise IlaError(f"could not download bigbench==1.0.0 for hhh_alignment: {done.stderr[-500:]}")
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archives[0]) as tar:
+        for member in tar.getmembers():
+            if "/benchmark_tasks/hhh_alignment/" in member.name and member.name.endswith("task.json"):
+                sub = member.name.split("/hhh_alignment/")[1].split("/")[0]
+                data = tar.extractfile(member)
+                if data is not None:
+                    (target / f"{sub}.json").write_bytes(data.read())
+    (target / "done").write_text("ok\n")
+    return target
+
+
+def _hhh_rows(cache: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(fetch_bigbench(cache).glob("*.json")):
+        for ex in json.loads(path.read_text()).get("examples", []):
+            choices = list(ex["target_scores"])
+            best = max(range(len(choices)), key=lambda i: ex["target_scores"][choices[i]])
+            rows.append({"subset": path.stem, "input": ex["input"], "choices": choices, "answer": best})
+    return rows
+
+
+_ACCURACY = """metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_offline_tasks(folder: Path, tasks: Sequence[str], cache: Path) -> Path:
+    """Task YAMLs and JSONL data for the offline tasks in ``tasks``, under ``folder`` (lm-eval include path)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(name: str, rows: list[dict[str, Any]], body: str) -> None:
+        # Every offline task reads a local JSON-lines file; only the prompt, the answer and the metric differ.
+        data = folder / f"{name}.jsonl"
+        write_text_atomic(data, "".join(json.dumps(r) + "\n" for r in rows))
+        header = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {data}}}\n"
+                  "test_split: test\n")
+        write_text_atomic(folder / f"{name}.yaml", header + body)
+
+    if "ila_mmlu_dev" in tasks:
+        dump("ila_mmlu_dev", _mmlu_dev_rows(), """output_type: multiple_choice
+doc_to_text: "{{question}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\nD. {{choices[3]}}\\nAnswer:"
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: answer
+""" + _ACCURACY)
+    if "ila_gsm8k_heldout" in tasks:
+        dump("ila_gsm8k_heldout", _gsm8k_rows(), """output_type: generate_until
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{target}}"
+generation_kwargs:
+  until: ["Question:", "</s>", "<|im_end|>", "<|endoftext|>"]
+  do_sample: false
+  max_gen_toks: 256
+filter_list:
+  - name: final-number
+    filter:
+      - function: regex
+        group_select: -1
+        regex_pattern: "(-?[0-9][0-9,]*\\\\.?[0-9]*)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    regexes_to_ignore: [",", "\\\\.$", "\\\\.0+$"]
+metadata:
+  version: 1.0
+""")
+    if "ila_hhh" in tasks:
+        dump("ila_hhh", _hhh_rows(cache), """output_type: multiple_choice
+doc_to_text: "{{input}}\\nAnswer:"
+doc_to_choice: "{{choices}}"
+doc_to_target: answer
+""" + _ACCURACY)
+    return folder
+
+
+def lm_eval_scores(model_path: str, tasks: Sequence[str], *, adapter: str | Path | None = None, limit: int | None = None,
+                   batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
+                   cache: Path | None = None) -> dict[str, dict[str, float]]:
+    """Accuracy of the base model (plus a PEFT adapter) on lm-eval tasks; offline ``ila_*`` tasks are written
+    first. Returns ``{task: {metric: value}}`` (stderr entries dropped)."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise IlaError("benchmarks need lm-evaluation-harness: pip install 'lm-eval==0.4.13'") from None
+    from .models import cache_root
+
+    cache = cache or cache_root()
+    offline = [t for t in tasks if t in OFFLINE_TASKS]
+    folder = write_offline_tasks(cache / "lm_eval_tasks", offline, cache) if offline else None
+    lm = HFLM(pretrained=model_path, peft=str(adapter) if adapter else None, batch_size=batch_size, device=device,
+              dtype=dtype, trust_remote_code=False)
+    manager = TaskManager(include_path=str(folder)) if folder else TaskManager()
+    out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
+    scores: dict[str, dict[str, float]] = {}
+    for task, metrics in out["results"].items():
+        scores[task] = {k.split(",")[0] + ("" if "," not in k else "/" + k.split(",")[1]): float(v)
+                        for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and "stderr" not in k and math.isfinite(float(v))}
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generations
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer: Any, conversations: Sequence[list[dict[str, str]]], *,
+             max_new_tokens: int = 128, template: str = "auto") -> list[str]:
+    """Greedy answers to the last user turn of each conversation, formatted as in training."""
+    from .data import render_prompt
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    answers = []
+    for conv in conversations:
+        prompt = render_prompt(conv, tokenizer, template)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers

@@ -1,0 +1,203 @@
+"""Does tuning only the important layers hold up? Fine-tune with several layer selections on the same budget
+and compare quality and cost.
+
+    ila compare-strategies --run-dir runs/demo --out runs/strategies
+
+For one base model, dataset and training budget (the run's ``stage3`` settings: same steps, data, seed and
+LoRA rank), each strategy is a stage-3 run from theta_0 on a different selection:
+
+- ``all``: every layer (plain LoRA), the reference;
+- ``ila-drop-bottom-25``: ILA, the 25 % least important layers frozen (the paper: better than ``all``);
+- ``ila-top-10/20/30``: ILA, only the top 10 / 20 / 30 % tuned (the paper: close to ``all`` at a fraction
+  of the cost);
+- ``random-top-F-seedS``: random selections of the same sizes, several seeds (reported as mean and spread);
+- ``first-F`` / ``last-F``: the first or last blocks, the same number of layers;
+- ``ila-top-F`` for the sweep fractions (e.g. 50 %, 75 %), for the quality-vs-fraction curve.
+
+Each is evaluated on the held-out split (token-weighted response loss) and, optionally, lm-eval tasks.
+Results: ``strategies.json``, ``strategies.md`` and plots (quality vs fraction, quality vs cost).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random as _random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .artifacts import read_json, write_json_atomic, write_text_atomic
+from .config import RunConfig
+from .errors import IlaError
+from .ranking import Ranking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    family: str
+    """all | ila-drop-bottom | ila-top | random | first | last"""
+    fraction: float
+    """Fraction of the layers tuned."""
+    layers: tuple[str, ...]
+    seed: int | None = None
+
+
+def plan_strategies(ranking: Ranking, *, fractions: tuple[float, ...] = (0.1, 0.2, 0.3), drop_bottom: float = 0.25,
+                    random_seeds: tuple[int, ...] = (0, 1, 2), sweep: tuple[float, ...] = (0.5, 0.75)) -> list[Strategy]:
+    order = ranking.order
+    n = ranking.num_layers
+    model_order = [layer.name for layer in ranking.layers if layer.block is not None]
+    out = [Strategy("all", "all", 1.0, tuple(order))]
+    kept = ranking.drop_bottom(drop_bottom)
+    out.append(Strategy(f"ila-drop-bottom-{round(drop_bottom * 100)}", "ila-drop-bottom", len(kept) / n, tuple(kept)))
+    for f in fractions:
+        k = ranking.count(f)
+        pct = round(f * 100)
+        out.append(Strategy(f"ila-top-{pct}", "ila-top", k / n, tuple(order[:k])))
+        for s in random_seeds:
+            chosen = _random.Random(s).sample(order, k)
+            out.append(Strategy(f"random-{pct}-seed{s}", "random", k / n, tuple(chosen), seed=s))
+        out.append(Strategy(f"first-{pct}", "first", k / n, tuple(model_order[:k])))
+        out.append(Strategy(f"last-{pct}", "last", k / n, tuple(model_order[-k:])))
+    for f in sweep:
+        k = ranking.count(f)
+        out.append(Strategy(f"ila-top-{round(f * 100)}", "ila-top", k / n, tuple(order[:k])))
+    return out
+
+
+def run_strategies(cfg: RunConfig, ranking_path: Path, out: Path, *, tasks: tuple[str, ...] = (),
+                   limit: int | None = None, strategies: list[Strategy] | None = None) -> dict[str, Any]:
+    """Fine-tune and evaluate every strategy; completed ones (their ``result.json``) are reused."""
+    from .evaluation import heldout_loss, lm_eval_scores
+    from .models import load_base_model, load_lora, load_tokenizer, resolve_model_source
+    from .pipeline import _datasets, prepare_run_dir, stage3
+
+    ranking = Ranking.load(ranking_path)
+    strategies = strategies or plan_strategies(ranking)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    heldout = None
+    tokenizer = load_tokenizer(cfg.model)
+    for strat in strategies:
+        folder = out / strat.name
+        done = folder / "result.json"
+        if done.is_file():
+            results.append(read_json(done))
+            continue
+        log.info("strategy %s: %d layers", strat.name, len(strat.layers))
+        rc = copy.deepcopy(cfg)  # the run's settings, with this strategy's selection
+        rc.stage3.ranking = str(ranking_path)
+        rc.stage3.selection.mode = "list"
+        rc.stage3.selection.layers = list(strat.layers)
+        rc.stage3.train.eval_heldout = False
+        prepare_run_dir(rc, folder)
+        start = time.perf_counter()
+        summary = stage3(rc, folder)
+        seconds = time.perf_counter() - start
+        model = load_lora(load_base_model(rc.model), folder / "stage3" / "adapter")
+        if heldout is None:
+            heldout = _datasets(rc, tokenizer, out / ".data")[1]
+        quality = heldout_loss(model, tokenizer, heldout, batch_size=rc.stage3.train.batch_size)
+        bench = {}
+        if tasks:
+            bench = lm_eval_scores(resolve_model_source(rc.model), tasks, adapter=folder / "stage3" / "adapter",
+                                   limit=limit, batch_size=8, device="cpu" if rc.model.device in ("cpu", "auto") else rc.model.device)
+        result = {"name": strat.name, "family": strat.family, "fraction": strat.fraction, "seed": strat.seed,
+                  "num_layers": len(strat.layers), "heldout_loss": quality["loss"],
+                  "heldout_perplexity": quality["perplexity"], "benchmarks": bench,
+                  "trainable_parameters": summary["trainable_parameters"], "steps": summary["steps"],
+                  "seconds_per_step": summary["seconds_per_step"], "peak_memory_mb": summary["peak_memory_mb"],
+                  "train_seconds": seconds}
+        write_json_atomic(done, result)
+        results.append(result)
+    return {"schema_version": 1, "kind": "ila.strategies", "ranking": str(ranking_path), "results": results}
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def render_markdown(report: dict[str, Any], command: str) -> str:
+    rows = report["results"]
+    ref = next(r for r in rows if r["name"] == "all")
+    bench_names = sorted({k for r in rows for t, m in r["benchmarks"].items() for k in [f"{t}:{next(iter(m), '')}"]})
+    lines = [f"Command: `{command}`", "",
+             "| strategy | layers | trainable params | held-out loss | vs all | step (s) | " + " | ".join(bench_names)
+             + (" |" if bench_names else "|"),
+             "| --- | --- | --- | --- | --- | --- |" + " --- |" * len(bench_names)]
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        key = r["name"].rsplit("-seed", 1)[0] if r["family"] == "random" else r["name"]
+        grouped.setdefault(key, []).append(r)
+    for key, rs in grouped.items():
+        loss_m, loss_s = _spread([r["heldout_loss"] for r in rs])
+        step_m, _ = _spread([r["seconds_per_step"] for r in rs])
+        loss = f"{loss_m:.4f}" + (f" ± {loss_s:.4f} (n={len(rs)})" if len(rs) > 1 else "")
+        cells = []
+        for b in bench_names:
+            task, metric = b.split(":", 1)
+            vals = [r["benchmarks"].get(task, {}).get(metric) for r in rs]
+            vals = [v for v in vals if v is not None]
+            cells.append(f"{statistics.mean(vals):.3f}" if vals else "-")
+        lines.append(f"| {key} | {rs[0]['num_layers']} | {rs[0]['trainable_parameters']:,} | {loss} | "
+                     f"{loss_m - ref['heldout_loss']:+.4f} | {step_m:.2f} | " + " | ".join(cells) + (" |" if cells else "|"))
+    return "\n".join(lines) + "\n"
+
+
+def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
+    """Held-out loss vs fraction tuned (ILA top-k curve, random mean, first/last), and vs trainable params."""
+    from .plots import _figure, _save
+
+    rows = report["results"]
+    paths = []
+    for xkey, name, xlabel in (("fraction", "quality-vs-fraction.png", "fraction of layers tuned"),
+                               ("trainable_parameters", "quality-vs-cost.png", "trainable parameters")):
+        fig = _figure(6.4, 4.2)
+        ax = fig.add_subplot(1, 1, 1)
+        for family, style in (("ila-top", "o-"), ("first", "s--"), ("last", "^--")):
+            pts = sorted((r[xkey], r["heldout_loss"]) for r in rows if r["family"] == family)
+            pts += [(r[xkey], r["heldout_loss"]) for r in rows if r["family"] == "all" and family == "ila-top"]
+            if pts:
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=family)
+        by_size: dict[float, list[dict[str, Any]]] = {}
+        for r in rows:
+            if r["family"] == "random":
+                by_size.setdefault(r[xkey], []).append(r)
+        if by_size:
+            xs = sorted(by_size)
+            means = [statistics.mean(r["heldout_loss"] for r in by_size[x]) for x in xs]
+            errs = [statistics.stdev([r["heldout_loss"] for r in by_size[x]]) if len(by_size[x]) > 1 else 0 for x in xs]
+            ax.errorbar(xs, means, yerr=errs, fmt="x:", capsize=3, label="random (mean ± sd)")
+        for r in rows:
+            if r["family"] == "ila-drop-bottom":
+                ax.plot([r[xkey]], [r["heldout_loss"]], "D", label=r["name"])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out loss (response tokens)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        paths.append(_save(fig, out / name))
+    return paths
+
+
+def compare_strategies(cfg: RunConfig, run_dir: Path, out: Path, *, tasks: tuple[str, ...] = (),
+                       limit: int | None = None, command: str = "ila compare-strategies") -> Path:
+    ranking_path = Path(cfg.stage3.ranking) if cfg.stage3.ranking else run_dir / "stage2" / "ranking.json"
+    if not ranking_path.is_file():
+        raise IlaError(f"no ranking at {ranking_path}; run stages 1 and 2 first (ila train; ila score)")
+    report = run_strategies(cfg, ranking_path, out, tasks=tasks, limit=limit)
+    report["command"] = command
+    write_json_atomic(out / "strategies.json", report)
+    md = render_markdown(report, command)
+    write_text_atomic(out / "strategies.md", md)
+    try:
+        plot_strategies(report, out)
+    except IlaError as e:
+        log.warning("no plots: %s", e)
+    return out / "strategies.md"

@@ -1,0 +1,94 @@
+"""Evaluation: finite numbers in range, a memorised set scores better, the lm-eval bridge loads ila's
+adapters, and the strategy comparison runs end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY_OVERRIDES, make_model
+from tiny import make_tokenizer
+
+from ila.config import LoraConfig, load_config
+from ila.evaluation import generate, heldout_loss
+from ila.layers import adaptable_layers
+from ila.models import attach_lora
+
+
+def _rows(tok, n=8):
+    from ila.data import tokenize_conversation
+
+    convs = [[{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w} {w}"}]
+             for w in ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"][:n]]
+    from datasets import Dataset
+
+    return Dataset.from_list([tokenize_conversation(c, tok, max_length=64) for c in convs])
+
+
+def test_heldout_loss_is_finite_and_in_range():
+    tok = make_tokenizer()
+    model = make_model()
+    out = heldout_loss(model, tok, _rows(tok))
+    assert math.isfinite(out["loss"]) and out["loss"] > 0 and out["tokens"] > 0
+    # An untrained model over ~320 tokens is near chance: log(320) ~ 5.8.
+    assert 3.0 < out["loss"] < 8.0 and out["perplexity"] == pytest.approx(math.exp(out["loss"]))
+
+
+def test_a_memorised_set_scores_better_than_the_untrained_model():
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = make_model()
+    data = _rows(tok)
+    before = heldout_loss(model, tok, data)["loss"]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    from transformers import DataCollatorForSeq2Seq
+
+    batch = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)([data[i] for i in range(len(data))])
+    model.train()
+    for _ in range(60):
+        loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = heldout_loss(model, tok, data)["loss"]
+    assert after < before / 2
+    answer = generate(model, tok, [[{"role": "user", "content": "Say red."}]], max_new_tokens=8)[0]
+    assert answer.startswith("red")
+
+
+def test_lm_eval_bridge_loads_an_adapter_ila_wrote(tmp_path, tiny_model_dir):
+    pytest.importorskip("lm_eval")
+    from ila.evaluation import lm_eval_scores
+
+    base = make_model()
+    model = attach_lora(base, [x.name for x in adaptable_layers(base)][:4], LoraConfig(r=2))
+    model.save_pretrained(tmp_path / "adapter")
+    scores = lm_eval_scores(str(tiny_model_dir), ["ila_mmlu_dev"], adapter=tmp_path / "adapter", limit=4,
+                            batch_size=4, cache=tmp_path / "cache")
+    acc = scores["ila_mmlu_dev"]["acc/none"]
+    assert 0.0 <= acc <= 1.0
+    rows = [json.loads(x) for x in (tmp_path / "cache" / "lm_eval_tasks" / "ila_mmlu_dev.jsonl").read_text().splitlines()]
+    assert len(rows) > 250 and len({r["subject"] for r in rows}) == 57
+
+
+def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file, capsys):
+    from ila.cli import main
+
+    overrides = TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + ["stage3.train.max_steps=2"]
+    sets = [x for o in overrides for x in ("--set", o)]
+    assert main(["run", "--run-dir", str(tmp_path / "run"), *sets]) == 0
+    assert main(["compare-strategies", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "s")]) == 0
+    report = json.loads((tmp_path / "s" / "strategies.json").read_text())
+    names = {r["name"] for r in report["results"]}
+    assert {"all", "ila-drop-bottom-25", "ila-top-10", "ila-top-30", "first-20", "last-20", "random-20-seed2",
+            "ila-top-75"} <= names
+    assert all(math.isfinite(r["heldout_loss"]) for r in report["results"])
+    md = (tmp_path / "s" / "strategies.md").read_text()
+    assert "random-20" in md and "±" in md
+    assert (tmp_path / "s" / "quality-vs-fraction.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["evaluate", "--run-dir", str(tmp_path / "run"), "--generate", "2"]) == 0
+    ev = json.loads((tmp_path / "run" / "eval" / "evaluation.json").read_text())
+    assert {"base", "stage3"} <= set(ev["results"])
+    assert (tmp_path / "run" / "eval" / "generations.md").is_file()
