@@ -79,8 +79,10 @@ def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file,
     overrides = TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + ["stage3.train.max_steps=2"]
     sets = [x for o in overrides for x in ("--set", o)]
     assert main(["run", "--run-dir", str(tmp_path / "run"), *sets]) == 0
-    assert main(["compare-strategies", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "s")]) == 0
+    assert main(["compare-strategies", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "s"),
+                 "--no-isolate"]) == 0
     report = json.loads((tmp_path / "s" / "strategies.json").read_text())
+    assert all(r["peak_memory_mb"] > 0 for r in report["results"])
     names = {r["name"] for r in report["results"]}
     assert {"all", "ila-drop-bottom-25", "ila-top-10", "ila-top-30", "first-20", "last-20", "random-20-seed2",
             "ila-top-75"} <= names
@@ -92,3 +94,19 @@ def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file,
     ev = json.loads((tmp_path / "run" / "eval" / "evaluation.json").read_text())
     assert {"base", "stage3"} <= set(ev["results"])
     assert (tmp_path / "run" / "eval" / "generations.md").is_file()
+
+
+def test_an_isolated_strategy_reports_its_own_peak_memory(tmp_path, tiny_model_dir, tiny_data_file):
+    from ila.config import load_config
+    from ila.pipeline import run_all
+    from ila.ranking import Ranking
+    from ila.strategies import plan_strategies, run_strategies
+
+    cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + ["stage3.train.max_steps=1"])
+    run_all(cfg, tmp_path / "run")
+    ranking_path = tmp_path / "run" / "stage2" / "ranking.json"
+    top = [s for s in plan_strategies(Ranking.load(ranking_path)) if s.name == "ila-top-10"]
+    report = run_strategies(cfg, ranking_path, tmp_path / "s", strategies=top, isolate=True)
+    (row,) = report["results"]
+    assert row["peak_memory_kind"] == "process resident set size" and row["peak_memory_mb"] > 0
+    assert (tmp_path / "s" / "ila-top-10" / "stage3" / "adapter" / "adapter_config.json").is_file()

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (one sub-folder per strategy; reused when rerun)")
     p.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks to score every strategy on")
     p.add_argument("--limit", type=int, help="examples per lm-eval task")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="fine-tune each strategy in its own process so peak memory is its own "
+                        "(default: on, except on CUDA where the peak counters are reset per run)")
 
     p = sub.add_parser("config", help="print the resolved config (defaults, file and overrides) and exit")
     _common(p)
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             from .strategies import compare_strategies
 
             report = compare_strategies(cfg, run_dir, Path(args.out), tasks=tuple(args.tasks), limit=args.limit,
-                                        command="ila " + " ".join(argv if argv is not None else sys.argv[1:]))
+                                        isolate=args.isolate, command="ila " + " ".join(argv if argv is not None else sys.argv[1:]))
             print(report.read_text())
             print(f"results: {report.parent}")
         elif args.command == "finetune":

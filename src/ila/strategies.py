@@ -15,14 +15,19 @@ LoRA rank), each strategy is a stage-3 run from theta_0 on a different selection
 - ``ila-top-F`` for the sweep fractions (e.g. 50 %, 75 %), for the quality-vs-fraction curve.
 
 Each is evaluated on the held-out split (token-weighted response loss) and, optionally, lm-eval tasks.
+On the CPU each fine-tune runs in a fresh process (``isolate``) so that its peak resident memory is its own;
+on a GPU the CUDA peak-memory counters are reset per run instead.
 Results: ``strategies.json``, ``strategies.md`` and plots (quality vs fraction, quality vs cost).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import logging
+import multiprocessing
 import random as _random
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -71,13 +76,40 @@ def plan_strategies(ranking: Ranking, *, fractions: tuple[float, ...] = (0.1, 0.
     return out
 
 
+def _finetune(rc: RunConfig, folder: Path, isolated: bool = True) -> dict[str, Any]:
+    """Stage 3 for one strategy; without a CUDA peak, the process's peak resident set size stands in."""
+    from .pipeline import stage3
+
+    summary = stage3(rc, folder)
+    if summary.get("peak_memory_mb") is None:
+        summary["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        summary["peak_memory_kind"] = ("process resident set size" if isolated
+                                       else "resident set size of the process so far (not isolated)")
+    return summary
+
+
+def _finetune_isolated(rc: RunConfig, folder: Path) -> dict[str, Any]:
+    # spawn, not fork: a forked child inherits the parent's resident pages and its peak RSS with them.
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_finetune, rc, folder).result()
+
+
 def run_strategies(cfg: RunConfig, ranking_path: Path, out: Path, *, tasks: tuple[str, ...] = (),
-                   limit: int | None = None, strategies: list[Strategy] | None = None) -> dict[str, Any]:
-    """Fine-tune and evaluate every strategy; completed ones (their ``result.json``) are reused."""
+                   limit: int | None = None, strategies: list[Strategy] | None = None,
+                   isolate: bool | None = None) -> dict[str, Any]:
+    """Fine-tune and evaluate every strategy; completed ones (their ``result.json``) are reused.
+
+    ``isolate`` (default: on unless the model runs on CUDA) fine-tunes each strategy in its own process so
+    that peak memory is measured per strategy."""
     from .evaluation import heldout_loss, lm_eval_scores
     from .models import load_base_model, load_lora, load_tokenizer, resolve_model_source
-    from .pipeline import _datasets, prepare_run_dir, stage3
+    from .pipeline import _datasets, prepare_run_dir
 
+    if isolate is None:
+        import torch
+
+        isolate = not (cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available()))
     ranking = Ranking.load(ranking_path)
     strategies = strategies or plan_strategies(ranking)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +130,7 @@ def run_strategies(cfg: RunConfig, ranking_path: Path, out: Path, *, tasks: tupl
         rc.stage3.train.eval_heldout = False
         prepare_run_dir(rc, folder)
         start = time.perf_counter()
-        summary = stage3(rc, folder)
+        summary = _finetune_isolated(rc, folder) if isolate else _finetune(rc, folder, isolated=False)
         seconds = time.perf_counter() - start
         model = load_lora(load_base_model(rc.model), folder / "stage3" / "adapter")
         if heldout is None:
@@ -113,6 +145,7 @@ def run_strategies(cfg: RunConfig, ranking_path: Path, out: Path, *, tasks: tupl
                   "heldout_perplexity": quality["perplexity"], "benchmarks": bench,
                   "trainable_parameters": summary["trainable_parameters"], "steps": summary["steps"],
                   "seconds_per_step": summary["seconds_per_step"], "peak_memory_mb": summary["peak_memory_mb"],
+                  "peak_memory_kind": summary.get("peak_memory_kind", "CUDA max allocated"),
                   "train_seconds": seconds}
         write_json_atomic(done, result)
         results.append(result)
@@ -128,9 +161,9 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
     ref = next(r for r in rows if r["name"] == "all")
     bench_names = sorted({k for r in rows for t, m in r["benchmarks"].items() for k in [f"{t}:{next(iter(m), '')}"]})
     lines = [f"Command: `{command}`", "",
-             "| strategy | layers | trainable params | held-out loss | vs all | step (s) | " + " | ".join(bench_names)
-             + (" |" if bench_names else "|"),
-             "| --- | --- | --- | --- | --- | --- |" + " --- |" * len(bench_names)]
+             "| strategy | layers | trainable params | held-out loss | vs all | step (s) | peak memory (MB) | "
+             + " | ".join(bench_names) + (" |" if bench_names else "|"),
+             "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(bench_names)]
     grouped: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         key = r["name"].rsplit("-seed", 1)[0] if r["family"] == "random" else r["name"]
@@ -138,15 +171,20 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
     for key, rs in grouped.items():
         loss_m, loss_s = _spread([r["heldout_loss"] for r in rs])
         step_m, _ = _spread([r["seconds_per_step"] for r in rs])
+        peaks = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb") is not None]
+        peak = f"{statistics.mean(peaks):.0f}" if peaks else "-"
         loss = f"{loss_m:.4f}" + (f" ± {loss_s:.4f} (n={len(rs)})" if len(rs) > 1 else "")
         cells = []
         for b in bench_names:
             task, metric = b.split(":", 1)
             vals = [r["benchmarks"].get(task, {}).get(metric) for r in rs]
             vals = [v for v in vals if v is not None]
-            cells.append(f"{statistics.mean(vals):.3f}" if vals else "-")
+            if len(vals) > 1:
+                cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}")
+            else:
+                cells.append(f"{vals[0]:.3f}" if vals else "-")
         lines.append(f"| {key} | {rs[0]['num_layers']} | {rs[0]['trainable_parameters']:,} | {loss} | "
-                     f"{loss_m - ref['heldout_loss']:+.4f} | {step_m:.2f} | " + " | ".join(cells) + (" |" if cells else "|"))
+                     f"{loss_m - ref['heldout_loss']:+.4f} | {step_m:.2f} | {peak} | " + " | ".join(cells) + (" |" if cells else "|"))
     return "\n".join(lines) + "\n"
 
 
@@ -187,11 +225,12 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
 
 
 def compare_strategies(cfg: RunConfig, run_dir: Path, out: Path, *, tasks: tuple[str, ...] = (),
-                       limit: int | None = None, command: str = "ila compare-strategies") -> Path:
+                       limit: int | None = None, command: str = "ila compare-strategies",
+                       isolate: bool | None = None) -> Path:
     ranking_path = Path(cfg.stage3.ranking) if cfg.stage3.ranking else run_dir / "stage2" / "ranking.json"
     if not ranking_path.is_file():
         raise IlaError(f"no ranking at {ranking_path}; run stages 1 and 2 first (ila train; ila score)")
-    report = run_strategies(cfg, ranking_path, out, tasks=tasks, limit=limit)
+    report = run_strategies(cfg, ranking_path, out, tasks=tasks, limit=limit, isolate=isolate)
     report["command"] = command
     write_json_atomic(out / "strategies.json", report)
     md = render_markdown(report, command)
