@@ -52,6 +52,7 @@ def test_stage1_stops_when_the_ranking_settles(tmp_path, tiny_model_dir, tiny_da
     out = stage1(cfg, tmp_path)
     records = [json.loads(x) for x in (tmp_path / "stage1" / "stability.jsonl").read_text().splitlines()]
     assert out["stopped_when_stable"] and out["steps"] < 40 and out["steps"] == out["stable_at_step"]
+    assert out["steps_saved"] == 40 - out["steps"]
     assert records[-1]["stable"] and records[-1]["top_overlap"] >= 0.5
     assert all(0.0 <= r["top_overlap"] <= 1.0 for r in records)
     assert (tmp_path / "stage1" / "final" / "ila_adapter.json").is_file()

@@ -431,6 +431,10 @@ def _print_summary(out: dict, run_dir: Path) -> None:
     print(f"  base     held-out loss {_fmt(s1.get('base_heldout_loss'))}")
     print(f"  stage 1  {s1['steps']} steps on all {s1['layers']['num_layers']} layers, held-out loss "
           f"{_fmt(s1['heldout_loss'])}, epsilon-stable at step {s1['stable_at_step']}")
+    if s1.get("stopped_when_stable"):
+        saved = s1["steps_saved"]
+        print(f"           stopped when stable: {saved} of {s1['planned_steps']} planned steps saved "
+              f"({100 * saved / s1['planned_steps']:.0f} %)")
     print(f"  stage 2  {s2['steps']} steps, top layers: {', '.join(s2['top10'][:3])} ...")
     print(f"  stage 3  {s3['num_selected']}/{s3['num_layers']} layers, {s3['trainable_parameters']:,} trainable "
           f"parameters, held-out loss {_fmt(s3['heldout_loss'])}")

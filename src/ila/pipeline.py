@@ -241,6 +241,8 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "planned_steps": planned,
         "stopped_when_stable": result.stopped_early and stability.stable_at is not None,
         "stable_at_step": stability.stable_at,
+        # What stopping when stable saved against the planned schedule (0 when it ran to the end).
+        "steps_saved": planned - result.steps,
         "stability": stability.history,
         "milestones": sorted(p.name for p in (folder / "milestones").glob("[0-9]*")),
         "train_loss": result.train_loss,
