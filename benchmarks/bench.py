@@ -115,7 +115,14 @@ def worker(spec: dict) -> dict:
         selected = ranking.drop_bottom(spec["fraction"]) if spec.get("drop") else ranking.top(spec["fraction"])
     lora = LoraConfig(r=8, alpha=16, dropout=0.05)
     penalty = None
-    if kind in ("lora", "plain"):
+    if kind == "plain":
+        # What a user writes without ila: peft's own LoraConfig on the projection names.
+        import peft
+
+        types = sorted({n.rsplit(".", 1)[-1] for n in names})
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                           target_modules=types, task_type="CAUSAL_LM"))
+    elif kind == "lora":
         model = attach_lora(model, selected, lora)
     elif kind == "full":
         model = apply_selection(model, selected, method="full")
@@ -160,8 +167,15 @@ def worker(spec: dict) -> dict:
     else:
         from ila.training import IlaTrainer
 
+        callbacks: list = [Clock()]
+        if kind == "lora" and spec.get("fraction") is None:
+            # Stage 1 as ila runs it: epsilon-stability measured along the way (every 2 steps here, so that
+            # the short benchmark pays for it as often as a real run does per window).
+            from ila.callbacks import StabilityTracker
+
+            callbacks.append(StabilityTracker(names, 2, 0.1, Path(out_dir) / "stability.jsonl", False))
         trainer = IlaTrainer(model=model, args=TrainingArguments(**common), train_dataset=data,
-                             data_collator=_collator(tokenizer), callbacks=[Clock()], penalty=penalty)
+                             data_collator=_collator(tokenizer), callbacks=callbacks, penalty=penalty)
     trainer.train()
     steady = times[spec["warmup"]:] or times
     checkpoint_mb = None
@@ -246,7 +260,7 @@ def schedule_ratios(rows: list[dict], run_dir: Path | None) -> dict:
     s1 = by["stage 1: ila LoRA, all layers"]["median_step_s"]
     s2 = by["stage 2: gates only"]["median_step_s"]
     out: dict = {"stage2_step_over_stage1_step": s2 / s1,
-                 "ila_stage1_over_plain": by["plain Trainer + peft LoRA, all layers"]["median_step_s"] / s1}
+                 "plain_step_over_ila_stage1_step": by["plain Trainer + peft LoRA, all layers"]["median_step_s"] / s1}
     if run_dir and (run_dir / "stage1" / "summary.json").is_file():
         summary1 = json.loads((run_dir / "stage1" / "summary.json").read_text())
         summary2 = json.loads((run_dir / "stage2" / "summary.json").read_text())
