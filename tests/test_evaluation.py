@@ -15,6 +15,7 @@ from ila.config import LoraConfig, load_config
 from ila.evaluation import generate, heldout_loss
 from ila.layers import adaptable_layers
 from ila.models import attach_lora
+from ila.ranking import Ranking
 
 
 def _rows(tok, n=8):
@@ -80,12 +81,20 @@ def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file,
     sets = [x for o in overrides for x in ("--set", o)]
     assert main(["run", "--run-dir", str(tmp_path / "run"), *sets]) == 0
     assert main(["compare-strategies", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "s"),
-                 "--no-isolate"]) == 0
+                 "--no-isolate", "--scorers", "update-norm", "snr", "--generate", "1"]) == 0
     report = json.loads((tmp_path / "s" / "strategies.json").read_text())
     assert all(r["peak_memory_mb"] > 0 for r in report["results"])
     names = {r["name"] for r in report["results"]}
     assert {"all", "ila-drop-bottom-25", "ila-top-10", "ila-top-30", "first-20", "last-20", "random-20-seed2",
-            "ila-top-75"} <= names
+            "ila-top-75", "update-norm-top-30", "snr-top-30"} <= names
+    # the other scorers' rankings were computed into the run, and their selections are theirs
+    norm = Ranking.load(tmp_path / "run" / "stage2" / "ranking-update-norm.json")
+    row = next(r for r in report["results"] if r["name"] == "update-norm-top-30")
+    assert row["num_layers"] == norm.count(0.3)
+    chosen = json.loads((tmp_path / "s" / "update-norm-top-30" / "stage3" / "selection.json").read_text())["layers"]
+    assert set(chosen) == set(norm.top(0.3))
+    generations = (tmp_path / "s" / "generations.md").read_text()
+    assert "**base**" in generations and "**all**" in generations and "**ila-top-30**" in generations
     assert all(math.isfinite(r["heldout_loss"]) for r in report["results"])
     md = (tmp_path / "s" / "strategies.md").read_text()
     assert "random-20" in md and "±" in md

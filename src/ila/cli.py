@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="fine-tune each strategy in its own process so peak memory is its own "
                         "(default: on, except on CUDA where the peak counters are reset per run)")
+    p.add_argument("--scorers", nargs="*", default=[], metavar="SCORER",
+                   choices=["taylor", "update-norm", "block-influence", "snr", "random", "position"],
+                   help="also fine-tune the top 30 %% of these scorers' rankings (computed first where missing)")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also answer the first N MT-Bench questions with base, all-layer and ILA models, side by side")
 
     p = sub.add_parser("config", help="print the resolved config (defaults, file and overrides) and exit")
     _common(p)
@@ -212,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             from .strategies import compare_strategies
 
             report = compare_strategies(cfg, run_dir, Path(args.out), tasks=tuple(args.tasks), limit=args.limit,
-                                        isolate=args.isolate, command="ila " + " ".join(argv if argv is not None else sys.argv[1:]))
+                                        isolate=args.isolate, scorers=tuple(args.scorers), generate=args.generate,
+                                        command="ila " + " ".join(argv if argv is not None else sys.argv[1:]))
             print(report.read_text())
             print(f"results: {report.parent}")
         elif args.command == "finetune":
@@ -238,9 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(cfg: RunConfig, run_dir: Path, args: argparse.Namespace) -> None:
     """Held-out loss (and lm-eval scores, generations) of the base model and each adapter."""
-    from .artifacts import write_json_atomic, write_text_atomic
-    from .data import mtbench_questions
-    from .evaluation import generate, heldout_loss, lm_eval_scores
+    from .artifacts import write_json_atomic
+    from .evaluation import heldout_loss, lm_eval_scores, write_generations
     from .models import load_base_model, load_lora, load_tokenizer, resolve_model_source
     from .pipeline import _datasets
 
@@ -253,8 +258,6 @@ def _evaluate(cfg: RunConfig, run_dir: Path, args: argparse.Namespace) -> None:
     out = run_dir / "eval"
     heldout = _datasets(cfg, tokenizer, out)[1]
     results: dict[str, Any] = {}
-    questions = [[{"role": "user", "content": q["turns"][0]}] for q in mtbench_questions()[: args.generate]]
-    answers: dict[str, list[str]] = {}
     for label, path in [("base", None), *adapters.items()]:
         model = load_base_model(cfg.model)
         if path is not None:
@@ -265,17 +268,12 @@ def _evaluate(cfg: RunConfig, run_dir: Path, args: argparse.Namespace) -> None:
         if args.tasks:
             entry["benchmarks"] = lm_eval_scores(resolve_model_source(cfg.model), args.tasks, adapter=path,
                                                  limit=args.limit, device="cpu")
-        if questions:
-            answers[label] = generate(model, tokenizer, questions)
         results[label] = entry
         print(f"{label:>20}: " + ", ".join(f"{k} {v}" for k, v in entry.items() if k != "adapter"))
     write_json_atomic(out / "evaluation.json", {"schema_version": 1, "kind": "ila.evaluation", "results": results})
-    if questions:
-        md = ["# Generations (MT-Bench, first turns)", ""]
-        for i, q in enumerate(questions):
-            md += [f"## {i + 1}. {q[0]['content']}", ""]
-            md += [f"**{label}**: {ans[i]}\n" for label, ans in answers.items()]
-        write_text_atomic(out / "generations.md", "\n".join(md) + "\n")
+    if args.generate:
+        write_generations(cfg, adapters, args.generate, out / "generations.md")
+        print(f"generations: {out / 'generations.md'}")
     print(f"results: {out / 'evaluation.json'}")
 
 

@@ -264,3 +264,27 @@ def generate(model: torch.nn.Module, tokenizer: Any, conversations: Sequence[lis
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     model.train(was_training)
     return answers
+
+
+def write_generations(cfg: Any, adapters: dict[str, Any], n: int, path: Path, *,
+                      max_new_tokens: int = 128) -> dict[str, list[str]]:
+    """Greedy answers of the base model and of each adapter (``{label: folder}``) to the first turns of the
+    first ``n`` MT-Bench questions, written side by side as Markdown so that a person can read them."""
+    from .data import mtbench_questions
+    from .models import load_base_model, load_lora, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    questions = [[{"role": "user", "content": q["turns"][0]}] for q in mtbench_questions()[:n]]
+    answers: dict[str, list[str]] = {}
+    for label, folder in [("base", None), *adapters.items()]:
+        model = load_base_model(cfg.model)
+        if folder is not None:
+            model = load_lora(model, folder)
+        answers[label] = generate(model, tokenizer, questions, max_new_tokens=max_new_tokens,
+                                  template=cfg.data.template)
+    md = ["# Generations (MT-Bench, first turns, greedy)", ""]
+    for i, q in enumerate(questions):
+        md += [f"## {i + 1}. {q[0]['content']}", ""]
+        md += [f"**{label}**: {ans[i]}\n" for label, ans in answers.items()]
+    write_text_atomic(path, "\n".join(md) + "\n")
+    return answers

@@ -12,7 +12,9 @@ LoRA rank), each strategy is a stage-3 run from theta_0 on a different selection
   of the cost);
 - ``random-top-F-seedS``: random selections of the same sizes, several seeds (reported as mean and spread);
 - ``first-F`` / ``last-F``: the first or last blocks, the same number of layers;
-- ``ila-top-F`` for the sweep fractions (e.g. 50 %, 75 %), for the quality-vs-fraction curve.
+- ``ila-top-F`` for the sweep fractions (e.g. 50 %, 75 %), for the quality-vs-fraction curve;
+- ``<scorer>-top-30`` for other scorers (``taylor``, ``update-norm``, ``snr``, ``block-influence``...): is the
+  learnt ranking better than a cheap one on the same budget?
 
 Each is evaluated on the held-out split (token-weighted response loss) and, optionally, lm-eval tasks.
 On the CPU each fine-tune runs in a fresh process (``isolate``) so that its peak resident memory is its own;
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 class Strategy:
     name: str
     family: str
-    """all | ila-drop-bottom | ila-top | random | first | last"""
+    """all | ila-drop-bottom | ila-top | random | first | last | the name of another scorer"""
     fraction: float
     """Fraction of the layers tuned."""
     layers: tuple[str, ...]
@@ -54,7 +56,12 @@ class Strategy:
 
 
 def plan_strategies(ranking: Ranking, *, fractions: tuple[float, ...] = (0.1, 0.2, 0.3), drop_bottom: float = 0.25,
-                    random_seeds: tuple[int, ...] = (0, 1, 2), sweep: tuple[float, ...] = (0.5, 0.75)) -> list[Strategy]:
+                    random_seeds: tuple[int, ...] = (0, 1, 2), sweep: tuple[float, ...] = (0.5, 0.75),
+                    others: dict[str, Ranking] | None = None,
+                    other_fractions: tuple[float, ...] = (0.3,)) -> list[Strategy]:
+    """The selections to fine-tune. ``others`` maps a scorer name to its ranking (``taylor``, ``update-norm``
+    ...): each adds ``<scorer>-top-F`` for the ``other_fractions``, so cheap rankings face the learnt one on the
+    same budget."""
     order = ranking.order
     n = ranking.num_layers
     model_order = [layer.name for layer in ranking.layers if layer.block is not None]
@@ -73,6 +80,11 @@ def plan_strategies(ranking: Ranking, *, fractions: tuple[float, ...] = (0.1, 0.
     for f in sweep:
         k = ranking.count(f)
         out.append(Strategy(f"ila-top-{round(f * 100)}", "ila-top", k / n, tuple(order[:k])))
+    for scorer, other in (others or {}).items():
+        other.check_matches(ranking.layers)
+        for f in other_fractions:
+            k = other.count(f)
+            out.append(Strategy(f"{scorer}-top-{round(f * 100)}", scorer, k / n, tuple(other.order[:k])))
     return out
 
 
@@ -97,11 +109,13 @@ def _finetune_isolated(rc: RunConfig, folder: Path) -> dict[str, Any]:
 
 def run_strategies(cfg: RunConfig, ranking_path: Path, out: Path, *, tasks: tuple[str, ...] = (),
                    limit: int | None = None, strategies: list[Strategy] | None = None,
-                   isolate: bool | None = None) -> dict[str, Any]:
+                   isolate: bool | None = None, others: dict[str, Ranking] | None = None,
+                   generate: int = 0) -> dict[str, Any]:
     """Fine-tune and evaluate every strategy; completed ones (their ``result.json``) are reused.
 
     ``isolate`` (default: on unless the model runs on CUDA) fine-tunes each strategy in its own process so
-    that peak memory is measured per strategy."""
+    that peak memory is measured per strategy. ``generate`` > 0 also answers the first ``generate`` MT-Bench
+    questions with the base model, ``all`` and the ILA selections (``generations.md``)."""
     from .evaluation import heldout_loss, lm_eval_scores
     from .models import load_base_model, load_lora, load_tokenizer, resolve_model_source
     from .pipeline import _datasets, prepare_run_dir
@@ -111,7 +125,7 @@ def run_strategies(cfg: RunConfig, ranking_path: Path, out: Path, *, tasks: tupl
 
         isolate = not (cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available()))
     ranking = Ranking.load(ranking_path)
-    strategies = strategies or plan_strategies(ranking)
+    strategies = strategies or plan_strategies(ranking, others=others)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     heldout = None
@@ -149,6 +163,13 @@ def run_strategies(cfg: RunConfig, ranking_path: Path, out: Path, *, tasks: tupl
                   "train_seconds": seconds}
         write_json_atomic(done, result)
         results.append(result)
+    if generate > 0:
+        from .evaluation import write_generations
+
+        # The base model, plain LoRA and the ILA selections: enough for a person to read the difference.
+        adapters = {s.name: out / s.name / "stage3" / "adapter" for s in strategies
+                    if s.family in ("all", "ila-drop-bottom", "ila-top")}
+        write_generations(cfg, adapters, generate, out / "generations.md")
     return {"schema_version": 1, "kind": "ila.strategies", "ranking": str(ranking_path), "results": results}
 
 
@@ -214,8 +235,9 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
             errs = [statistics.stdev([r["heldout_loss"] for r in by_size[x]]) if len(by_size[x]) > 1 else 0 for x in xs]
             ax.errorbar(xs, means, yerr=errs, fmt="x:", capsize=3, label="random (mean ± sd)")
         for r in rows:
-            if r["family"] == "ila-drop-bottom":
-                ax.plot([r[xkey]], [r["heldout_loss"]], "D", label=r["name"])
+            if r["family"] not in ("all", "ila-top", "first", "last", "random"):  # drop-bottom, other scorers
+                ax.plot([r[xkey]], [r["heldout_loss"]], "D" if r["family"] == "ila-drop-bottom" else "*",
+                        markersize=8, label=r["name"])
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out loss (response tokens)")
         ax.legend(fontsize=8)
@@ -226,11 +248,26 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
 
 def compare_strategies(cfg: RunConfig, run_dir: Path, out: Path, *, tasks: tuple[str, ...] = (),
                        limit: int | None = None, command: str = "ila compare-strategies",
-                       isolate: bool | None = None) -> Path:
+                       isolate: bool | None = None, scorers: tuple[str, ...] = (), generate: int = 0) -> Path:
+    """Every strategy of :func:`plan_strategies` on the run's stage-3 budget; ``scorers`` adds the top 30 % of
+    other scorers' rankings (``stage2/ranking-<scorer>.json``, computed first where missing)."""
+    from .pipeline import ranking_path as scorer_ranking_path
+    from .pipeline import stage2
+
     ranking_path = Path(cfg.stage3.ranking) if cfg.stage3.ranking else run_dir / "stage2" / "ranking.json"
     if not ranking_path.is_file():
         raise IlaError(f"no ranking at {ranking_path}; run stages 1 and 2 first (ila train; ila score)")
-    report = run_strategies(cfg, ranking_path, out, tasks=tasks, limit=limit, isolate=isolate)
+    others: dict[str, Ranking] = {}
+    for scorer in scorers:
+        if scorer == "ila":
+            continue
+        path = scorer_ranking_path(run_dir, scorer)
+        if not path.is_file():
+            log.info("scoring the layers with %s for the comparison", scorer)
+            stage2(cfg, run_dir, scorer=scorer)
+        others[scorer] = Ranking.load(path)
+    report = run_strategies(cfg, ranking_path, out, tasks=tasks, limit=limit, isolate=isolate, others=others,
+                            generate=generate)
     report["command"] = command
     write_json_atomic(out / "strategies.json", report)
     md = render_markdown(report, command)
