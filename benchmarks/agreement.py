@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
 
 
 def variants(steps: int, milestones: list[str]) -> list[dict]:
@@ -114,14 +111,13 @@ def main() -> None:
             "cost": (s1["seconds"] + s2["seconds"]) / (n1 * s1_step),
         })
 
-    command = "python benchmarks/agreement.py " + " ".join(sys.argv[1:])
-    machine = f"{platform.machine()}, {__import__('os').cpu_count()} cores"
+    from results_io import command_line, machine as machine_name, save
+
+    command = command_line("agreement.py")
+    machine = machine_name()
     name = args.name or f"agreement-{base_cfg.model.name.replace('/', '_')}"
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
     doc = {"schema_version": 1, "command": command, "machine": machine, "run_dir": str(run_dir),
            "stage1_step_s": s1_step, "stage1_planned_steps": n1, "rows": rows}
-    (results / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = [f"Command: `{command}`", "", f"Machine: {machine}. Stage-1 step {s1_step:.2f} s ({n1} steps planned).",
              "Cost: search time over the time of one full LoRA run (the whole stage-1 schedule).", "",
              "| search | stage-1 steps | stage-2 steps | stage-2 step (s) | Jaccard top 10 % | Jaccard top 30 % | "
@@ -129,7 +125,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['label']} | {r['stage1_steps']} | {r['stage2_steps']} | {r['stage2_step_s']:.2f} | "
                      f"{r['jaccard_10']:.2f} | {r['jaccard_30']:.2f} | {r['spearman']:.2f} | {r['cost']:.2f} |")
-    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+    save(name, doc, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,7 +172,8 @@ def worker(spec: dict) -> dict:
 
             callbacks.append(StabilityTracker(names, 2, 0.1, Path(out_dir) / "stability.jsonl", False))
         trainer = IlaTrainer(model=model, args=TrainingArguments(**common), train_dataset=data,
-                             data_collator=_collator(tokenizer), callbacks=callbacks, penalty=penalty)
+                             data_collator=_collator(tokenizer), callbacks=callbacks, penalty=penalty,
+                             response_logits_only=spec.get("response_logits_only", True))
     trainer.train()
     steady = times[spec["warmup"]:] or times
     checkpoint_mb = None
@@ -194,21 +192,36 @@ def worker(spec: dict) -> dict:
 # the suite
 
 
-def run_spec(spec: dict, repeats: int) -> dict:
-    """Median of ``repeats`` subprocess runs of one configuration."""
-    results = []
-    for _ in range(repeats):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                              text=True, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"{spec['label']} failed:\n{done.stderr[-3000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+def run_once(spec: dict) -> dict:
+    """One subprocess run of one configuration."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                          text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{spec['label']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median_of(results: list[dict]) -> dict:
+    """The first run's counts with the median step time and peak memory of all runs."""
     out = dict(results[0])
     out["median_step_s"] = statistics.median(r["median_step_s"] for r in results)
     out["peak_memory_mb"] = statistics.median(r["peak_memory_mb"] for r in results)
-    out["repeats"] = repeats
+    out["step_s_runs"] = [r["median_step_s"] for r in results]
+    out["repeats"] = len(results)
     return out
+
+
+def run_specs(specs: list[dict], repeats: int) -> list[dict]:
+    """Median of ``repeats`` runs of every configuration. The repeats are interleaved (all configurations once,
+    then again) so that a slow spell of a shared machine falls on every configuration alike and the ratios,
+    not the absolute times, are what survive it."""
+    runs: list[list[dict]] = [[] for _ in specs]
+    for round_ in range(repeats):
+        for i, spec in enumerate(specs):
+            print(f"  [{round_ + 1}/{repeats}] {spec['label']} ...", file=sys.stderr, flush=True)
+            runs[i].append(run_once(spec))
+    return [{**spec, **median_of(r)} for spec, r in zip(specs, runs)]
 
 
 def suite(args: argparse.Namespace) -> list[dict]:
@@ -224,18 +237,15 @@ def suite(args: argparse.Namespace) -> list[dict]:
     ]
     if not args.quick:
         specs += [
+            {"label": "stage 1, output head at every position", "kind": "lora", "response_logits_only": False},
+            {"label": "stage 2, output head at every position", "kind": "gates", "response_logits_only": False},
             {"label": "stage 1 + gradient checkpointing", "kind": "lora", "checkpointing": True},
             {"label": "stage 1 fp32" if args.precision == "bf16" else "stage 1 bf16", "kind": "lora",
              "precision": "fp32" if args.precision == "bf16" else "bf16"},
             {"label": "full fine-tuning, all layers", "kind": "full"},
             {"label": "full fine-tuning, top 30 %", "kind": "full", "fraction": 0.3},
         ]
-    rows = []
-    for spec in specs:
-        full = {**base, **spec}
-        print(f"  {full['label']} ...", file=sys.stderr, flush=True)
-        rows.append({**full, **run_spec(full, args.repeats)})
-    return rows
+    return run_specs([{**base, **spec} for spec in specs], args.repeats)
 
 
 def growth(args: argparse.Namespace) -> list[dict]:
@@ -245,8 +255,8 @@ def growth(args: argparse.Namespace) -> list[dict]:
     for blocks, seq in [(4, args.seq), (8, args.seq), (16, args.seq), (8, args.seq // 2), (8, args.seq * 2)]:
         base = {"model": f"random:{blocks}", "batch": args.batch, "seq": seq, "steps": args.steps,
                 "warmup": args.warmup, "device": args.device, "precision": args.precision}
-        s1 = run_spec({**base, "kind": "lora", "label": "s1"}, 1)
-        s2 = run_spec({**base, "kind": "gates", "label": "s2"}, 1)
+        s1, s2 = run_specs([{**base, "kind": "lora", "label": f"stage 1, {blocks} blocks, seq {seq}"},
+                            {**base, "kind": "gates", "label": f"stage 2, {blocks} blocks, seq {seq}"}], args.repeats)
         rows.append({"blocks": blocks, "seq": seq, "stage1_step_s": s1["median_step_s"],
                      "stage2_step_s": s2["median_step_s"], "ratio": s2["median_step_s"] / s1["median_step_s"],
                      "stage1_peak_mb": s1["peak_memory_mb"], "stage2_peak_mb": s2["peak_memory_mb"]})
@@ -303,9 +313,9 @@ def main() -> None:
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1, help="subprocess runs per configuration (median)")
+    p.add_argument("--repeats", type=int, default=3, help="subprocess runs per configuration (median), interleaved")
     p.add_argument("--ranking", default="runs/demo/stage2/ranking.json",
                    help="ranking for the selective configurations (a seeded random one if absent)")
     p.add_argument("--schedule", default="runs/demo", help="run dir whose step counts give whole-stage ratios")
@@ -322,17 +332,16 @@ def main() -> None:
     growth_rows = growth(args) if args.growth else []
     import torch
 
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-               + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
-    command = "python benchmarks/bench.py " + " ".join(sys.argv[1:])
+    from results_io import command_line, machine as machine_name, save
+
+    machine = f"{machine_name()}, torch {torch.__version__}" + (
+        f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
+    command = command_line("bench.py")
     name = args.name or f"{args.model.replace('/', '_').replace(':', '')}-{args.device}-{args.precision}"
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
     result = {"command": command, "machine": machine, "seconds": time.time() - start, "rows": rows,
               "ratios": ratios, "growth": growth_rows}
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(rows, ratios, growth_rows, command, machine)
-    (out / f"{name}.md").write_text(md)
+    save(name, result, md)
     print(md)
 
 

@@ -15,7 +15,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 def test_defaults_are_valid():
     cfg = load_config()
     assert isinstance(cfg, RunConfig)
-    assert cfg.stage2.learning_rate == 0.05 and cfg.stage2.budget_fraction == 0.5
+    assert cfg.stage2.optimizer == "sgd" and cfg.stage2.budget_lambda == 0.0 and cfg.stage2.budget_fraction == 0.5
     assert cfg.stage1.milestones == [0.25, 0.5, 0.75, 1.0]
 
 

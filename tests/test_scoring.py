@@ -94,3 +94,27 @@ def test_snr_and_random_are_data_free_and_finite():
     b, _ = score_layers("random", ScoringInputs(model=model, layers=layers, seed=1))
     c, _ = score_layers("random", ScoringInputs(model=model, layers=layers, seed=2))
     assert a == b and a != c
+
+
+def test_default_stage2_leaves_a_zero_updates_score_where_it_started(tmp_path):
+    """The default optimiser (SGD, no budget penalty) moves a score only by its own gradient: a layer whose
+    update is zero keeps its initial score exactly, while every other score moves."""
+    from datasets import Dataset
+
+    from ila.config import Stage2Config
+    from ila.gates import LayerGates
+    from ila.scoring import learn_gates
+    from tiny import make_tokenizer
+
+    zero = "model.layers.1.mlp.down_proj"
+    model, layers = _peft_with_updates(zero)
+    torch.manual_seed(2)
+    rows = [{"input_ids": x, "attention_mask": [1] * len(x), "labels": x}
+            for x in torch.randint(0, 256, (8, 16)).tolist()]
+    s2 = Stage2Config(steps=3, batch_size=4)
+    assert s2.optimizer == "sgd" and s2.budget_lambda == 0.0
+    scores, _ = learn_gates(model, layers, tokenizer=make_tokenizer(), train_dataset=Dataset.from_list(rows), s2=s2,
+                            seed=0, device="cpu", folder=tmp_path)
+    start = LayerGates([layer.name for layer in layers], init_mean=s2.init_mean, init_std=s2.init_std, seed=0).as_dict()
+    assert scores[zero] == start[zero]
+    assert all(scores[n] != start[n] for n in scores if n != zero)

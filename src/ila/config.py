@@ -134,6 +134,10 @@ class TrainConfig:
     eval_heldout: bool = True
     """Report held-out loss at the end of the stage."""
     dataloader_workers: int = 0
+    response_logits_only: bool = True
+    """Compute the output head (and its softmax over the vocabulary) only at positions whose next token is a
+    response token; the loss and gradients are unchanged. Falls back to every position for models that cannot
+    (see ila/training.py)."""
 
     def validate(self, prefix: str) -> None:
         _require(self.max_steps >= 1, prefix, "max_steps", f"must be >= 1, got {self.max_steps}")
@@ -199,23 +203,32 @@ class Stage2Config:
     """For the ``position`` scorer: rank the last blocks first, or the first blocks first."""
     milestone: str = "last"
     """Which stage-1 adapter to score: ``last``, a milestone such as ``50`` (percent), or an adapter folder."""
-    steps: int = 40
+    steps: int = 100
+    """[spec] A fixed number of optimiser steps on the scores."""
     batch_size: int = 4
     grad_accum: int = 1
-    optimizer: Literal["adam", "sgd"] = "adam"
-    """[spec] Optimiser of the scores."""
-    learning_rate: float = 0.05
-    """[spec] Learning rate of the scores."""
+    optimizer: Literal["adam", "sgd"] = "sgd"
+    """[spec] Optimiser of the scores. Plain SGD keeps the size of each layer's cumulative gradient in its score;
+    Adam normalises every score's step, so without a penalty the layers whose gradients keep one sign rise at the
+    same rate and their order is left to noise. Settled by measurement (docs/method.md, "Choosing the
+    optimiser"): SGD without a penalty was as seed-stable as Adam with one, found planted updates as well, and
+    leaves the gate of a zero update where it started."""
+    learning_rate: float = 100.0
+    """[spec] Learning rate of the scores. With SGD it sets how far the scores travel (about 0.05 in 30 steps on
+    SmolLM2 at 100: the gradients of single gates are small), not their order; with Adam use about 0.05."""
     init_mean: float = 0.0
     """[spec] s starts at init_mean (gate 0.5 for 0) ..."""
     init_std: float = 0.01
     """[spec] ... plus N(0, init_std) noise drawn from the run's seed."""
     budget_fraction: float = 0.5
     """[spec] H/N of the budget penalty lambda * max(0, mean(gate) - H/N)."""
-    budget_lambda: float = 1.0
-    """[spec] lambda of the budget penalty; 0 turns the penalty off."""
+    budget_lambda: float = 0.0
+    """[spec] lambda of the budget penalty; 0 (the default, see ``optimizer``) turns it off. The penalty makes
+    gates compete for the budget, and moves every gate, a zero update's too; use it (lambda 1) with Adam."""
     precision: Precision = "fp32"
     logging_steps: int = 5
+    response_logits_only: bool = True
+    """As ``train.response_logits_only`` of stages 1 and 3: the output head only where a response token follows."""
 
     def validate(self, prefix: str) -> None:
         _require(self.steps >= 1, prefix, "steps", f"must be >= 1, got {self.steps}")

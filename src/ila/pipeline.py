@@ -100,6 +100,7 @@ def _train_plan(cfg: RunConfig, train_cfg: TrainConfig, folder: Path, callbacks:
         seed=cfg.seed,
         device=cfg.model.device,
         dataloader_workers=train_cfg.dataloader_workers,
+        response_logits_only=train_cfg.response_logits_only,
         callbacks=callbacks,
     )
 

@@ -262,6 +262,7 @@ def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, t
         penalty=penalty if s2.budget_lambda > 0 else None,
         callbacks=[ScoreTrajectory(gates, folder / "scores.jsonl", s2.logging_steps)],
         resume=resume,
+        response_logits_only=s2.response_logits_only,
     )
     try:
         result = train(peft_model, plan, tokenizer, train_dataset, None)

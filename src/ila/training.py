@@ -13,6 +13,7 @@ processes come from transformers' Trainer and accelerate.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -65,6 +66,9 @@ class TrainingPlan:
     """Also evaluate the held-out loss before training."""
     save_trainable_only: bool = False
     """Checkpoints hold only the parameters that train (stage 2: the scores)."""
+    response_logits_only: bool = True
+    """Compute the output head only where the next token is a response token (see
+    :func:`response_logits_kwargs`)."""
 
 
 @dataclass
@@ -81,16 +85,50 @@ class TrainingResult:
     resumed_from: str | None
 
 
+def supports_response_logits(model: torch.nn.Module) -> bool:
+    """Whether ``model`` can compute its output head on a boolean mask of positions and take its loss targets
+    already shifted: transformers' causal LMs with ``logits_to_keep`` and the stock causal-LM loss."""
+    from transformers import modeling_utils
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from .layers import unwrap
+
+    inner = unwrap(model)
+    if not hasattr(modeling_utils, "slice_logits_to_keep"):  # boolean masks arrived with it
+        return False
+    try:
+        accepts = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return accepts and getattr(inner, "loss_function", None) is ForCausalLMLoss
+
+
+def response_logits_kwargs(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Extra model inputs that restrict the output head to the positions whose next token is a response token.
+
+    The loss of a causal LM at position t is the cross-entropy of the logits there against token t+1, and only
+    response tokens carry a label, so the logits (and their softmax over the whole vocabulary) at every other
+    position are computed and thrown away. With the boolean mask ``logits_to_keep`` the model projects only the
+    kept hidden states, and ``shift_labels`` hands the loss the matching targets; the loss, its normalisation
+    by ``num_items_in_batch`` and every gradient are those of the full computation (tested), at a fraction of the
+    output head's cost on chat data, where prompts are a large part of every sequence.
+    """
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # target of position t is token t+1
+    keep = shifted != -100  # (B, T)
+    return {"logits_to_keep": keep, "shift_labels": shifted[keep]}
+
+
 class IlaTrainer(Trainer):
-    """Trainer with an optional penalty term, a hard stop on a non-finite loss, and (for stage 2)
-    checkpoints that hold only the trainable parameters."""
+    """Trainer with an optional penalty term, a hard stop on a non-finite loss, the output head restricted to
+    response positions, and (for stage 2) checkpoints that hold only the trainable parameters."""
 
     def __init__(self, *args: Any, penalty: Callable[[], torch.Tensor] | None = None,
-                 save_trainable_only: bool = False, **kwargs: Any):
+                 save_trainable_only: bool = False, response_logits_only: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.penalty = penalty
         self.save_trainable_only = save_trainable_only
         self.last_penalty: float | None = None
+        self.response_logits_only = response_logits_only and supports_response_logits(self.model)
 
     def _save_checkpoint(self, model, trial):  # type: ignore[override]
         # Never write a checkpoint that a resume would trust but that holds NaN or infinite weights.
@@ -117,6 +155,9 @@ class IlaTrainer(Trainer):
             save_file(trainable, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        if self.response_logits_only and model.training and inputs.get("labels") is not None \
+                and self.label_smoother is None and self.compute_loss_func is None:
+            inputs = {**inputs, **response_logits_kwargs(inputs["labels"])}
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         if not torch.isfinite(loss.detach()).all():
@@ -232,6 +273,7 @@ def make_trainer(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, tra
         callbacks=[JsonlMetrics(plan.metrics_path, ref), *plan.callbacks],
         penalty=plan.penalty,
         save_trainable_only=plan.save_trainable_only,
+        response_logits_only=plan.response_logits_only,
     )
     ref.append(trainer)
     return trainer

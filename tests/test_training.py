@@ -1,0 +1,82 @@
+"""The one Trainer set-up: the output head restricted to response positions changes no loss and no gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model
+
+from ila.config import LoraConfig
+from ila.layers import adaptable_layers
+from ila.models import attach_lora
+from ila.training import response_logits_kwargs, supports_response_logits
+
+
+def _lora_model():
+    base = make_model()
+    model = attach_lora(base, [layer.name for layer in adaptable_layers(base)], LoraConfig(r=2, dropout=0.0))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    return model
+
+
+def _batch():
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (3, 20))
+    labels = ids.clone()
+    labels[0, :12] = -100        # a prompt, then the response
+    labels[1, :5] = -100
+    labels[1, 17:] = -100        # right padding
+    labels[2, :8] = -100
+    labels[2, 11:14] = -100      # a second user turn inside the conversation
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("normalise", ["num_items_in_batch", "mean"])
+def test_response_logits_give_the_same_loss_and_gradients(normalise):
+    model = _lora_model()
+    assert supports_response_logits(model)
+    batch = _batch()
+    extra = {}
+    if normalise == "num_items_in_batch":
+        extra["num_items_in_batch"] = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()))
+
+    full = model(**batch, **extra)
+    full.loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    kwargs = response_logits_kwargs(batch["labels"])
+    trimmed = model(**batch, **extra, **kwargs)
+    trimmed.loss.backward()
+    kept = int(kwargs["logits_to_keep"].sum())
+    assert trimmed.logits.shape[0] == kept < batch["input_ids"].numel()  # only response positions were projected
+    assert trimmed.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, reference[name], rtol=1e-5, atol=1e-7)
+
+
+def test_the_ila_trainer_uses_response_logits_only_where_the_model_can(tmp_path):
+    from datasets import Dataset
+    from tiny import make_tokenizer
+
+    from ila.training import TrainingPlan, make_trainer
+
+    model = _lora_model()
+    rows = [{k: v[i].tolist() for k, v in _batch().items()} for i in range(3)]
+    plan = TrainingPlan(output_dir=tmp_path / "ck", metrics_path=tmp_path / "m.jsonl", max_steps=1, batch_size=3,
+                        device="cpu")
+    trainer = make_trainer(model, plan, make_tokenizer(), Dataset.from_list(rows))
+    assert trainer.response_logits_only
+    model.train()
+    batch = _batch()
+    ours = trainer.compute_loss(model, dict(batch))
+    plain = model(**batch).loss
+    assert ours.item() == pytest.approx(plain.item(), rel=1e-6)
+    plan.response_logits_only = False
+    assert not make_trainer(model, plan, make_tokenizer(), Dataset.from_list(rows)).response_logits_only
