@@ -133,7 +133,17 @@ def worker(spec: dict) -> dict:
         gates = LayerGates(names)
         attach_gates(model, gates)
         s2 = Stage2Config()
-        penalty = lambda: s2.budget_lambda * gates.budget_penalty(s2.budget_fraction)  # noqa: E731
+        if s2.budget_lambda > 0:  # as stage 2 does: the penalty only when it is on
+            penalty = lambda: s2.budget_lambda * gates.budget_penalty(s2.budget_fraction)  # noqa: E731
+    elif kind == "floor":
+        # The floor of any gradient-based layer score: one forward pass and the backward pass through every
+        # activation, with no weight gradient at all. One scalar on the embeddings' output is the only
+        # parameter, so autograd must go all the way down and compute nothing else.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        scale = torch.nn.Parameter(torch.ones(()))
+        model.register_parameter("floor_scale", scale)
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out * scale)
     trainable, total = count_parameters(model)
 
     times: list[float] = []
@@ -151,7 +161,9 @@ def worker(spec: dict) -> dict:
 
     out_dir = tempfile.mkdtemp()
     common = dict(output_dir=out_dir, max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
-                  learning_rate=0.05 if kind == "gates" else 2e-4, report_to=[], save_strategy="no",
+                  # stage 2 as configured by default: plain SGD on the scores (no optimiser state)
+                  learning_rate=100.0 if kind == "gates" else 2e-4,
+                  optim="sgd" if kind in ("gates", "floor") else "adamw_torch", report_to=[], save_strategy="no",
                   logging_steps=10**6, use_cpu=spec["device"] == "cpu", bf16=spec["precision"] == "bf16",
                   remove_unused_columns=False, disable_tqdm=True, seed=0, lr_scheduler_type="constant",
                   max_grad_norm=0.0 if kind == "gates" else 1.0)
@@ -231,6 +243,7 @@ def suite(args: argparse.Namespace) -> list[dict]:
         {"label": "plain Trainer + peft LoRA, all layers", "kind": "plain"},
         {"label": "stage 1: ila LoRA, all layers", "kind": "lora"},
         {"label": "stage 2: gates only", "kind": "gates"},
+        {"label": "floor: forward + activation backward, no weight gradient", "kind": "floor"},
         {"label": "stage 3: LoRA top 10 %", "kind": "lora", "fraction": 0.1},
         {"label": "stage 3: LoRA top 30 %", "kind": "lora", "fraction": 0.3},
         {"label": "stage 3: LoRA freeze bottom 25 %", "kind": "lora", "fraction": 0.25, "drop": True},
@@ -245,6 +258,9 @@ def suite(args: argparse.Namespace) -> list[dict]:
             {"label": "full fine-tuning, all layers", "kind": "full"},
             {"label": "full fine-tuning, top 30 %", "kind": "full", "fraction": 0.3},
         ]
+    if args.only:  # the two stages every ratio refers to, and the configurations asked for
+        keep = ("stage 1: ila LoRA, all layers", "stage 2: gates only")
+        specs = [s for s in specs if s["label"] in keep or any(t in s["label"] for t in args.only)]
     return run_specs([{**base, **spec} for spec in specs], args.repeats)
 
 
@@ -269,8 +285,15 @@ def schedule_ratios(rows: list[dict], run_dir: Path | None) -> dict:
     by = {r["label"]: r for r in rows}
     s1 = by["stage 1: ila LoRA, all layers"]["median_step_s"]
     s2 = by["stage 2: gates only"]["median_step_s"]
-    out: dict = {"stage2_step_over_stage1_step": s2 / s1,
-                 "plain_step_over_ila_stage1_step": by["plain Trainer + peft LoRA, all layers"]["median_step_s"] / s1}
+    out: dict = {"stage2_step_over_stage1_step": s2 / s1}
+    if "plain Trainer + peft LoRA, all layers" in by:
+        out["plain_step_over_ila_stage1_step"] = by["plain Trainer + peft LoRA, all layers"]["median_step_s"] / s1
+    if "floor: forward + activation backward, no weight gradient" in by:
+        out["stage2_step_over_floor"] = s2 / by["floor: forward + activation backward, no weight gradient"]["median_step_s"]
+    for stage, own in (("1", s1), ("2", s2)):
+        every = by.get(f"stage {stage}, output head at every position")
+        if every:  # what computing the output head only at response positions saves
+            out[f"stage{stage}_every_position_over_response_only"] = every["median_step_s"] / own
     if run_dir and (run_dir / "stage1" / "summary.json").is_file():
         summary1 = json.loads((run_dir / "stage1" / "summary.json").read_text())
         summary2 = json.loads((run_dir / "stage2" / "summary.json").read_text())
@@ -320,6 +343,8 @@ def main() -> None:
                    help="ranking for the selective configurations (a seeded random one if absent)")
     p.add_argument("--schedule", default="runs/demo", help="run dir whose step counts give whole-stage ratios")
     p.add_argument("--quick", action="store_true", help="only the core configurations")
+    p.add_argument("--only", nargs="+", metavar="TEXT",
+                   help="only the configurations whose label contains one of these texts (stages 1 and 2 always run)")
     p.add_argument("--growth", action="store_true", help="also measure growth with depth and sequence length")
     p.add_argument("--name", default=None, help="results file name (default: model-device-precision)")
     args = p.parse_args()

@@ -98,6 +98,7 @@ def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file,
     assert all(math.isfinite(r["heldout_loss"]) for r in report["results"])
     md = (tmp_path / "s" / "strategies.md").read_text()
     assert "random-20" in md and "±" in md
+    assert math.isfinite(report["base_heldout_loss"]) and "base model, untuned" in md
     assert (tmp_path / "s" / "quality-vs-fraction.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["evaluate", "--run-dir", str(tmp_path / "run"), "--generate", "2"]) == 0
     ev = json.loads((tmp_path / "run" / "eval" / "evaluation.json").read_text())
@@ -119,3 +120,39 @@ def test_an_isolated_strategy_reports_its_own_peak_memory(tmp_path, tiny_model_d
     (row,) = report["results"]
     assert row["peak_memory_kind"] == "process resident set size" and row["peak_memory_mb"] > 0
     assert (tmp_path / "s" / "ila-top-10" / "stage3" / "adapter" / "adapter_config.json").is_file()
+
+
+def _fake_bigbench_archive(cache):
+    """A stand-in for the 358 MB bigbench sdist: the same layout, two hhh_alignment subsets."""
+    import io
+    import tarfile
+
+    folder = cache / "bigbench" / "archive"
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / "bigbench-1.0.0.tar.gz", "w:gz") as tar:
+        for subset, (good, bad) in {"harmless": ("I can't help with that.", "Sure, here is how."),
+                                    "honest": ("I don't know.", "Definitely yes.")}.items():
+            task = {"examples": [{"input": f"A {subset} question?", "target_scores": {bad: 0, good: 1}}]}
+            blob = json.dumps(task).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/hhh_alignment/{subset}/task.json")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def test_offline_gsm8k_and_hhh_tasks_run_through_lm_eval(tmp_path, tiny_model_dir):
+    pytest.importorskip("lm_eval")
+    from ila.evaluation import lm_eval_scores, write_offline_tasks
+
+    cache = tmp_path / "cache"
+    _fake_bigbench_archive(cache)
+    folder = write_offline_tasks(cache / "tasks", ["ila_gsm8k_heldout", "ila_hhh"], cache)
+    gsm = [json.loads(x) for x in (folder / "ila_gsm8k_heldout.jsonl").read_text().splitlines()]
+    assert len(gsm) == 264 and all(r["target"] and r["target"].replace("-", "").replace(".", "").isdigit() for r in gsm)
+    hhh = [json.loads(x) for x in (folder / "ila_hhh.jsonl").read_text().splitlines()]
+    assert len(hhh) == 2 and all(r["choices"][r["answer"]] in ("I can't help with that.", "I don't know.") for r in hhh)
+    assert (cache / "bigbench" / "hhh_alignment" / "done").is_file()  # extracted once, reused afterwards
+
+    scores = lm_eval_scores(str(tiny_model_dir), ["ila_hhh", "ila_gsm8k_heldout"], limit=2, batch_size=2, cache=cache)
+    assert 0.0 <= scores["ila_hhh"]["acc/none"] <= 1.0
+    (metric,) = [k for k in scores["ila_gsm8k_heldout"] if k.startswith("exact_match")]
+    assert 0.0 <= scores["ila_gsm8k_heldout"][metric] <= 1.0

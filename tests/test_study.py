@@ -26,14 +26,23 @@ def test_study_on_tiny_models(tmp_path, tiny_model_dir, tiny_data_file, capsys):
         "base": str(base), "models": {str(tiny_model_dir): [], str(deeper): []},
         "alignment": [str(tiny_data_file), str(other)], "reasoning": [], "seeds": [0, 1],
         "seed_dataset": str(tiny_data_file), "milestones": [0.5, 1.0],
-        "cross_model_datasets": [str(tiny_data_file)], "fractions": [0.25, 0.5]}, sort_keys=False))
+        "cross_model_datasets": [str(tiny_data_file)], "fractions": [0.25, 0.5],
+        "scorers": ["update-norm", "snr"]}, sort_keys=False))
     out = tmp_path / "out"
     assert main(["study", "--config", str(study), "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    for group in ("alignment datasets", "seeds", "milestone 050% vs 100%", "vs deeper"):
+    for group in ("alignment datasets", "seeds", "milestone 050% vs 100%", "vs deeper", "update-norm: seeds",
+                  "snr: alignment datasets", "ila vs update-norm on"):
         assert group in report
+    # the paper's figure stands beside the comparisons it is about, and only those
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    assert any("vs deeper" in row and "weaker across models" in row for row in rows)
+    assert not any("ila vs update-norm" in row and "weaker across models" in row for row in rows)
+    assert not any("seeds" in row and "update-norm" in row and "stable across seeds" in row for row in rows)
     data = json.loads((out / "study.json").read_text())
     assert data["kind"] == "ila.study" and len(data["runs"]) == 4
+    norm = data["groups"]["update-norm: seeds"]
+    assert all(r["scorer"] == "update-norm" for r in norm["rankings"])
     assert list((out / "plots").glob("*.png"))
     # A second call reuses every run.
     assert main(["study", "--config", str(study), "--out", str(out)]) == 0

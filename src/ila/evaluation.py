@@ -238,7 +238,8 @@ def lm_eval_scores(model_path: str, tasks: Sequence[str], *, adapter: str | Path
     for task, metrics in out["results"].items():
         scores[task] = {k.split(",")[0] + ("" if "," not in k else "/" + k.split(",")[1]): float(v)
                         for k, v in metrics.items()
-                        if isinstance(v, (int, float)) and "stderr" not in k and math.isfinite(float(v))}
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k
+                        and k != "sample_len" and math.isfinite(float(v))}
     return scores
 
 

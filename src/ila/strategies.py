@@ -170,7 +170,12 @@ def run_strategies(cfg: RunConfig, ranking_path: Path, out: Path, *, tasks: tupl
         adapters = {s.name: out / s.name / "stage3" / "adapter" for s in strategies
                     if s.family in ("all", "ila-drop-bottom", "ila-top")}
         write_generations(cfg, adapters, generate, out / "generations.md")
-    return {"schema_version": 1, "kind": "ila.strategies", "ranking": str(ranking_path), "results": results}
+    if heldout is None:
+        heldout = _datasets(cfg, tokenizer, out / ".data")[1]
+    # The untuned base model on the same held-out split: how much each strategy's training bought.
+    base = heldout_loss(load_base_model(cfg.model), tokenizer, heldout, batch_size=cfg.stage3.train.batch_size)
+    return {"schema_version": 1, "kind": "ila.strategies", "ranking": str(ranking_path),
+            "base_heldout_loss": base["loss"], "results": results}
 
 
 def _spread(values: list[float]) -> tuple[float, float]:
@@ -180,11 +185,15 @@ def _spread(values: list[float]) -> tuple[float, float]:
 def render_markdown(report: dict[str, Any], command: str) -> str:
     rows = report["results"]
     ref = next(r for r in rows if r["name"] == "all")
-    bench_names = sorted({k for r in rows for t, m in r["benchmarks"].items() for k in [f"{t}:{next(iter(m), '')}"]})
-    lines = [f"Command: `{command}`", "",
-             "| strategy | layers | trainable params | held-out loss | vs all | step (s) | peak memory (MB) | "
-             + " | ".join(bench_names) + (" |" if bench_names else "|"),
-             "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(bench_names)]
+    bench_names = sorted({f"{t}:{k}" for r in rows for t, m in r["benchmarks"].items() for k in m})
+    lines = [f"Command: `{command}`", ""]
+    base = report.get("base_heldout_loss")
+    if base is not None:
+        lines += [f"Held-out loss of the base model, untuned: {base:.4f}; `all` brings it to {ref['heldout_loss']:.4f} "
+                  f"({ref['heldout_loss'] - base:+.4f}).", ""]
+    lines += ["| strategy | layers | trainable params | held-out loss | vs all | step (s) | peak memory (MB) | "
+              + " | ".join(bench_names) + (" |" if bench_names else "|"),
+              "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(bench_names)]
     grouped: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         key = r["name"].rsplit("-seed", 1)[0] if r["family"] == "random" else r["name"]
@@ -239,6 +248,8 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
                 ax.plot([r[xkey]], [r["heldout_loss"]], "D" if r["family"] == "ila-drop-bottom" else "*",
                         markersize=8, label=r["name"])
         ax.set_xlabel(xlabel)
+        if report.get("base_heldout_loss") is not None:
+            ax.axhline(report["base_heldout_loss"], ls=":", color="grey", label="base model, untuned")
         ax.set_ylabel("held-out loss (response tokens)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -28,6 +28,15 @@ from .ranking import Ranking
 
 log = logging.getLogger(__name__)
 
+# What the paper reports for each kind of comparison (Shi et al., arXiv 2410.17875), shown beside ours.
+PAPER = {
+    "datasets": "~0.90 (Alpaca-GPT4, LIMA, No Robots; LLaMA-2-7B)",
+    "reasoning": "0.86 (LIMO, s1.1)",
+    "seeds": "stable across seeds",
+    "milestone": "25 % of training already agrees",
+    "models": "weaker across models (~0.7 in one summary)",
+}
+
 
 @dataclass
 class StudyConfig:
@@ -47,6 +56,10 @@ class StudyConfig:
     cross_model_datasets: list[str] = field(default_factory=lambda: ["sharegpt", "gsm8k"])
     """Datasets run on every model besides the first, for the cross-model comparison."""
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
+    scorers: list[str] = field(default_factory=list)
+    """Other scorers (``taylor``, ``update-norm``, ``snr``, ``block-influence``...) run on every run's last
+    milestone beside the ILA gates: their rankings are compared across datasets and seeds like ILA's, and
+    with ILA's."""
 
     def validate(self) -> "StudyConfig":
         if not self.models:
@@ -57,6 +70,12 @@ class StudyConfig:
             raise ConfigError("milestones: fractions in (0, 1]")
         if self.seed_dataset not in self.alignment + self.reasoning:
             raise ConfigError(f"seed_dataset: {self.seed_dataset} is not among the datasets")
+        from .scoring import SCORER_NAMES
+
+        for scorer in self.scorers:
+            if scorer not in SCORER_NAMES or scorer == "ila":
+                others = ", ".join(n for n in SCORER_NAMES if n != "ila")
+                raise ConfigError(f"scorers: unknown scorer {scorer!r} (choose from {others}; ila always runs)")
         return self
 
 
@@ -110,8 +129,9 @@ def _run_config(cfg: StudyConfig, run: StudyRun) -> Any:
     return load_config(cfg.base, overrides)
 
 
-def ranking_file(out: Path, run: StudyRun, milestone: float) -> Path:
-    return out / "runs" / run.key / f"rank-{milestone_name(milestone)}" / "stage2" / "ranking.json"
+def ranking_file(out: Path, run: StudyRun, milestone: float, scorer: str = "ila") -> Path:
+    name = "ranking.json" if scorer == "ila" else f"ranking-{scorer}.json"
+    return out / "runs" / run.key / f"rank-{milestone_name(milestone)}" / "stage2" / name
 
 
 def execute(cfg: StudyConfig, out: Path) -> dict[str, dict[str, Path]]:
@@ -135,6 +155,14 @@ def execute(cfg: StudyConfig, out: Path) -> dict[str, dict[str, Path]]:
                 prepare_run_dir(rc, sub)
                 stage2(rc, sub, adapter=run_dir / "stage1" / "milestones" / milestone_name(m))
             done[run.key][milestone_name(m)] = target
+        last = max(cfg.milestones)
+        for scorer in cfg.scorers:
+            target = ranking_file(out, run, last, scorer)
+            if not target.is_file():
+                log.info("study: %s scores of %s", scorer, run.key)
+                stage2(rc, target.parent.parent, adapter=run_dir / "stage1" / "milestones" / milestone_name(last),
+                       scorer=scorer)
+            done[run.key][f"{milestone_name(last)}:{scorer}"] = target
     return done
 
 
@@ -166,53 +194,50 @@ def analyse(cfg: StudyConfig, files: dict[str, dict[str, Path]], out: Path) -> d
         return Ranking.load(files[StudyRun(model, dataset, seed).key][milestone])
 
     groups: dict[str, dict[str, Any]] = {}
+    paper: dict[str, str] = {}
 
-    def add(name: str, rankings: list[Ranking], labels: list[str], **kw: Any) -> None:
+    def add(name: str, rankings: list[Ranking], labels: list[str], figure: str = "", **kw: Any) -> None:
         if len(rankings) >= 2:
             groups[name] = compare_rankings(rankings, labels, cfg.fractions, **kw)
+            paper[name] = figure
 
-    add("alignment datasets", [load(first_model, d, seed0) for d in cfg.alignment], [_slug(d) for d in cfg.alignment])
+    align = cfg.alignment
+    add("alignment datasets", [load(first_model, d, seed0) for d in align], [_slug(d) for d in align],
+        PAPER["datasets"])
     if len(cfg.reasoning) >= 2:
-        add("reasoning datasets", [load(first_model, d, seed0) for d in cfg.reasoning], [_slug(d) for d in cfg.reasoning])
+        add("reasoning datasets", [load(first_model, d, seed0) for d in cfg.reasoning], [_slug(d) for d in cfg.reasoning],
+            PAPER["reasoning"])
     if cfg.reasoning:
         add("alignment vs reasoning", [load(first_model, cfg.seed_dataset, seed0), load(first_model, cfg.reasoning[0], seed0)],
             [_slug(cfg.seed_dataset), _slug(cfg.reasoning[0])])
-    add("seeds", [load(first_model, cfg.seed_dataset, s) for s in cfg.seeds], [f"seed{s}" for s in cfg.seeds])
+    add("seeds", [load(first_model, cfg.seed_dataset, s) for s in cfg.seeds], [f"seed{s}" for s in cfg.seeds],
+        PAPER["seeds"])
     for m in cfg.milestones:
         if milestone_name(m) != last:
             add(f"milestone {milestone_name(m)}% vs {last}%",
                 [load(first_model, cfg.seed_dataset, seed0, milestone_name(m)), load(first_model, cfg.seed_dataset, seed0)],
-                [f"{milestone_name(m)}%", f"{last}%"])
+                [f"{milestone_name(m)}%", f"{last}%"], PAPER["milestone"])
     for other in list(cfg.models)[1:]:
         for d in cfg.cross_model_datasets:
             add(f"{_slug(first_model)} vs {_slug(other)} on {_slug(d)}", [load(first_model, d, seed0), load(other, d, seed0)],
-                [_slug(first_model), _slug(other)], mapping="depth")
+                [_slug(first_model), _slug(other)], PAPER["models"], mapping="depth")
         if len(cfg.cross_model_datasets) >= 2:
             a, b = cfg.cross_model_datasets[:2]
             add(f"{_slug(other)}: {_slug(a)} vs {_slug(b)}", [load(other, a, seed0), load(other, b, seed0)],
                 [_slug(a), _slug(b)])
+    for scorer in cfg.scorers:
+        key = f"{last}:{scorer}"
+        add(f"{scorer}: alignment datasets", [load(first_model, d, seed0, key) for d in align], [_slug(d) for d in align])
+        add(f"{scorer}: seeds", [load(first_model, cfg.seed_dataset, s, key) for s in cfg.seeds],
+            [f"seed{s}" for s in cfg.seeds])
+        add(f"ila vs {scorer} on {_slug(cfg.seed_dataset)}",
+            [load(first_model, cfg.seed_dataset, seed0), load(first_model, cfg.seed_dataset, seed0, key)], ["ila", scorer])
     block_level = {}
     if "alignment datasets" in groups:
         block_level["alignment datasets"] = compare_rankings(
             [load(first_model, d, seed0) for d in cfg.alignment], [_slug(d) for d in cfg.alignment], cfg.fractions,
             level="block")
-    return {"groups": groups, "block_level": block_level}
-
-
-PAPER = {
-    "alignment datasets": "~0.90 (Alpaca-GPT4, LIMA, No Robots; LLaMA-2-7B)",
-    "reasoning datasets": "0.86 (LIMO, s1.1)",
-    "seeds": "stable across seeds",
-    "milestone": "25 % of training already agrees",
-    "vs": "weaker across models (~0.7 in one summary)",
-}
-
-
-def _paper_figure(group: str) -> str:
-    for key, text in PAPER.items():
-        if key in group:
-            return text
-    return ""
+    return {"groups": groups, "paper": paper, "block_level": block_level}
 
 
 def render_report(cfg: StudyConfig, analysis: dict[str, Any], seconds: float, command: str) -> str:
@@ -224,6 +249,8 @@ def render_report(cfg: StudyConfig, analysis: dict[str, Any], seconds: float, co
              f"`{' '.join(cfg.overrides) or 'no overrides'}`. Wall time {seconds / 60:.0f} min.", "",
              "Jaccard of the top-k layer sets (mean over the pairs of each group), beside the Jaccard expected of random "
              "sets of the same sizes and the largest one-sided p-value of the pairs (hypergeometric, exact).", ""]
+    # The paper reports its overlaps for about the top 30 %; its figures go beside that table (or the first).
+    paper_at = min(cfg.fractions, key=lambda f: abs(f - 0.3))
     for f in cfg.fractions:
         lines += [f"### top {f:.0%}", "", "| comparison | pairs | Jaccard | random | max p | Spearman | paper |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -231,7 +258,7 @@ def render_report(cfg: StudyConfig, analysis: dict[str, Any], seconds: float, co
             s = _summarise(result, f)
             rho = f"{s['mean_spearman']:.2f}" if s["mean_spearman"] is not None else "-"
             lines.append(f"| {name} | {s['pairs']} | {s['mean_jaccard']:.2f} | {s['mean_random']:.2f} | "
-                         f"{s['max_p_value']:.1e} | {rho} | {_paper_figure(name) if f == 0.3 else ''} |")
+                         f"{s['max_p_value']:.1e} | {rho} | {analysis['paper'].get(name, '') if f == paper_at else ''} |")
         lines.append("")
     for name, result in analysis["block_level"].items():
         lines += [f"Block level ({name}): " + ", ".join(
