@@ -56,3 +56,67 @@ def test_stage1_stops_when_the_ranking_settles(tmp_path, tiny_model_dir, tiny_da
     assert records[-1]["stable"] and records[-1]["top_overlap"] >= 0.5
     assert all(0.0 <= r["top_overlap"] <= 1.0 for r in records)
     assert (tmp_path / "stage1" / "final" / "ila_adapter.json").is_file()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stage1_interrupted_at(step: int):
+    """``ila.pipeline.train`` that stops the run with an exception after ``step`` (like a kill there)."""
+    from transformers import TrainerCallback
+
+    from ila import training
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise _Interrupt
+
+    def train(model, plan, *args, **kwargs):
+        plan.callbacks = [*plan.callbacks, Stop()]
+        return training.train(model, plan, *args, **kwargs)
+
+    return train
+
+
+def _records(run_dir):
+    import json
+
+    lines = (run_dir / "stage1" / "stability.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in lines]
+
+
+def test_resumed_stage1_tracks_stability_as_an_uninterrupted_run(tmp_path, tiny_model_dir, tiny_data_file,
+                                                                 monkeypatch):
+    """Window 4, checkpoints every 6 steps, killed at step 7: the resumed run must know the snapshot of step 4
+    (its first record is then at step 8 and 12, not a window late) and stop at the same stable step."""
+    from conftest import TINY_OVERRIDES
+
+    from ila import pipeline
+    from ila.config import load_config
+    from ila.pipeline import prepare_run_dir, stage1
+
+    overrides = TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + [
+        "stage1.train.max_steps=40", "stage1.stability_window=4", "stage1.train.save_steps=6",
+        "stage1.stop_when_stable=true", "stage1.stability_epsilon=0.3", "stage1.train.lr_scheduler=constant"]
+    cfg = load_config(None, overrides)
+    prepare_run_dir(cfg, tmp_path / "whole")
+    whole = stage1(cfg, tmp_path / "whole")
+    assert whole["stable_at_step"] is not None and whole["stable_at_step"] > 12, whole["stability"]
+
+    prepare_run_dir(cfg, tmp_path / "cut")
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "train", _stage1_interrupted_at(7))
+        with pytest.raises(_Interrupt):
+            stage1(cfg, tmp_path / "cut")
+    resumed = stage1(cfg, tmp_path / "cut")
+    assert resumed["resumed_from"] is not None and resumed["resumed_from"].endswith("checkpoint-6")
+    assert resumed["stable_at_step"] == whole["stable_at_step"]
+    assert resumed["steps"] == whole["steps"]
+    a, b = _records(tmp_path / "whole"), _records(tmp_path / "cut")
+    assert [r["step"] for r in b] == [r["step"] for r in a]
+    for x, y in zip(a, b):
+        assert y["relative_change"] == pytest.approx(x["relative_change"], rel=1e-3)
+        assert y["stable"] == x["stable"]
+    assert [r["step"] for r in resumed["stability"]] == [r["step"] for r in a]

@@ -80,3 +80,23 @@ def test_the_ila_trainer_uses_response_logits_only_where_the_model_can(tmp_path)
     assert ours.item() == pytest.approx(plain.item(), rel=1e-6)
     plan.response_logits_only = False
     assert not make_trainer(model, plan, make_tokenizer(), Dataset.from_list(rows)).response_logits_only
+
+
+@pytest.mark.parametrize("state", ['{"global_step": 20, "log_hist', "", None, '{"global_step": 10}'])
+def test_a_checkpoint_with_a_missing_or_cut_off_trainer_state_is_not_resumed(tmp_path, state):
+    """A kill while the Trainer writes trainer_state.json leaves it cut off (or empty); a copied folder can
+    carry the state of another step. Only a whole state of the folder's own step marks it complete."""
+    import json
+
+    from ila.training import last_complete_checkpoint
+
+    good = tmp_path / "checkpoint-10"
+    good.mkdir()
+    (good / "trainer_state.json").write_text(json.dumps({"global_step": 10, "log_history": []}))
+    bad = tmp_path / "checkpoint-20"
+    bad.mkdir()
+    (bad / "adapter_model.safetensors").write_bytes(b"x")
+    if state is not None:
+        (bad / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == str(good)
+    assert not bad.exists()  # removed, so that the next resume does not meet it again

@@ -123,12 +123,34 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its non-finite float values as null, so that it can be written as strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one metrics record; non-finite floats are written as null so the file stays strict JSON."""
     if not is_main_process():
         return
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    clean = finite_or_null(record)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(clean, allow_nan=False) + "\n")
+
+
+def truncate_jsonl(path: str | Path, last_step: int) -> None:
+    """Keep only the records of ``path`` up to ``last_step`` (atomically): a run resumed from the checkpoint
+    of ``last_step`` logs the later steps again, and each must appear once."""
+    path = Path(path)
+    if not is_main_process() or not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut off by the interruption
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line + "\n")
+    write_text_atomic(path, "".join(kept))

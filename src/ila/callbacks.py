@@ -10,13 +10,15 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .artifacts import append_jsonl, atomic_dir, write_json_atomic
+from .artifacts import append_jsonl, atomic_dir, finite_or_null, read_json, truncate_jsonl, write_json_atomic
 from .gates import LayerGates
 from .stability import LoraFactors, relative_change, relative_change_full, update_norms, weight_snapshot
 
 log = logging.getLogger(__name__)
 
 ADAPTER_META = "ila_adapter.json"
+STABILITY_STATE = "ila_stability.json"
+STABILITY_TENSORS = "ila_stability.safetensors"
 
 
 def milestone_steps(fractions: list[float], planned_steps: int) -> dict[int, float]:
@@ -112,8 +114,14 @@ class StabilityTracker(TrainerCallback):
         self.stable_at: int | None = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-        if state.global_step % self.window != 0:
-            return
+        if state.global_step % self.window == 0:
+            self._record(state, control, model)
+        # The Trainer writes the checkpoint of this step right after the step-end callbacks, and its
+        # trainer_state.json last: state written now is inside every checkpoint that a resume trusts.
+        if control.should_save and state.is_world_process_zero:
+            self.save_state(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def _record(self, state, control, model) -> None:  # noqa: ANN001
         if self.base_weights is not None:
             current: Any = weight_snapshot(model, self.layer_names)
         else:
@@ -146,6 +154,51 @@ class StabilityTracker(TrainerCallback):
         self.previous = current
         self.previous_top = top
 
+    def save_state(self, checkpoint: Path) -> None:
+        """Write what the tracker carries between windows into ``checkpoint`` (tensors, then JSON)."""
+        from safetensors.torch import save_file
+
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Any] = {}
+        scaling: dict[str, float] = {}
+        if isinstance(self.previous, LoraFactors):
+            for name, (scale, a, b) in self.previous.factors.items():
+                tensors[f"{name}.A"], tensors[f"{name}.B"] = a.contiguous(), b.contiguous()
+                scaling[name] = scale
+        elif self.previous is not None:
+            tensors = {name: w.contiguous() for name, w in self.previous.items()}
+        if tensors:
+            save_file(tensors, str(checkpoint / STABILITY_TENSORS))
+        write_json_atomic(checkpoint / STABILITY_STATE, {
+            "schema_version": 1, "kind": "ila.stability_state",
+            "previous": None if self.previous is None else ("lora" if scaling else "full"),
+            "scaling": scaling, "previous_top": sorted(self.previous_top or []),
+            "calm_windows": self.calm_windows, "stable_at": self.stable_at,
+            "history": [finite_or_null(r) for r in self.history],
+        })
+
+    def restore(self, checkpoint: Path, step: int) -> None:
+        """Continue from the state saved in ``checkpoint`` (the step a resumed run starts after), so that the
+        resumed run records the same figures, at the same steps, as an uninterrupted one."""
+        from safetensors.torch import load_file
+
+        path = checkpoint / STABILITY_STATE
+        if not path.is_file():
+            log.warning("%s holds no epsilon-stability state; stability is tracked afresh from step %d",
+                        checkpoint, step)
+            return
+        saved = read_json(path, "epsilon-stability state")
+        self.history = [r for r in saved["history"] if r["step"] <= step]
+        self.stable_at, self.calm_windows = saved["stable_at"], saved["calm_windows"]
+        self.previous_top = set(saved["previous_top"]) if saved["previous"] is not None else None
+        if saved["previous"] == "lora":
+            tensors = load_file(str(checkpoint / STABILITY_TENSORS))
+            self.previous = LoraFactors({n: (scale, tensors[f"{n}.A"], tensors[f"{n}.B"])
+                                         for n, scale in saved["scaling"].items()})
+        elif saved["previous"] == "full":
+            self.previous = load_file(str(checkpoint / STABILITY_TENSORS))
+        truncate_jsonl(self.path, step)  # the records of the steps after the checkpoint come again
+
     def _top_by_update_norm(self, snapshot: Any) -> set[str]:
         """The top ``fraction`` of layers by ||Delta_i||_F (ties by name, for a deterministic set)."""
         if self.base_weights is not None:
@@ -163,6 +216,10 @@ class ScoreTrajectory(TrainerCallback):
         self.gates = gates
         self.path = path
         self.every = every
+
+    def restore(self, checkpoint: Path, step: int) -> None:
+        """A resumed stage 2 writes the steps after ``step`` again."""
+        truncate_jsonl(self.path, step)
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
         if state.global_step % self.every == 0 and state.is_world_process_zero:

@@ -422,13 +422,20 @@ def _fmt(x: object) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
+def _stability_phrase(s1: dict) -> str:
+    """How stage 1 ended with respect to epsilon-stability, in words."""
+    if s1.get("stable_at_step") is None:
+        return "not epsilon-stable within the planned steps"
+    return f"epsilon-stable at step {s1['stable_at_step']}"
+
+
 def _print_summary(out: dict, run_dir: Path) -> None:
     s1, s2, s3 = out["stage1"], out["stage2"], out["stage3"]
     print()
     print(f"ILA run complete: {run_dir}")
     print(f"  base     held-out loss {_fmt(s1.get('base_heldout_loss'))}")
     print(f"  stage 1  {s1['steps']} steps on all {s1['layers']['num_layers']} layers, held-out loss "
-          f"{_fmt(s1['heldout_loss'])}, epsilon-stable at step {s1['stable_at_step']}")
+          f"{_fmt(s1['heldout_loss'])}, {_stability_phrase(s1)}")
     if s1.get("stopped_when_stable"):
         saved = s1["steps_saved"]
         print(f"           stopped when stable: {saved} of {s1['planned_steps']} planned steps saved "

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from .artifacts import append_jsonl
+from .artifacts import append_jsonl, truncate_jsonl
 from .errors import TrainingError
 from .models import resolve_device
 
@@ -239,7 +239,8 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     """The newest Trainer checkpoint that was written to the end.
 
     The Trainer writes ``checkpoint-N`` file by file and ``trainer_state.json`` last, so a process killed
-    while saving leaves a folder without it. Such folders are removed: resuming from them would fail.
+    while saving leaves a folder without it, or with a cut-off one. Such folders are removed: resuming from
+    them would fail.
     """
     import shutil
 
@@ -249,12 +250,35 @@ def last_complete_checkpoint(folder: Path) -> str | None:
             found.append((int(path.name.split("-", 1)[1]), path))
         except ValueError:
             continue
-    for _, path in sorted(found, reverse=True):
-        if (path / "trainer_state.json").is_file():
+    for step, path in sorted(found, reverse=True):
+        if _complete_trainer_state(path / "trainer_state.json", step):
             return str(path)
         log.warning("removing incomplete checkpoint %s (interrupted while saving)", path)
         shutil.rmtree(path, ignore_errors=True)
     return None
+
+
+def _complete_trainer_state(path: Path, step: int) -> bool:
+    """Whether ``path`` is a whole ``trainer_state.json`` of step ``step``: present is not enough, a process
+    killed while writing it leaves a cut-off file that the Trainer's resume would fail on."""
+    import json
+
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(state, dict) and state.get("global_step") == step
+
+
+def _restore_callbacks(plan: TrainingPlan, checkpoint: Path) -> None:
+    """Bring the run's logs and stateful callbacks back to the checkpoint's step: the steps after it are
+    trained, and logged, again."""
+    step = int(checkpoint.name.split("-", 1)[1])
+    truncate_jsonl(plan.metrics_path, step)
+    for callback in plan.callbacks:
+        restore = getattr(callback, "restore", None)
+        if restore is not None:
+            restore(checkpoint, step)
 
 
 def make_trainer(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_dataset: Any,
@@ -288,6 +312,7 @@ def train(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_data
         checkpoint = last_complete_checkpoint(plan.output_dir)
         if checkpoint:
             log.info("resuming from %s", checkpoint)
+            _restore_callbacks(plan, Path(checkpoint))
     before = None
     if checkpoint is None and trainer.eval_dataset is not None and plan.eval_before:
         before = float(trainer.evaluate()["eval_loss"])
