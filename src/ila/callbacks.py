@@ -54,6 +54,20 @@ def save_adapter(model: Any, folder: Path, meta: dict[str, Any]) -> Path:
     return folder
 
 
+def adapter_digest(folder: Path) -> str:
+    """sha256 of an adapter folder's files (names and contents): which update a result was computed from,
+    whatever the folder is called."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        h.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def load_full_updates(folder: Path, base_model: Any, layer_names: list[str]) -> dict[str, Any]:
     """Delta_i = W_T - W_0 for every layer, from a full fine-tuning milestone and the base model."""
     from safetensors.torch import load_file

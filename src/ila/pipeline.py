@@ -28,7 +28,7 @@ import torch
 
 from . import __version__
 from .artifacts import read_json, sync_processes, write_json_atomic, write_text_atomic
-from .callbacks import ADAPTER_META, MilestoneSaver, StabilityTracker, milestone_name, save_adapter
+from .callbacks import ADAPTER_META, MilestoneSaver, adapter_digest, StabilityTracker, milestone_name, save_adapter
 from .config import RunConfig, TrainConfig, load_config
 from .errors import ConfigError, IlaError, ModelError
 from .layers import Layer, adaptable_layers, describe_layers, layer_names_digest
@@ -137,19 +137,27 @@ def check_adapter_model(meta: dict[str, Any], identity: dict[str, Any], adapter_
             )
 
 
-def _start_stage(cfg: RunConfig, folder: Path, stage: str) -> None:
-    """Record which config a stage runs with; refuse to resume an interrupted stage under another config
-    (its checkpoints would mix two runs)."""
+def _start_stage(cfg: RunConfig, folder: Path, stage: str, inputs: dict[str, Any] | None = None) -> None:
+    """Record which config (and which ``inputs`` from outside the config, such as the adapter that stage 2
+    scores) a stage runs with; refuse to resume an interrupted stage under others (its checkpoints would mix
+    two runs, and the result would carry the wrong label)."""
+    import hashlib
+    import json
+
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / "started.json"
     sha = cfg.stage_sha256(stage)
+    if inputs:
+        blob = json.dumps({"config": sha, **inputs}, sort_keys=True)
+        sha = hashlib.sha256(blob.encode()).hexdigest()
     if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()) and marker.is_file():
         if read_json(marker, f"{stage} start marker").get("stage_sha256") != sha:
+            what = "config" + (" or " + " / ".join(sorted(inputs)) if inputs else "")
             raise ConfigError(
-                f"{folder} holds checkpoints of an interrupted {stage} made with a different config; run the "
-                f"same config again to resume it, or delete {folder / 'checkpoints'} to start {stage} afresh"
+                f"{folder} holds checkpoints of an interrupted {stage} made with a different {what}; run the "
+                f"same command again to resume it, or delete {folder / 'checkpoints'} to start {stage} afresh"
             )
-    write_json_atomic(marker, {"stage": stage, "started": _now(), "stage_sha256": sha})
+    write_json_atomic(marker, {"stage": stage, "started": _now(), "stage_sha256": sha, "inputs": inputs or {}})
 
 
 def _layers(cfg: RunConfig, model: Any) -> list[Layer]:
@@ -271,9 +279,12 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
 # stage 2
 
 
-def resolve_stage1_adapter(run_dir: Path, milestone: str) -> Path:
-    """The adapter folder that ``stage2.milestone`` names: ``last``, a percentage, or a path."""
-    if milestone == "last":
+def resolve_stage1_adapter(run_dir: Path, milestone: str | Path) -> Path:
+    """The adapter folder that ``stage2.milestone`` names: ``last``, a percentage, or a path (a ``Path`` is
+    always a folder); refused unless it holds a whole stage-1 adapter."""
+    if isinstance(milestone, Path):
+        folder = milestone
+    elif milestone == "last":
         folder = run_dir / "stage1" / "final"
     else:
         try:
@@ -323,15 +334,19 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
     s2 = cfg.stage2
     run_dir = Path(run_dir)
     folder = run_dir / "stage2"
-    _start_stage(cfg, folder, "stage2")
+    adapter_dir = None
+    if scorer in NEEDS_ADAPTER:
+        adapter_dir = resolve_stage1_adapter(run_dir, s2.milestone if adapter is None else Path(adapter))
+    # The adapter is named on the command line, not in the config: its contents guard the resume too.
+    _start_stage(cfg, folder, "stage2", {
+        "scorer": scorer, "adapter_sha256": None if adapter_dir is None else adapter_digest(adapter_dir),
+    })
     tokenizer = load_tokenizer(cfg.model)
     model = load_base_model(cfg.model)
     check_model_fits(cfg, model)
     identity = model_identity(model, cfg.model.name)
     meta: dict[str, Any] = {}
-    adapter_dir = None
-    if scorer in NEEDS_ADAPTER:
-        adapter_dir = Path(adapter) if adapter is not None else resolve_stage1_adapter(run_dir, s2.milestone)
+    if adapter_dir is not None:
         meta = read_json(adapter_dir / ADAPTER_META, "stage-1 adapter metadata")
         check_adapter_model(meta, identity, adapter_dir)
         include_lm_head, module_types = meta["include_lm_head"], meta.get("module_types")
