@@ -88,3 +88,65 @@ def test_the_same_adapter_resumes(adapters, tmp_path, monkeypatch):
             stage2(cfg, tmp_path / "cut", adapter=a)
     resumed = stage2(cfg, tmp_path / "cut", adapter=a)
     assert resumed.scores == pytest.approx(whole.scores, rel=1e-4, abs=1e-7)
+
+
+def _peft_model(adapter_name: str = "default", dropout: float = 0.0):
+    import peft
+    from conftest import make_model
+
+    from ila.layers import adaptable_layers
+
+    base = make_model()
+    names = [layer.name for layer in adaptable_layers(base)]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=names)
+    model = peft.get_peft_model(base, cfg, adapter_name=adapter_name)
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+    return model, cfg
+
+
+def _dataset():
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (8, 16), generator=g).tolist()
+    return Dataset.from_list([{"input_ids": x, "attention_mask": [1] * 16, "labels": x} for x in ids])
+
+
+def _rank(model, scorer="ila"):
+    from tiny import make_tokenizer
+
+    from ila.config import Stage2Config
+    from ila.scoring import rank_layers
+
+    return rank_layers(model, scorer=scorer, tokenizer=make_tokenizer(), dataset=_dataset(), device="cpu",
+                       stage2=Stage2Config(steps=4, batch_size=4, learning_rate=1.0))
+
+
+@pytest.mark.parametrize("scorer", ["ila", "taylor", "update-norm"])
+def test_an_adapter_of_any_name_scores_like_default(scorer):
+    default, _ = _peft_model("default")
+    named, _ = _peft_model("sft")
+    a, b = _rank(default, scorer), _rank(named, scorer)
+    assert b.scores == pytest.approx(a.scores, rel=1e-5, abs=1e-8)
+    assert len(set(a.scores.values())) > 1
+
+
+@pytest.mark.parametrize("scorer", ["ila", "taylor", "update-norm"])
+def test_two_active_adapters_or_a_merged_one_are_refused(scorer):
+    from ila.errors import ModelError
+
+    model, cfg = _peft_model("default")
+    model.add_adapter("second", cfg)
+    model.base_model.set_adapter(["default", "second"])
+    with pytest.raises(ModelError, match="2 LoRA adapters are active"):
+        _rank(model, scorer)
+    model.base_model.set_adapter("second")  # one active adapter again: fine
+    _rank(model, scorer)
+
+    merged, _ = _peft_model("default")
+    merged.merge_adapter()
+    with pytest.raises(ModelError, match="merged"):
+        _rank(merged, scorer)

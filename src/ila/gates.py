@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .layers import PEFT_PREFIX
+from .layers import PEFT_PREFIX, lora_adapter_name
 
 
 class LayerGates(nn.Module):
@@ -83,12 +83,16 @@ class GateHooks:
         self.buffers.clear()
 
 
-def attach_gates(peft_model: nn.Module, gates: LayerGates, adapter_name: str = "default") -> GateHooks:
+def attach_gates(peft_model: nn.Module, gates: LayerGates, adapter_name: str | None = None) -> GateHooks:
     """Gate the LoRA update of every layer named in ``gates`` and register ``gates`` on the model.
 
+    ``adapter_name`` defaults to the one active, unmerged adapter of those layers (any name; see
+    :func:`ila.layers.lora_adapter_name`, which refuses several active adapters and merged ones).
     Registering the scores as a submodule (``ila_gates``) makes them ordinary parameters of the model, so
     the Trainer's optimiser, DDP's gradient averaging and device placement treat them like any other.
     """
+    if adapter_name is None:
+        adapter_name = lora_adapter_name(peft_model, gates.layer_names)
     modules = dict(peft_model.named_modules())
     handles = []
     missing = []

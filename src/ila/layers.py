@@ -37,6 +37,46 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def lora_adapter_name(model: nn.Module, layer_names: list[str]) -> str:
+    """The name of the one LoRA adapter that acts on ``layer_names`` of a peft ``model``.
+
+    ILA gates a layer's update Delta_i, so exactly one adapter must be active and unmerged on every layer:
+    with two active adapters the update is their sum and gating one of them ranks something else; a merged
+    adapter is already inside W and a gate on its LoRA path would change nothing.
+    """
+    modules = dict(model.named_modules())
+    names: set[str] = set()
+    for layer in layer_names:
+        module = modules.get(PEFT_PREFIX + layer)
+        if module is None or not hasattr(module, "lora_A"):
+            raise ModelError(f"{layer} carries no LoRA adapter; the adapter does not match the layers being scored")
+        active = [a for a in _as_list(getattr(module, "active_adapters", [])) if a in module.lora_A]
+        if getattr(module, "merged", False):
+            raise ModelError(
+                f"the LoRA adapter on {layer} is merged into the base weights, so its update cannot be gated; "
+                "call model.unmerge_adapter() (or load the adapter unmerged) before scoring"
+            )
+        if getattr(module, "disable_adapters", False) or not active:
+            raise ModelError(f"no LoRA adapter is active on {layer}; activate the one to score with "
+                             "model.set_adapter(name)")
+        if len(active) > 1:
+            raise ModelError(
+                f"{len(active)} LoRA adapters are active on {layer} ({', '.join(active)}); ILA scores one update "
+                "per layer: activate exactly one with model.set_adapter(name), or merge them into one adapter first"
+            )
+        names.add(active[0])
+    if len(names) > 1:
+        raise ModelError(f"the layers carry different active LoRA adapters ({', '.join(sorted(names))}); "
+                         "activate one adapter on every layer")
+    if not names:
+        raise ModelError("no layer to score")
+    return names.pop()
+
+
+def _as_list(value: object) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+
+
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):  # includes bitsandbytes Linear4bit / Linear8bitLt
         return True

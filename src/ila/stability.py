@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import PEFT_PREFIX
+from .layers import PEFT_PREFIX, lora_adapter_name
 
 
 @dataclass
@@ -30,7 +30,10 @@ class LoraFactors:
     factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def snapshot(cls, peft_model: nn.Module, layer_names: list[str], adapter: str = "default") -> "LoraFactors":
+    def snapshot(cls, peft_model: nn.Module, layer_names: list[str], adapter: str | None = None) -> "LoraFactors":
+        """``adapter`` defaults to the one active adapter of the layers (:func:`ila.layers.lora_adapter_name`)."""
+        if adapter is None:
+            adapter = lora_adapter_name(peft_model, layer_names)
         modules = dict(peft_model.named_modules())
         out = {}
         for name in layer_names:
