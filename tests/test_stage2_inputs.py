@@ -150,3 +150,19 @@ def test_two_active_adapters_or_a_merged_one_are_refused(scorer):
     merged.merge_adapter()
     with pytest.raises(ModelError, match="merged"):
         _rank(merged, scorer)
+
+
+@pytest.mark.parametrize("scorer", ["ila", "taylor"])
+def test_the_base_models_own_dropout_is_off_while_scoring(scorer):
+    """Attention dropout 0.3 in the base model: stage 2 must score the model itself, so the scores equal those
+    of the same weights without dropout."""
+    plain, _ = _peft_model()
+    dropped, _ = _peft_model()
+    hits = 0
+    for module in dropped.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.3
+            hits += 1
+    assert hits == 4
+    a, b = _rank(plain, scorer), _rank(dropped, scorer)
+    assert b.scores == pytest.approx(a.scores, rel=1e-5, abs=1e-7)

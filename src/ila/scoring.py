@@ -263,6 +263,7 @@ def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, t
         callbacks=[ScoreTrajectory(gates, folder / "scores.jsonl", s2.logging_steps)],
         resume=resume,
         response_logits_only=s2.response_logits_only,
+        deterministic=True,  # stage 2 must see the model it scores, not a dropped-out copy of it
     )
     try:
         result = train(peft_model, plan, tokenizer, train_dataset, None)

@@ -69,6 +69,8 @@ class TrainingPlan:
     response_logits_only: bool = True
     """Compute the output head only where the next token is a response token (see
     :func:`response_logits_kwargs`)."""
+    deterministic: bool = False
+    """Train with the model in eval mode: every dropout (LoRA's and the base model's own) off."""
 
 
 @dataclass
@@ -123,8 +125,10 @@ class IlaTrainer(Trainer):
     response positions, and (for stage 2) checkpoints that hold only the trainable parameters."""
 
     def __init__(self, *args: Any, penalty: Callable[[], torch.Tensor] | None = None,
-                 save_trainable_only: bool = False, response_logits_only: bool = True, **kwargs: Any):
+                 save_trainable_only: bool = False, response_logits_only: bool = True, deterministic: bool = False,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.deterministic = deterministic
         self.penalty = penalty
         self.save_trainable_only = save_trainable_only
         self.last_penalty: float | None = None
@@ -155,7 +159,13 @@ class IlaTrainer(Trainer):
             save_file(trainable, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        if self.response_logits_only and model.training and inputs.get("labels") is not None \
+        training = model.training
+        if training and self.deterministic:
+            # The Trainer switches the model to train mode before every step; a stage that must see a
+            # deterministic model (stage 2: no dropout anywhere, the base model's own included) undoes it.
+            # Gradients flow the same in eval mode.
+            model.eval()
+        if self.response_logits_only and training and inputs.get("labels") is not None \
                 and self.label_smoother is None and self.compute_loss_func is None:
             inputs = {**inputs, **response_logits_kwargs(inputs["labels"])}
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -165,7 +175,7 @@ class IlaTrainer(Trainer):
                 f"the loss became {loss.item()} at step {self.state.global_step + 1}; stopping. The last good "
                 f"checkpoint (if any) is in {self.args.output_dir}. Lower the learning rate or use fp32/bf16."
             )
-        if self.penalty is not None and model.training:
+        if self.penalty is not None and training:
             penalty = self.penalty()
             self.last_penalty = float(penalty.detach())
             # The language-model loss is already normalised over the whole accumulated batch when the model
@@ -298,6 +308,7 @@ def make_trainer(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, tra
         penalty=plan.penalty,
         save_trainable_only=plan.save_trainable_only,
         response_logits_only=plan.response_logits_only,
+        deterministic=plan.deterministic,
     )
     ref.append(trainer)
     return trainer
