@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 from conftest import TINY_OVERRIDES, make_model
 from safetensors.torch import load_file
@@ -68,3 +69,56 @@ def test_full_fine_tuning_run(tmp_path, tiny_model_dir, tiny_data_file):
     changed = {n.rsplit(".", 1)[0] for n, p in base.named_parameters() if not torch.equal(p, tuned_params[n])}
     assert changed == selected
     assert out["stage3"]["model"].endswith("model")
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def test_a_full_update_with_biases_is_saved_loaded_and_gated_whole(tmp_path):
+    """GPT-2's projections have biases, which full fine-tuning trains: Delta_i must carry them, or the gates
+    at 1 are not the fine-tuned model."""
+    from ila.callbacks import load_full_updates, save_adapter
+    from ila.selection import apply_selection
+
+    base = _tiny_gpt2()
+    names = [layer.name for layer in adaptable_layers(base)]
+    assert len(names) == 8 and all(dict(base.named_modules())[n].bias is not None for n in names)
+    trained = apply_selection(copy.deepcopy(base), names, method="full")
+    opt = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        trained(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    moved = [n for n in names if not torch.equal(dict(trained.named_modules())[n].bias,
+                                                 dict(base.named_modules())[n].bias)]
+    assert moved == names  # the biases were trained
+    save_adapter(trained, tmp_path / "milestone", {"method": "full", "layers": names})
+    deltas = load_full_updates(tmp_path / "milestone", base, names)
+
+    gated = copy.deepcopy(base)
+    gates = LayerGates(names)
+    hooks = attach_update_gates(gated, gates, deltas)
+    with torch.no_grad():
+        want_trained = trained(input_ids=ids).logits
+        gates.set_fixed(1.0)
+        torch.testing.assert_close(gated(input_ids=ids).logits, want_trained, rtol=1e-4, atol=1e-4)
+        gates.set_fixed(0.0)
+        assert torch.equal(gated(input_ids=ids).logits, base(input_ids=ids).logits)
+    hooks.remove()
+    assert not any(hasattr(m, "ila_delta_bias") for m in gated.modules())
+
+    # The update-norm scorer counts the bias update too.
+    from ila.scoring import ScoringInputs, score_layers
+    from ila.stability import bias_key
+
+    layers = adaptable_layers(base)
+    norms, _ = score_layers("update-norm", ScoringInputs(model=base, layers=layers, deltas=deltas))
+    for n in names:
+        expect = (deltas[n].pow(2).sum() + deltas[bias_key(n)].pow(2).sum()).sqrt()
+        assert norms[n] == pytest.approx(float(expect), rel=1e-5)

@@ -12,7 +12,15 @@ from transformers import TrainerCallback
 
 from .artifacts import append_jsonl, atomic_dir, finite_or_null, read_json, truncate_jsonl, write_json_atomic
 from .gates import LayerGates
-from .stability import LoraFactors, relative_change, relative_change_full, update_norms, weight_snapshot
+from .stability import (
+    LoraFactors,
+    bias_key,
+    full_update_norm,
+    relative_change,
+    relative_change_full,
+    update_norms,
+    weight_snapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +54,11 @@ def save_adapter(model: Any, folder: Path, meta: dict[str, Any]) -> Path:
             from .layers import unwrap
 
             modules = dict(unwrap(model).named_modules())
-            weights = {name: modules[name].weight.detach().cpu().contiguous() for name in meta["layers"]}
+            weights = {}
+            for name in meta["layers"]:  # W_T and, where the layer has one, its trained bias
+                weights[name] = modules[name].weight.detach().cpu().contiguous()
+                if getattr(modules[name], "bias", None) is not None:
+                    weights[bias_key(name)] = modules[name].bias.detach().cpu().contiguous()
             save_file(weights, str(tmp / LAYER_WEIGHTS), metadata={"format": "pt"})
         else:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -69,7 +81,10 @@ def adapter_digest(folder: Path) -> str:
 
 
 def load_full_updates(folder: Path, base_model: Any, layer_names: list[str]) -> dict[str, Any]:
-    """Delta_i = W_T - W_0 for every layer, from a full fine-tuning milestone and the base model."""
+    """Delta_i = W_T - W_0 for every layer, from a full fine-tuning milestone and the base model: the weight
+    update under the layer's name and, for a layer with a bias, the bias update under
+    :func:`ila.stability.bias_key` (stage 1 trains both; a bias file of an older milestone that lacks them
+    is read as an unchanged bias)."""
     from safetensors.torch import load_file
 
     from .errors import ModelError
@@ -83,7 +98,13 @@ def load_full_updates(folder: Path, base_model: Any, layer_names: list[str]) -> 
     missing = [n for n in layer_names if n not in trained]
     if missing:
         raise ModelError(f"{path} lacks the weights of {len(missing)} layers, e.g. {missing[0]}")
-    return {n: trained[n].to(modules[n].weight.dtype) - modules[n].weight.detach().cpu() for n in layer_names}
+    deltas = {}
+    for n in layer_names:
+        deltas[n] = trained[n].to(modules[n].weight.dtype) - modules[n].weight.detach().cpu()
+        bias = getattr(modules[n], "bias", None)
+        if bias is not None and bias_key(n) in trained:
+            deltas[bias_key(n)] = trained[bias_key(n)].to(bias.dtype) - bias.detach().cpu()
+    return deltas
 
 
 class MilestoneSaver(TrainerCallback):
@@ -216,7 +237,8 @@ class StabilityTracker(TrainerCallback):
     def _top_by_update_norm(self, snapshot: Any) -> set[str]:
         """The top ``fraction`` of layers by ||Delta_i||_F (ties by name, for a deterministic set)."""
         if self.base_weights is not None:
-            norms = {n: float((snapshot[n] - self.base_weights[n]).norm()) for n in self.layer_names}
+            update = {k: snapshot[k] - self.base_weights[k] for k in snapshot}
+            norms = {n: full_update_norm(update, n) for n in self.layer_names}
         else:
             norms = update_norms(snapshot)
         k = max(1, round(self.fraction * len(norms)))

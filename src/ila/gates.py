@@ -80,6 +80,7 @@ class GateHooks:
         self.handles.clear()
         for module in self.buffers:  # the stored full-weight updates
             module._buffers.pop("ila_delta", None)
+            module._buffers.pop("ila_delta_bias", None)
         self.buffers.clear()
 
 
@@ -121,10 +122,13 @@ def attach_gates(peft_model: nn.Module, gates: LayerGates, adapter_name: str | N
 
 
 def attach_update_gates(model: nn.Module, gates: LayerGates, deltas: dict[str, torch.Tensor]) -> GateHooks:
-    """Gate full-weight updates: layer i computes ``W_0 x + sigmoid(s_i) * Delta_i x`` with Delta_i = W_T - W_0
-    (the full fine-tuning form of ILA); ``model`` holds W_0. A gate of 0 gives the base model exactly, a gate
-    of 1 the fine-tuned model up to float rounding of the split product."""
+    """Gate full-weight updates: layer i computes ``W_0 x + b_0 + sigmoid(s_i) * (Delta_i x + delta_b_i)`` with
+    Delta_i = W_T - W_0 under the layer's name in ``deltas`` and the bias update b_T - b_0 under
+    :func:`ila.stability.bias_key` (the full fine-tuning form of ILA, which trains biases too); ``model``
+    holds W_0. A gate of 0 gives the base model exactly, a gate of 1 the fine-tuned model up to float
+    rounding of the split product."""
     from .layers import unwrap
+    from .stability import bias_key
 
     modules = dict(unwrap(model).named_modules())
     handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -139,11 +143,17 @@ def attach_update_gates(model: nn.Module, gates: LayerGates, deltas: dict[str, t
         if tuple(delta.shape) != tuple(module.weight.shape):
             raise ModelError(f"{name}: update of shape {tuple(delta.shape)} for a weight of {tuple(module.weight.shape)}")
         module.register_buffer("ila_delta", delta, persistent=False)
+        bias_delta = deltas.get(bias_key(name))
+        if bias_delta is not None:
+            module.register_buffer("ila_delta_bias", bias_delta.to(device=module.weight.device,
+                                                                   dtype=module.weight.dtype), persistent=False)
         transposed = type(module).__name__ == "Conv1D"  # GPT-2 stores (d_in, d_out)
 
         def hook(mod: nn.Module, inp: tuple, out: torch.Tensor, i: int = i, transposed: bool = transposed) -> torch.Tensor:
             x = inp[0]
             update = x @ mod.ila_delta if transposed else nn.functional.linear(x, mod.ila_delta)
+            if getattr(mod, "ila_delta_bias", None) is not None:
+                update = update + mod.ila_delta_bias
             return out + gates.gate(i).to(out.dtype) * update
 
         handles.append(module.register_forward_hook(hook))

@@ -28,7 +28,7 @@ from torch import nn
 from .errors import IlaError
 from .gates import LayerGates, attach_gates
 from .layers import PEFT_PREFIX, Layer, find_blocks, unwrap
-from .stability import LoraFactors, update_norms
+from .stability import LoraFactors, full_update_norm, update_norms
 
 if TYPE_CHECKING:
     from .ranking import Ranking
@@ -52,7 +52,8 @@ class ScoringInputs:
     """Yields batches (input_ids, attention_mask, labels) on the model's device, for scorers that need data."""
     options: dict[str, Any] = field(default_factory=dict)
     deltas: dict[str, torch.Tensor] | None = None
-    """Full fine-tuning: Delta_i = W_T - W_0 per layer (``model`` then holds W_0 and no adapter)."""
+    """Full fine-tuning: Delta_i = W_T - W_0 per layer, and the bias updates (see
+    :func:`ila.gates.attach_update_gates`); ``model`` then holds W_0 and no adapter."""
 
 
 def score_layers(scorer: str, inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
@@ -100,7 +101,7 @@ def position_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, 
 def update_norm_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
     """||Delta_i||_F = ||scaling * B_i A_i||_F of the stage-1 update: free once stage 1 ran."""
     if inputs.deltas is not None:
-        return {layer.name: float(inputs.deltas[layer.name].float().norm()) for layer in inputs.layers}, {}
+        return {layer.name: full_update_norm(inputs.deltas, layer.name) for layer in inputs.layers}, {}
     factors = LoraFactors.snapshot(inputs.model, [layer.name for layer in inputs.layers])
     return update_norms(factors), {}
 

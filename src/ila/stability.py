@@ -71,12 +71,32 @@ def relative_change(prev: LoraFactors, cur: LoraFactors) -> tuple[float, dict[st
     return overall, per_layer
 
 
+def bias_key(layer_name: str) -> str:
+    """The key of a layer's bias in a full-weight snapshot or update (its weight is keyed by the layer name)."""
+    return f"{layer_name}.bias"
+
+
 def weight_snapshot(model: nn.Module, layer_names: list[str]) -> dict[str, torch.Tensor]:
-    """A detached copy of every layer's full weight (full fine-tuning)."""
+    """A detached copy of every layer's full weight, and its bias under :func:`bias_key` (full fine-tuning
+    trains both, so both are part of the layer's update W_T - W_0)."""
     from .layers import unwrap
 
     modules = dict(unwrap(model).named_modules())
-    return {n: modules[n].weight.detach().float().clone() for n in layer_names}
+    out = {}
+    for n in layer_names:
+        out[n] = modules[n].weight.detach().float().clone()
+        bias = getattr(modules[n], "bias", None)
+        if bias is not None:
+            out[bias_key(n)] = bias.detach().float().clone()
+    return out
+
+
+def full_update_norm(update: dict[str, torch.Tensor], layer_name: str) -> float:
+    """||Delta_i||_F of a full-weight update: weight and bias together."""
+    total = float(update[layer_name].float().pow(2).sum())
+    if bias_key(layer_name) in update:
+        total += float(update[bias_key(layer_name)].float().pow(2).sum())
+    return total ** 0.5
 
 
 def relative_change_full(base: dict[str, torch.Tensor], prev: dict[str, torch.Tensor],
