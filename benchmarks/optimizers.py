@@ -31,8 +31,19 @@ from pathlib import Path
 VARIANTS = {
     "adam + budget penalty": ["stage2.optimizer=adam", "stage2.learning_rate=0.05", "stage2.budget_lambda=1.0"],
     "adam, no penalty": ["stage2.optimizer=adam", "stage2.learning_rate=0.05", "stage2.budget_lambda=0"],
-    "sgd, no penalty": ["stage2.optimizer=sgd", "stage2.learning_rate={sgd_lr}", "stage2.budget_lambda=0"],
-    "sgd + budget penalty": ["stage2.optimizer=sgd", "stage2.learning_rate={sgd_lr}", "stage2.budget_lambda=1.0"],
+    "sgd lr 100, plain": ["stage2.optimizer=sgd", "stage2.normalise_step=false", "stage2.learning_rate=100",
+                          "stage2.budget_lambda=0"],
+    "sgd lr 1, plain": ["stage2.optimizer=sgd", "stage2.normalise_step=false", "stage2.learning_rate=1",
+                        "stage2.budget_lambda=0"],
+    "sgd normalised, lr 0.02": ["stage2.optimizer=sgd", "stage2.normalise_step=true", "stage2.learning_rate=0.02",
+                                "stage2.budget_lambda=0"],
+    "sgd normalised, lr 0.05": ["stage2.optimizer=sgd", "stage2.normalise_step=true", "stage2.learning_rate=0.05",
+                                "stage2.budget_lambda=0"],
+    "sgd normalised, lr 0.2": ["stage2.optimizer=sgd", "stage2.normalise_step=true", "stage2.learning_rate=0.2",
+                               "stage2.budget_lambda=0"],
+    "sgd normalised, lr 0.5": ["stage2.optimizer=sgd", "stage2.normalise_step=true", "stage2.learning_rate=0.5",
+                               "stage2.budget_lambda=0"],
+    "sgd + budget penalty": ["stage2.optimizer=sgd", "stage2.learning_rate=0.05", "stage2.budget_lambda=1.0"],
 }
 
 
@@ -81,12 +92,21 @@ def auc(positive: list[float], negative: list[float]) -> float:
     return wins / (len(positive) * len(negative))
 
 
+def _stage2_once(cfg, folder: Path, adapter: Path):  # noqa: ANN001, ANN202
+    """Stage 2 in ``folder``, or its ranking when an earlier (interrupted) invocation finished it already."""
+    from ila.pipeline import prepare_run_dir, ranking_path, stage2, stage_done
+    from ila.ranking import Ranking
+
+    if stage_done(folder, "stage2", cfg):
+        return Ranking.load(ranking_path(folder, "ila"))
+    return stage2(cfg, prepare_run_dir(cfg, folder), adapter=adapter)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/demo", help="a run whose stage 1 is complete")
     p.add_argument("--out", default=None, help="scratch folder (default: <run-dir>/optimizers)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--sgd-lr", type=float, default=100.0, help="learning rate of the SGD variants")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every stage-2 run, e.g. --set data.max_length=128")
@@ -95,7 +115,7 @@ def main() -> None:
     args = p.parse_args()
 
     from ila.overlap import jaccard, spearman, top_count
-    from ila.pipeline import prepare_run_dir, run_config, stage2
+    from ila.pipeline import run_config
 
     run_dir = Path(args.run_dir)
     scratch = Path(args.out) if args.out else run_dir / "optimizers"
@@ -105,14 +125,13 @@ def main() -> None:
 
     rows = []
     for variant in args.variants:
-        overrides = [o.format(sgd_lr=args.sgd_lr) for o in VARIANTS[variant]] + args.overrides
+        overrides = VARIANTS[variant] + args.overrides
         slug = variant.replace(" ", "").replace(",", "-").replace("+", "-")
         rankings = []
         for seed in args.seeds:
             print(f"  {variant}, seed {seed} ...", file=sys.stderr, flush=True)
             cfg = run_config(run_dir, overrides + [f"seed={seed}"])
-            folder = prepare_run_dir(cfg, scratch / f"{slug}-seed{seed}")
-            rankings.append(stage2(cfg, folder, adapter=adapter))
+            rankings.append(_stage2_once(cfg, scratch / f"{slug}-seed{seed}", adapter))
         n = rankings[0].num_layers
         pairs = list(itertools.combinations(rankings, 2))
         j10 = statistics.mean(jaccard(a.order[:top_count(0.1, n)], b.order[:top_count(0.1, n)]) for a, b in pairs)
@@ -121,8 +140,7 @@ def main() -> None:
 
         print(f"  {variant}, planted ...", file=sys.stderr, flush=True)
         cfg = run_config(run_dir, overrides + [f"seed={args.seeds[0]}"])
-        folder = prepare_run_dir(cfg, scratch / f"{slug}-planted")
-        planted = stage2(cfg, folder, adapter=planted_dir)
+        planted = _stage2_once(cfg, scratch / f"{slug}-planted", planted_dir)
         # s_0 is the seeded initial noise; LayerGates draws it the same way for the same seed and names.
         from ila.gates import LayerGates
 
@@ -140,6 +158,7 @@ def main() -> None:
             "planted_auc": auc([planted.scores[x] for x in plant["kept"]], [planted.scores[x] for x in plant["noise"]]),
             "zero_max_move": zero_move, "other_median_move": other_move,
             "zero_rank_worst": max(planted.order.index(x) for x in plant["zero"]) + 1,
+            "largest_move": max(moves.values()),
             "mean_gate": planted.meta.get("mean_gate"),
             "stage2_seconds": planted.meta.get("seconds"),
         })
@@ -155,20 +174,20 @@ def main() -> None:
     machine = machine_name()
     name = args.name or f"optimizers-{base_cfg.model.name.replace('/', '_')}"
     doc = {"schema_version": 1, "command": command, "machine": machine, "run_dir": str(run_dir),
-           "stage2_steps": base_cfg.stage2.steps, "seeds": args.seeds, "sgd_lr": args.sgd_lr,
+           "stage2_steps": base_cfg.stage2.steps, "seeds": args.seeds,
            "planted": {k: len(v) for k, v in plant.items()}, "rows": rows}
     lines = [f"Command: `{command}`", "",
              f"Machine: {machine}. Stage 2: {base_cfg.stage2.steps} steps of {base_cfg.stage2.batch_size} x "
-             f"{base_cfg.data.max_length} tokens on the stage-1 adapter of `{run_dir}`; SGD learning rate {args.sgd_lr:g}. "
+             f"{base_cfg.data.max_length} tokens on the stage-1 adapter of `{run_dir}`. "
              f"Planted: {len(plant['kept'])} layers keep their update, {len(plant['noise'])} get noise of the same "
              f"norm, {len(plant['zero'])} a zero update.", "",
              "| variant | seeds: Jaccard top 10 % | seeds: Jaccard top 30 % | seeds: Spearman | planted: kept in top half | "
-             "planted: AUC kept vs noise | zero update: largest score move | others: median move |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "planted: AUC kept vs noise | zero update: largest score move | others: median move | largest move |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['seed_jaccard_10']:.2f} | {r['seed_jaccard_30']:.2f} | "
                      f"{r['seed_spearman']:.2f} | {r['planted_precision']:.2f} | {r['planted_auc']:.2f} | "
-                     f"{r['zero_max_move']:.2g} | {r['other_median_move']:.2g} |")
+                     f"{r['zero_max_move']:.2g} | {r['other_median_move']:.2g} | {r['largest_move']:.2g} |")
     save(name, doc, "\n".join(lines))
     print("\n".join(lines))
 

@@ -108,3 +108,61 @@ def test_attach_gates_refuses_layers_without_adapter():
 
     with pytest.raises(ModelError, match="carry no LoRA"):
         attach_gates(peft_model, LayerGates(layers + ["model.layers.0.self_attn.rotary"]))
+
+
+def _scores_with_loss_scaled_by(factor: float, normalise: bool, monkeypatch, steps: int = 6) -> dict[str, float]:
+    """Stage 2 on one LoRA model with the training loss multiplied by ``factor`` (a model whose gradients are
+    ``factor`` times larger)."""
+    from datasets import Dataset
+    from tiny import make_tokenizer
+
+    from ila.config import Stage2Config
+    from ila.scoring import rank_layers
+    from ila.training import IlaTrainer
+
+    original = IlaTrainer.compute_loss
+
+    def scaled(self, *args, **kwargs):
+        return original(self, *args, **kwargs) * factor
+
+    monkeypatch.setattr(IlaTrainer, "compute_loss", scaled)
+    _, model, _ = _lora_model()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (8, 16), generator=g).tolist()
+    data = Dataset.from_list([{"input_ids": x, "attention_mask": [1] * 16, "labels": x} for x in ids])
+    s2 = Stage2Config(steps=steps, batch_size=4, learning_rate=0.05 if normalise else 1.0, normalise_step=normalise)
+    ranking = rank_layers(model, scorer="ila", tokenizer=make_tokenizer(), dataset=data, stage2=s2, device="cpu")
+    return ranking.scores
+
+
+def test_the_normalised_step_does_not_depend_on_the_models_gradient_scale(monkeypatch):
+    one = _scores_with_loss_scaled_by(1.0, True, monkeypatch)
+    many = _scores_with_loss_scaled_by(1000.0, True, monkeypatch)
+    assert many == pytest.approx(one, rel=1e-4, abs=1e-6)
+    start = LayerGates(list(one)).as_dict()
+    first = _scores_with_loss_scaled_by(1000.0, True, monkeypatch, steps=1)
+    assert max(abs(first[n] - start[n]) for n in one) == pytest.approx(0.05, rel=1e-4)  # lr: the largest first move
+    # Plain SGD at a fixed learning rate moves 1000 times further on the steeper model.
+    plain_one = _scores_with_loss_scaled_by(1.0, False, monkeypatch)
+    plain_many = _scores_with_loss_scaled_by(1000.0, False, monkeypatch)
+    assert max(abs(plain_many[n] - start[n]) for n in one) > 100 * max(abs(plain_one[n] - start[n]) for n in one)
+
+
+def test_score_sgd_divides_by_the_first_gradient_only():
+    from ila.gates import ScoreSGD
+
+    s = torch.nn.Parameter(torch.zeros(3))
+    opt = ScoreSGD([s], lr=0.1)
+    s.grad = torch.tensor([0.0, 0.0, 0.0])  # nothing to measure: nothing moves and no scale is fixed
+    opt.step()
+    assert torch.equal(s.detach(), torch.zeros(3))
+    s.grad = torch.tensor([4.0, -2.0, 0.0])
+    opt.step()
+    torch.testing.assert_close(s.detach(), torch.tensor([-0.1, 0.05, 0.0]))
+    s.grad = torch.tensor([8.0, 0.0, 0.0])  # later steps keep the first scale: a larger gradient moves further
+    opt.step()
+    torch.testing.assert_close(s.detach(), torch.tensor([-0.3, 0.05, 0.0]))
+    state = opt.state_dict()
+    again = ScoreSGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    again.load_state_dict(state)  # a resumed stage 2 keeps G
+    assert float(next(iter(again.state.values()))["scale"]) == 4.0

@@ -213,9 +213,14 @@ class Stage2Config:
     same rate and their order is left to noise. Settled by measurement (docs/method.md, "Choosing the
     optimiser"): SGD without a penalty was as seed-stable as Adam with one, found planted updates as well, and
     leaves the gate of a zero update where it started."""
-    learning_rate: float = 100.0
-    """[spec] Learning rate of the scores. With SGD it sets how far the scores travel (about 0.05 in 30 steps on
-    SmolLM2 at 100: the gradients of single gates are small), not their order; with Adam use about 0.05."""
+    learning_rate: float = 0.05
+    """[spec] Learning rate of the scores. With SGD and ``normalise_step`` it is the largest score move of the
+    first step, on any model; it sets how far the scores travel, not their order (keep it small enough that the
+    gates do not saturate: 100 steps move a score by at most about 100 x this). With Adam about 0.05 too."""
+    normalise_step: bool = True
+    """[spec] SGD only: divide every step by the largest score gradient of the first step, so that the step does
+    not depend on the model's gradient scale (see ila.gates.ScoreSGD and docs/method.md, "The step size"). Off:
+    plain SGD, whose learning rate must then fit the model (about 100 on SmolLM2-135M)."""
     init_mean: float = 0.0
     """[spec] s starts at init_mean (gate 0.5 for 0) ..."""
     init_std: float = 0.01

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import IlaError
-from .gates import LayerGates, attach_gates
+from .gates import LayerGates, ScoreSGD, attach_gates
 from .layers import PEFT_PREFIX, Layer, find_blocks, unwrap
 from .stability import LoraFactors, full_update_norm, update_norms
 
@@ -249,7 +249,9 @@ def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, t
         batch_size=s2.batch_size,
         grad_accum=s2.grad_accum,
         learning_rate=s2.learning_rate,
-        optimizer={"adam": "adamw_torch", "sgd": "sgd"}[s2.optimizer],  # AdamW with zero weight decay is Adam
+        optimizer="adamw_torch",  # with zero weight decay, AdamW is Adam
+        optimizer_cls_and_kwargs=(ScoreSGD, {"lr": s2.learning_rate, "normalise": s2.normalise_step})
+        if s2.optimizer == "sgd" else None,
         lr_scheduler="constant",
         weight_decay=0.0,
         max_grad_norm=0.0,  # clipping would rescale all score gradients together and change their ratios
@@ -274,6 +276,7 @@ def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, t
     del peft_model._modules["ila_gates"]
     meta = {
         "steps": result.steps, "optimizer": s2.optimizer, "learning_rate": s2.learning_rate,
+        "normalise_step": s2.normalise_step and s2.optimizer == "sgd",
         "budget_fraction": s2.budget_fraction, "budget_lambda": s2.budget_lambda, "init_mean": s2.init_mean,
         "init_std": s2.init_std, "seed": seed, "train_loss": result.train_loss,
         "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,

@@ -45,6 +45,9 @@ class TrainingPlan:
     grad_accum: int = 1
     learning_rate: float = 2e-4
     optimizer: str = "adamw_torch"
+    """A Trainer ``optim`` name; ignored when ``optimizer_cls_and_kwargs`` is set."""
+    optimizer_cls_and_kwargs: tuple[type, dict[str, Any]] | None = None
+    """An optimiser class of one's own and its keyword arguments (stage 2's :class:`ila.gates.ScoreSGD`)."""
     lr_scheduler: str = "linear"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -309,6 +312,7 @@ def make_trainer(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, tra
         save_trainable_only=plan.save_trainable_only,
         response_logits_only=plan.response_logits_only,
         deterministic=plan.deterministic,
+        optimizer_cls_and_kwargs=plan.optimizer_cls_and_kwargs,
     )
     ref.append(trainer)
     return trainer
