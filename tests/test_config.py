@@ -93,3 +93,10 @@ def test_exponent_without_dot_is_a_number(tmp_path):
     assert load_config(path).stage1.train.learning_rate == 2e-4
     with pytest.raises(ConfigError, match="stage2.learning_rate: must be finite"):
         load_config(None, ["stage2.learning_rate=inf"])
+
+
+def test_a_plain_sgd_learning_rate_with_the_normalised_step_is_refused():
+    with pytest.raises(ConfigError, match="stage2.learning_rate.*normalise_step"):
+        load_config(None, ["stage2.learning_rate=100"])
+    assert load_config(None, ["stage2.learning_rate=100", "stage2.normalise_step=false"]).stage2.learning_rate == 100
+    assert load_config(None, ["stage2.learning_rate=100", "stage2.optimizer=adam"]).stage2.optimizer == "adam"

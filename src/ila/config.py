@@ -241,6 +241,12 @@ class Stage2Config:
         _require(self.batch_size >= 1, prefix, "batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.grad_accum >= 1, prefix, "grad_accum", f"must be >= 1, got {self.grad_accum}")
         _require(self.learning_rate > 0, prefix, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        # A config written for plain SGD (learning rate 100) would move a normalised score by 100 at once,
+        # where sigmoid is flat: say so instead of returning a ranking frozen by the first batch.
+        _require(not (self.optimizer == "sgd" and self.normalise_step and self.learning_rate > 5), prefix,
+                 "learning_rate", f"{self.learning_rate} with normalise_step is the largest score move of the first "
+                 "step, and a gate saturates beyond |s| = 5; use about 0.05, or set normalise_step: false for plain "
+                 "SGD")
         _require(self.init_std >= 0, prefix, "init_std", f"must be >= 0, got {self.init_std}")
         _require(0.0 < self.budget_fraction <= 1.0, prefix, "budget_fraction",
                  f"must be in (0, 1], got {self.budget_fraction}")
