@@ -248,6 +248,21 @@ def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
     return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
 
 
+class NoInputGradients(TrainerCallback):
+    """Undo the input-gradient hook that transformers adds when the Trainer turns checkpointing on.
+
+    ``activation_checkpointing_enable`` (transformers 5) calls ``enable_input_require_grads`` for every causal
+    LM, which the reentrant kind needs; with the non-reentrant kind used here it only makes the embeddings'
+    output require a gradient, so frozen early blocks are recomputed and back-propagated through for nothing.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        for module in model.modules() if model is not None else ():
+            hooked = getattr(module, "_require_grads_hooks", None) or hasattr(module, "_require_grads_hook")
+            if hooked and hasattr(module, "disable_input_require_grads"):
+                module.disable_input_require_grads()
+
+
 def last_complete_checkpoint(folder: Path) -> str | None:
     """The newest Trainer checkpoint that was written to the end.
 
@@ -307,7 +322,8 @@ def make_trainer(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, tra
         eval_dataset=eval_dataset if eval_dataset is not None and len(eval_dataset) > 0 else None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[JsonlMetrics(plan.metrics_path, ref), *plan.callbacks],
+        callbacks=[JsonlMetrics(plan.metrics_path, ref), *plan.callbacks,
+                   *([NoInputGradients()] if plan.gradient_checkpointing else [])],
         penalty=plan.penalty,
         save_trainable_only=plan.save_trainable_only,
         response_logits_only=plan.response_logits_only,
@@ -331,6 +347,9 @@ def train(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_data
     before = None
     if checkpoint is None and trainer.eval_dataset is not None and plan.eval_before:
         before = float(trainer.evaluate()["eval_loss"])
+        # evaluate() prepares the model for evaluation only (no DDP wrapper) but marks it prepared, and
+        # train() would then skip wrapping it: each process would train on its own shard, no gradient averaged.
+        trainer.model.__dict__.pop("_is_accelerate_prepared", None)
     device = trainer.args.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
