@@ -70,6 +70,43 @@ def test_taylor_gives_a_zero_update_zero_score():
     assert "ila_gates" not in dict(model.named_modules())  # the scorer leaves the model as it found it
 
 
+def _padded_batches():
+    """Two right-padded batches of different lengths: pad positions (mask 0) must not count."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for lengths in ([16, 9], [12, 5, 16]):
+        ids = torch.randint(0, 256, (len(lengths), max(lengths)), generator=g)
+        mask = torch.zeros_like(ids)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+            ids[i, n:] = 256  # the pad id of make_model
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids})
+    return lambda: iter(out)
+
+
+def _shortgpt_block_influence(model, batches, *, count_pads=False):
+    """ShortGPT's BI_b = 1 - mean over real tokens of cos(h_b, h_{b+1}), written independently of ila: the
+    block inputs/outputs come from ``output_hidden_states``. HF Llama applies the final norm to the last
+    hidden state, so the last block's output is taken from the input of that norm instead."""
+    inner = model.model
+    n = len(inner.layers)
+    cosines = [[] for _ in range(n)]
+    for batch in batches():
+        seen = {}
+        handle = inner.norm.register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0]))
+        with torch.no_grad():
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           output_hidden_states=True).hidden_states
+            handle.remove()
+            assert len(hidden) == n + 1 and torch.allclose(hidden[n], inner.norm(seen["x"]))
+        states = [*hidden[:n], seen["x"]]
+        keep = torch.ones_like(batch["attention_mask"], dtype=torch.bool) if count_pads else batch["attention_mask"].bool()
+        for b in range(n):
+            cos = torch.nn.functional.cosine_similarity(states[b].double(), states[b + 1].double(), dim=-1)
+            cosines[b].append(cos[keep])
+    return [1.0 - float(torch.cat(c).mean()) for c in cosines]
+
+
 def test_position_and_block_influence_rank_blocks():
     model = make_model()
     layers = adaptable_layers(model)
@@ -79,17 +116,54 @@ def test_position_and_block_influence_rank_blocks():
     r_first = Ranking(scores=first, layers=layers, base_model={}, include_lm_head=False)
     assert {n.split(".")[2] for n in r_last.top(0.25)} == {"3"}
     assert {n.split(".")[2] for n in r_first.top(0.25)} == {"0"}
-    bi, meta = score_layers("block-influence", ScoringInputs(model=model, layers=layers, batches=_batches()))
+
+    with_head = adaptable_layers(model, include_lm_head=True)
+    bi, meta = score_layers("block-influence", ScoringInputs(model=model, layers=with_head, batches=_padded_batches()))
+    expected = _shortgpt_block_influence(model, _padded_batches())
+    # Stated tolerance: 1e-5 absolute (ila sums float32 cosines in float64, the reference is float64 throughout).
+    tol = 1e-5
+    assert list(meta["block_influence"]) == [f"model.layers.{b}" for b in range(4)]
+    assert list(meta["block_influence"].values()) == pytest.approx(expected, abs=tol)
+    # The check can tell blocks apart (an off-by-one block fails) and tell pads from tokens (a dropped mask fails).
+    assert min(abs(a - b) for i, a in enumerate(expected) for b in expected[i + 1:]) > 100 * tol
+    assert max(abs(a - b) for a, b in zip(expected, _shortgpt_block_influence(model, _padded_batches(), count_pads=True))) > 100 * tol
     for layer in layers:
-        assert bi[layer.name] == pytest.approx(meta["block_influence"][layer.block])
-    assert all(0.0 <= v <= 2.0 for v in bi.values())
+        assert bi[layer.name] == pytest.approx(expected[layer.block_index], abs=tol)
+    assert bi["lm_head"] == pytest.approx(sorted(expected)[2], abs=tol)  # the median block
+
+
+def _spectrum_snr(weight: torch.Tensor) -> tuple[float, int, int]:
+    """Spectrum's SNR (Hartford et al., 2024), written independently in numpy (float64): singular values above
+    the Marchenko-Pastur edge sigma (1 + sqrt(beta)), sigma = IQR / 1.349, are signal, the rest noise; the score
+    is (sum of signal / sum of noise) / largest singular value, capped at 1e6 / largest when there is no noise.
+    Returns (score, number of signal values, number of singular values)."""
+    import numpy as np
+
+    w = weight.detach().double().numpy()
+    s = np.linalg.svd(w, compute_uv=False)
+    sigma = (np.percentile(s, 75) - np.percentile(s, 25)) / 1.349
+    beta = min(w.shape) / max(w.shape)
+    edge = sigma * (1.0 + np.sqrt(beta))
+    signal, noise = s[s > edge].sum(), s[s <= edge].sum()
+    return (signal / noise if noise > 0 else 1e6) / s.max(), int((s > edge).sum()), len(s)
 
 
 def test_snr_and_random_are_data_free_and_finite():
     model = make_model()
     layers = adaptable_layers(model, include_lm_head=True)
     snr, _ = score_layers("snr", ScoringInputs(model=model, layers=layers))
-    assert len(snr) == 29 and all(v >= 0 for v in snr.values())
+    assert len(snr) == 29
+    modules = dict(model.named_modules())
+    reference = {x.name: _spectrum_snr(modules[x.name].weight) for x in layers}
+    for name, (expected, _, _) in reference.items():
+        # Stated tolerance: 1e-5 relative (float32 against float64 singular values).
+        assert snr[name] == pytest.approx(expected, rel=1e-5), name
+    # The weights exercise the rule: square and 1:2 / 2:1 shapes, the edge inside the spectrum of every block
+    # layer, and lm_head (320 x 64, all signal) at the cap.
+    assert all(0 < k < n for name, (_, k, n) in reference.items() if name != "lm_head")
+    assert reference["lm_head"][1:] == (64, 64)
+    assert {tuple(modules[x.name].weight.shape) for x in layers} == {(64, 64), (32, 64), (128, 64), (64, 128), (320, 64)}
+    assert len(set(snr.values())) == 29
     a, _ = score_layers("random", ScoringInputs(model=model, layers=layers, seed=1))
     b, _ = score_layers("random", ScoringInputs(model=model, layers=layers, seed=1))
     c, _ = score_layers("random", ScoringInputs(model=model, layers=layers, seed=2))
