@@ -59,19 +59,44 @@ def test_a_memorised_set_scores_better_than_the_untrained_model():
     assert answer.startswith("red")
 
 
-def test_lm_eval_bridge_loads_an_adapter_ila_wrote(tmp_path, tiny_model_dir):
+def test_lm_eval_bridge_loads_an_adapter_ila_wrote(tmp_path):
+    """An adapter that makes the model answer "D" to every question scores exactly the share of "D" answers
+    through lm-eval, while the base model alone scores otherwise: the bridge really applies the adapter."""
     pytest.importorskip("lm_eval")
     from ila.evaluation import lm_eval_scores
 
-    base = make_model()
-    model = attach_lora(base, [x.name for x in adaptable_layers(base)][:4], LoraConfig(r=2))
+    tok = make_tokenizer()
+    # Vocabulary = tokenizer size: lm-eval would otherwise resize the embeddings before loading the adapter.
+    base = make_model(vocab=len(tok))
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    letter = "D"
+    (token,) = tok(letter, add_special_tokens=False).input_ids
+    e = base.get_input_embeddings().weight.detach()[token].clone()
+    model = attach_lora(base, [x.name for x in adaptable_layers(base)][:4] + ["model.embed_tokens"],
+                        LoraConfig(r=1, alpha=1, dropout=0.0))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+        # Every input token's embedding gets + 1000 e_D: the residual stream points along e_D everywhere, so
+        # (with tied embeddings) "D" out-scores "A", "B" and "C" after every "Answer:".
+        emb = dict(model.named_modules())["base_model.model.model.embed_tokens"]
+        emb.lora_embedding_A["default"].fill_(1.0)
+        emb.lora_embedding_B["default"].copy_(1000.0 * e[:, None])
     model.save_pretrained(tmp_path / "adapter")
-    scores = lm_eval_scores(str(tiny_model_dir), ["ila_mmlu_dev"], adapter=tmp_path / "adapter", limit=4,
-                            batch_size=4, cache=tmp_path / "cache")
-    acc = scores["ila_mmlu_dev"]["acc/none"]
-    assert 0.0 <= acc <= 1.0
+
+    limit = 8
+    run = dict(limit=limit, batch_size=4, cache=tmp_path / "cache")
+    tuned = lm_eval_scores(str(tmp_path / "base"), ["ila_mmlu_dev"], adapter=tmp_path / "adapter", **run)
+    plain = lm_eval_scores(str(tmp_path / "base"), ["ila_mmlu_dev"], **run)
     rows = [json.loads(x) for x in (tmp_path / "cache" / "lm_eval_tasks" / "ila_mmlu_dev.jsonl").read_text().splitlines()]
     assert len(rows) > 250 and len({r["subject"] for r in rows}) == 57
+    share = sum(r["answer"] == "ABCD".index(letter) for r in rows[:limit]) / limit
+    assert 0 < share < 1
+    assert tuned["ila_mmlu_dev"]["acc/none"] == pytest.approx(share)
+    assert plain["ila_mmlu_dev"]["acc/none"] != pytest.approx(share)
 
 
 def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file, capsys):
