@@ -97,14 +97,72 @@ def test_console_script_help_and_config():
     assert bad.returncode == 2 and "lora.rank" in bad.stderr
 
 
-def test_full_disk_is_a_clear_error(tmp_path, tiny_config, capsys, monkeypatch):
-    import ila.artifacts as artifacts
+def test_full_disk_while_writing_a_checkpoint_is_a_clear_error_and_resumes(tmp_path, tiny_config, capsys, caplog,
+                                                                           monkeypatch):
+    """`ila train` saves a Trainer checkpoint every 2 of 8 steps; the disk fills up while checkpoint-4 is written.
+    The error is clear (exit 1), the completed checkpoint-2 and the files before it are intact, the cut-off
+    checkpoint-4 is never marked complete, and the same command again resumes from checkpoint-2."""
+    import logging
 
-    def full(*a, **k):
-        raise OSError(28, "No space left on device")
+    from test_artifacts import full_disk_in_safetensors, full_disk_on
 
-    monkeypatch.setattr(artifacts.os, "fsync", full)
-    assert main(["train", "--run-dir", str(tmp_path / "r"), *_sets(tiny_config)]) == 1
+    def in_checkpoint_4(path):
+        return path.parent.name == "checkpoint-4"
+
+    failed = full_disk_on(monkeypatch, in_checkpoint_4)
+    failed_weights = full_disk_in_safetensors(monkeypatch, in_checkpoint_4)
+    run_dir = tmp_path / "r"
+    command = ["train", "--run-dir", str(run_dir), *_sets(tiny_config)]
+    assert main(command) == 1
     err = capsys.readouterr().err
-    assert "No space left on device" in err and "run the same command again" in err
-    assert not (tmp_path / "r" / "config.yaml").exists()
+    assert "ila: error: could not read or write a file" in err and "No space left on device" in err
+    assert "run the same command again" in err
+    assert len(failed) + len(failed_weights) == 1, "the checkpoint write was never attempted"
+
+    stage1 = run_dir / "stage1"
+    checkpoints = stage1 / "checkpoints"
+    assert json.loads((checkpoints / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+    assert not (checkpoints / "checkpoint-4" / "trainer_state.json").exists()  # cut off: not complete
+    assert not (stage1 / "summary.json").exists() and not (stage1 / "final").exists()
+    assert (run_dir / "config.yaml").read_text().startswith("# ila")
+    assert json.loads((stage1 / "started.json").read_text())["stage"] == "stage1"
+    assert not list(run_dir.rglob(".*.tmp")), "a temporary file was left behind"
+
+    monkeypatch.undo()  # space again
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    assert main(command) == 0
+    assert "removing incomplete checkpoint" in caplog.text and "checkpoint-4" in caplog.text
+    assert f"resuming from {checkpoints / 'checkpoint-2'}" in caplog.text
+    assert json.loads((stage1 / "summary.json").read_text())["steps"] == 8
+    assert (stage1 / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_sigterm_and_ctrl_c_exit_130_with_a_resume_hint(tmp_path, tiny_config, capsys, monkeypatch, how):
+    """A scheduler's SIGTERM ends the command like Ctrl-C: no traceback, exit code 130, a hint to resume."""
+    import os
+    import signal
+    import time
+
+    import ila.pipeline as pipeline
+
+    def interrupted_stage1(cfg, run_dir):
+        if how == "Ctrl-C":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not stop the command")
+
+    def unhandled(signum, frame):  # noqa: ANN001
+        raise AssertionError("ila did not install its own SIGTERM handler")
+
+    monkeypatch.setattr(pipeline, "stage1", interrupted_stage1)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        code = main(["train", "--run-dir", str(tmp_path / "r"), *_sets(tiny_config)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "ila: interrupted; run the same command again to resume" in err and "Traceback" not in err

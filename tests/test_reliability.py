@@ -10,6 +10,7 @@ import pytest
 from conftest import TINY_OVERRIDES, write_model_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_artifacts import full_disk_on, is_file_or_its_temporary
 
 from ila.config import load_config
 from ila.errors import ConfigError, IlaError, ModelError, RankingError, TrainingError
@@ -89,27 +90,72 @@ def test_pickled_weights_load_only_when_allowed(tmp_path):
     assert load_base_model(ModelConfig(name=str(folder), allow_pickle=True)) is not None
 
 
-def test_a_run_writes_only_inside_its_run_dir(tmp_path, overrides, monkeypatch):
+def test_a_run_writes_only_inside_its_run_dir(tmp_path, overrides):
+    """`ila run` on a local model folder, in a fresh process (libraries read these locations when imported) with
+    HOME, the caches and TMPDIR pointed at empty folders: it writes nothing outside its run directory."""
+    import subprocess
+    import sys
+
+    places = {name: tmp_path / name.lower() for name in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "ILA_CACHE", "TMPDIR")}
+    for folder in places.values():
+        folder.mkdir()
     work = tmp_path / "cwd"
     work.mkdir()
-    monkeypatch.chdir(work)
-    run_all(load_config(None, overrides), "myrun")
+    env = {k: v for k, v in os.environ.items() if k not in {  # these would take precedence over the ones above
+        "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ASSETS_CACHE", "TRANSFORMERS_CACHE",
+        "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "MPLCONFIGDIR", "TORCH_HOME", "HF_TOKEN_PATH"}}
+    env.update({k: str(v) for k, v in places.items()}, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "ila.cli", "run", "--run-dir", "myrun"]
+    for o in overrides:
+        command += ["--set", o]
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (work / "myrun" / "stage3" / "summary.json").is_file()
     assert os.listdir(work) == ["myrun"]
+    for name in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "ILA_CACHE"):
+        written = sorted(str(p.relative_to(places[name])) for p in places[name].rglob("*"))
+        assert not written, f"the run wrote into {name}: {written[:5]}"
+    # torch makes an (empty) torchinductor_<user> folder in TMPDIR; nothing else may be left there
+    left = [p for p in places["TMPDIR"].iterdir() if not (p.is_dir() and p.name.startswith("torchinductor_"))]
+    assert not left and not [p for p in places["TMPDIR"].rglob("*") if not p.is_dir()], f"left in TMPDIR: {left}"
+
+
+def test_a_hub_id_that_is_not_cached_offline_is_a_model_error_naming_it():
+    import huggingface_hub.constants
+
+    from ila.config import ModelConfig
+    from ila.models import load_base_model, load_tokenizer
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # set by conftest before any import: the Hub is never reached
+    cfg = ModelConfig(name="ila-tests/no-such-cached-model")
+    for load in (load_tokenizer, load_base_model):
+        with pytest.raises(ModelError, match=r"could not load the (tokenizer|model) 'ila-tests/no-such-cached-model'"
+                                             r".*Pass a local folder"):
+            load(cfg)
 
 
 def test_full_disk_while_writing_the_ranking_leaves_no_file(tmp_path, overrides, monkeypatch):
+    import errno
+
+    from ila.artifacts import read_json
+
     cfg = load_config(None, overrides + ["stage2.scorer=random"])
     prepare_run_dir(cfg, tmp_path)
-    import ila.artifacts as artifacts
-
-    def full(*a, **k):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(artifacts.os, "fsync", full)
-    with pytest.raises(OSError, match="No space"):
+    config_before = (tmp_path / "config.yaml").read_text()
+    folder = tmp_path / "stage2"
+    attempts = full_disk_on(monkeypatch, lambda p: is_file_or_its_temporary(p, "stage2", "ranking-random.json"))
+    with pytest.raises(OSError) as e:
         stage2(cfg, tmp_path)
-    assert not (tmp_path / "stage2" / "ranking-random.json").exists()
-    assert not list((tmp_path / "stage2").glob(".*.tmp"))
+    assert e.value.errno == errno.ENOSPC and "No space left on device" in str(e.value)
+    assert len(attempts) == 1, "the ranking write was never attempted"
+    # No partial ranking, no temporary file, no summary; what was written before the ranking is intact.
+    assert sorted(p.name for p in folder.iterdir()) == ["started.json"]
+    assert read_json(folder / "started.json", "marker")["stage"] == "stage2"
+    assert (tmp_path / "config.yaml").read_text() == config_before
+
+    monkeypatch.undo()  # space again: the same stage completes
+    stage2(cfg, tmp_path)
+    assert Ranking.load(folder / "ranking-random.json").scorer == "random"
 
 
 # --- property-based: the parsers never fail with anything but their own clear error ---------------------

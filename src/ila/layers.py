@@ -45,11 +45,13 @@ def lora_adapter_name(model: nn.Module, layer_names: list[str]) -> str:
     adapter is already inside W and a gate on its LoRA path would change nothing.
     """
     modules = dict(model.named_modules())
+    missing = [n for n in layer_names if not hasattr(modules.get(PEFT_PREFIX + n), "lora_A")]
+    if missing:
+        raise ModelError(f"{len(missing)} of {len(layer_names)} layers carry no LoRA adapter, e.g. {missing[0]}; "
+                         "the adapter does not match the layers being scored")
     names: set[str] = set()
     for layer in layer_names:
-        module = modules.get(PEFT_PREFIX + layer)
-        if module is None or not hasattr(module, "lora_A"):
-            raise ModelError(f"{layer} carries no LoRA adapter; the adapter does not match the layers being scored")
+        module = modules[PEFT_PREFIX + layer]
         active = [a for a in _as_list(getattr(module, "active_adapters", [])) if a in module.lora_A]
         if getattr(module, "merged", False):
             raise ModelError(
