@@ -131,13 +131,13 @@ def test_full_disk_while_writing_an_adapter_folder_keeps_the_old_one(tmp_path, m
     import torch
     from conftest import make_model
 
-    from ila.callbacks import ADAPTER_META, save_adapter
+    from ila.adapters import ADAPTER_META, AdapterMeta, save_adapter
     from ila.config import LoraConfig
     from ila.models import attach_lora
 
     model = attach_lora(make_model(num_blocks=1), ["model.layers.0.mlp.down_proj"], LoraConfig(r=2))
     target = tmp_path / "adapter"
-    save_adapter(model, target, {"schema_version": 1, "step": 1})
+    save_adapter(model, target, AdapterMeta(kind="ila.stage1_adapter", layers=["model.layers.0.mlp.down_proj"], step=1))
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", ADAPTER_META} <= before.keys()
     with torch.no_grad():
@@ -148,10 +148,10 @@ def test_full_disk_while_writing_an_adapter_folder_keeps_the_old_one(tmp_path, m
     # the folders adapter/ and fresh/, or their temporary siblings (.adapter.*.tmp)
     attempts = full_disk_in_safetensors(monkeypatch, lambda p: p.parent.name.lstrip(".").split(".")[0]
                                         in ("adapter", "fresh"))
-    save_adapter(model, tmp_path / "other", {"schema_version": 1, "step": 2})  # other folders: written as usual
+    save_adapter(model, tmp_path / "other", AdapterMeta(kind="ila.stage1_adapter", layers=["model.layers.0.mlp.down_proj"], step=2))  # other folders: written as usual
     for folder in (target, tmp_path / "fresh"):
         with pytest.raises(OSError, match="No space left on device") as e:
-            save_adapter(model, folder, {"schema_version": 1, "step": 2})
+            save_adapter(model, folder, AdapterMeta(kind="ila.stage1_adapter", layers=["model.layers.0.mlp.down_proj"], step=2))
         assert e.value.errno == errno.ENOSPC
     assert len(attempts) == 2, "the adapter weights were never written"
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before

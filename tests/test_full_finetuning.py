@@ -82,7 +82,7 @@ def _tiny_gpt2():
 def test_a_full_update_with_biases_is_saved_loaded_and_gated_whole(tmp_path):
     """GPT-2's projections have biases, which full fine-tuning trains: Delta_i must carry them, or the gates
     at 1 are not the fine-tuned model."""
-    from ila.callbacks import load_full_updates, save_adapter
+    from ila.adapters import AdapterMeta, load_full_updates, save_adapter
     from ila.selection import apply_selection
 
     base = _tiny_gpt2()
@@ -98,7 +98,7 @@ def test_a_full_update_with_biases_is_saved_loaded_and_gated_whole(tmp_path):
     moved = [n for n in names if not torch.equal(dict(trained.named_modules())[n].bias,
                                                  dict(base.named_modules())[n].bias)]
     assert moved == names  # the biases were trained
-    save_adapter(trained, tmp_path / "milestone", {"method": "full", "layers": names})
+    save_adapter(trained, tmp_path / "milestone", AdapterMeta(kind="ila.stage1_adapter", method="full", layers=names))
     deltas = load_full_updates(tmp_path / "milestone", base, names)
 
     gated = copy.deepcopy(base)

@@ -117,7 +117,7 @@ def _scores_with_loss_scaled_by(factor: float, normalise: bool, monkeypatch, ste
     from tiny import make_tokenizer
 
     from ila.config import Stage2Config
-    from ila.scoring import rank_layers
+    from ila.integration import rank_layers
     from ila.training import IlaTrainer
 
     original = IlaTrainer.compute_loss

@@ -14,15 +14,17 @@ from ila.layers import adaptable_layers
 from ila.models import attach_lora
 
 
-def test_callback_ranks_layers_inside_an_sft_trainer_run(tmp_path):
+def test_callback_ranks_layers_inside_an_sft_trainer_run(tmp_path, tiny_model_dir, tiny_data_file):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
+    from transformers import AutoModelForCausalLM
 
-    from ila.callbacks import IlaCallback
+    from ila.integration import IlaCallback
 
     tok = make_tokenizer()
-    base = make_model()
-    names = [layer.name for layer in adaptable_layers(base)]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    # The user's own LoRA: on the attention projections only, under an adapter name of their choosing.
+    names = [layer.name for layer in adaptable_layers(base) if "self_attn" in layer.name]
     model = attach_lora(base, names, LoraConfig(r=4))
     rows = [{"prompt": [{"role": "user", "content": f"Say {w}."}], "completion": [{"role": "assistant", "content": w}]}
             for w in ["red", "blue", "green", "cat"] * 4]
@@ -33,8 +35,19 @@ def test_callback_ranks_layers_inside_an_sft_trainer_run(tmp_path):
                              callbacks=[callback])
     trainer.train()
     ranking = Ranking.load(tmp_path / "ila" / "ranking.json")
-    assert ranking.num_layers == 28 and ranking.scorer == "ila"
+    assert ranking.num_layers == 16 and ranking.scorer == "ila"
     assert sorted(p.name for p in (tmp_path / "ila" / "milestones").iterdir()) == ["025", "050", "075", "100"]
+    # A milestone the callback wrote is a stage-1 adapter like any other: `ila score --adapter` scores it.
+    from conftest import TINY_OVERRIDES
+
+    from ila.cli import main
+
+    run_dir = tmp_path / "scored"
+    overrides = [x for o in TINY_OVERRIDES(tiny_model_dir, tiny_data_file) for x in ("--set", o)]
+    assert main(["score", "--run-dir", str(run_dir), "--adapter", str(tmp_path / "ila" / "milestones" / "050"),
+                 *overrides]) == 0
+    scored = Ranking.load(run_dir / "stage2" / "ranking.json")
+    assert set(scored.scores) == set(names) and scored.milestone == "50%"
     # The user's model is handed back as it was: LoRA trainable, no gates left behind.
     assert "ila_gates" not in dict(model.named_modules())
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)

@@ -58,10 +58,10 @@ def test_stage2_ranking(tiny_run):
 
 def test_stage2_changes_only_the_scores(tiny_run, monkeypatch, tmp_path):
     cfg, run_dir, _ = tiny_run
-    import ila.training as training
+    import ila.scoring as scoring
 
     captured = {}
-    real_train = training.train
+    real_train = scoring.train
 
     def spy(model, plan, *args, **kwargs):
         captured["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -70,7 +70,7 @@ def test_stage2_changes_only_the_scores(tiny_run, monkeypatch, tmp_path):
         captured["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         return result
 
-    monkeypatch.setattr(training, "train", spy)
+    monkeypatch.setattr(scoring, "train", spy)  # where stage 2 looks it up
     stage2(load_config(run_dir / "config.yaml", ["stage2.steps=3"]), tmp_path, adapter=run_dir / "stage1" / "final")
     assert captured["trainable"] == ["ila_gates.scores"]
     changed = [n for n in captured["before"] if not torch.equal(captured["before"][n], captured["after"][n])]

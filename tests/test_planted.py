@@ -67,7 +67,7 @@ def _auc(positive: list[float], negative: list[float]) -> float:
 def test_kept_updates_rank_above_same_norm_noise_and_zero_updates_stay(trained, scorer, min_mean_auc):
     """Measured with the default stage-2 settings (20 steps): AUC 0.91 / 0.92 / 0.94 for ila and
     0.89 / 0.91 / 0.80 for taylor over the three plantings; a flipped sign gives 1 - AUC."""
-    from ila.scoring import rank_layers
+    from ila.integration import rank_layers
 
     cfg, adapter, tokenizer, dataset = trained
     aucs = []

@@ -61,7 +61,7 @@ def test_an_interrupted_stage2_is_not_resumed_for_another_adapter(adapters, tmp_
     cfg = load_config(None, overrides + ["stage2.steps=8"])  # checkpoints every 2 steps
     prepare_run_dir(cfg, tmp_path)
     with monkeypatch.context() as m:
-        m.setattr("ila.training.train", _interrupted_train(5))
+        m.setattr("ila.scoring.train", _interrupted_train(5))
         with pytest.raises(_Interrupt):
             stage2(cfg, tmp_path, adapter=a)
     assert any((tmp_path / "stage2" / "checkpoints").glob("checkpoint-*"))
@@ -83,7 +83,7 @@ def test_the_same_adapter_resumes(adapters, tmp_path, monkeypatch):
     cfg = load_config(None, overrides + ["stage2.steps=8"])
     whole = stage2(cfg, tmp_path / "whole", adapter=a)
     with monkeypatch.context() as m:
-        m.setattr("ila.training.train", _interrupted_train(5))
+        m.setattr("ila.scoring.train", _interrupted_train(5))
         with pytest.raises(_Interrupt):
             stage2(cfg, tmp_path / "cut", adapter=a)
     resumed = stage2(cfg, tmp_path / "cut", adapter=a)
@@ -119,7 +119,7 @@ def _rank(model, scorer="ila"):
     from tiny import make_tokenizer
 
     from ila.config import Stage2Config
-    from ila.scoring import rank_layers
+    from ila.integration import rank_layers
 
     return rank_layers(model, scorer=scorer, tokenizer=make_tokenizer(), dataset=_dataset(), device="cpu",
                        stage2=Stage2Config(steps=4, batch_size=4, learning_rate=1.0))

@@ -17,11 +17,10 @@ Python API (the command line only wraps these)::
     peft_model = apply_selection(model, names, method="lora")
 """
 
-__version__ = "0.1.0"
-
-from .config import RunConfig, load_config  # noqa: E402
-from .errors import ConfigError, DataError, IlaError, ModelError, RankingError, TrainingError  # noqa: E402
-from .ranking import Ranking  # noqa: E402
+from ._version import __version__
+from .config import RunConfig, load_config
+from .errors import ConfigError, DataError, IlaError, ModelError, RankingError, TrainingError
+from .ranking import Ranking
 
 
 def __getattr__(name: str):  # the training stack is imported lazily so that `ila --help` stays fast
@@ -33,14 +32,10 @@ def __getattr__(name: str):  # the training stack is imported lazily so that `il
         from . import selection
 
         return getattr(selection, name)
-    if name == "rank_layers":
-        from .scoring import rank_layers
+    if name in ("rank_layers", "IlaCallback"):
+        from . import integration
 
-        return rank_layers
-    if name == "IlaCallback":
-        from .callbacks import IlaCallback
-
-        return IlaCallback
+        return getattr(integration, name)
     raise AttributeError(name)
 
 

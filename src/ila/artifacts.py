@@ -20,7 +20,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
 from .errors import IlaError
+
+
+def envelope(kind: str, schema_version: int = 1) -> dict[str, Any]:
+    """The fields every JSON artefact starts with: what it is, its schema, which ila wrote it and when."""
+    import datetime as _dt
+
+    return {"schema_version": schema_version, "kind": kind, "ila_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def is_main_process() -> bool:

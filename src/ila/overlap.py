@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .errors import RankingError
 from .ranking import Ranking
 

@@ -26,14 +26,24 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .artifacts import read_json, sync_processes, write_json_atomic, write_text_atomic
-from .callbacks import ADAPTER_META, MilestoneSaver, adapter_digest, StabilityTracker, milestone_name, save_adapter
+from ._version import __version__
+from .artifacts import atomic_dir, read_json, sync_processes, write_json_atomic, write_text_atomic
+from .adapters import (
+    ADAPTER_META,
+    AdapterMeta,
+    adapter_digest,
+    frozen_adapter_model,
+    is_adapter_folder,
+    load_full_updates,
+    save_adapter,
+)
+from .callbacks import MilestoneSaver, StabilityTracker, milestone_name
 from .config import RunConfig, TrainConfig, load_config
 from .errors import ConfigError, IlaError, ModelError
 from .layers import Layer, adaptable_layers, describe_layers, layer_names_digest
-from .models import attach_lora, count_parameters, load_base_model, load_lora, load_tokenizer, model_identity
+from .models import attach_lora, count_parameters, load_base_model, load_tokenizer, model_identity, resolve_device
 from .ranking import Ranking
+from .scoring import NEEDS_ADAPTER, NEEDS_DATA, score
 from .training import TrainingPlan, train
 
 log = logging.getLogger(__name__)
@@ -125,9 +135,9 @@ def check_model_fits(cfg: RunConfig, model: Any) -> None:
         )
 
 
-def check_adapter_model(meta: dict[str, Any], identity: dict[str, Any], adapter_dir: Path) -> None:
+def check_adapter_model(meta: AdapterMeta, identity: dict[str, Any], adapter_dir: Path) -> None:
     """Refuse a stage-1 adapter that was trained on another base model."""
-    theirs = meta.get("base_model") or {}
+    theirs = meta.base_model or {}
     for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
         a, b = theirs.get(key), identity.get(key)
         if a is not None and b is not None and a != b:
@@ -135,6 +145,25 @@ def check_adapter_model(meta: dict[str, Any], identity: dict[str, Any], adapter_
                 f"the adapter in {adapter_dir} was trained on {theirs.get('name')} ({key} {a}), not on "
                 f"{identity.get('name')} ({key} {b}); score it with the model it was trained on"
             )
+
+
+def _adapter_layers(model: Any, meta: AdapterMeta, adapter_dir: Path) -> list[Layer]:
+    """The layers of ``model`` that the adapter's update is on, in model order."""
+    known = adaptable_layers(model, include_lm_head=True)
+    names = set(meta.layers)
+    layers = [layer for layer in known if layer.name in names]
+    if len(layers) != len(names):
+        missing = sorted(names - {layer.name for layer in layers})
+        raise ModelError(
+            f"the stage-1 adapter in {adapter_dir} was trained on {len(names)} layers of "
+            f"{meta.base_model.get('name')}, {len(missing)} of which {identity_name(model)} does not have "
+            f"(e.g. {missing[0]})"
+        )
+    return layers
+
+
+def identity_name(model: Any) -> str:
+    return str(getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__)
 
 
 def _start_stage(cfg: RunConfig, folder: Path, stage: str, inputs: dict[str, Any] | None = None) -> None:
@@ -216,24 +245,13 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
 
     planned = s1.train.max_steps
 
-    def meta(step: int, fraction: float | None) -> dict[str, Any]:
-        return {
-            "schema_version": 1,
-            "kind": "ila.stage1_adapter",
-            "ila_version": __version__,
-            "method": s1.method,
-            "step": step,
-            "planned_steps": planned,
-            "fraction": fraction,
-            "base_model": identity,
-            "include_lm_head": cfg.lora.include_lm_head,
-            "module_types": cfg.lora.module_types,
-            "layers": names,
-            "layer_digest": layer_names_digest(names),
-            "config_sha256": cfg.sha256(),
-            "lora": asdict(cfg.lora),
-            "data": cfg.data.name,
-        }
+    def meta(step: int, fraction: float | None) -> AdapterMeta:
+        return AdapterMeta(
+            kind="ila.stage1_adapter", layers=names, method=s1.method, include_lm_head=cfg.lora.include_lm_head,
+            step=step, planned_steps=planned, fraction=fraction, base_model=identity,
+            module_types=cfg.lora.module_types, lora=asdict(cfg.lora), data=cfg.data.name,
+            config_sha256=cfg.sha256(), layer_digest=layer_names_digest(names),
+        )
 
     milestones = MilestoneSaver(folder / "milestones", s1.milestones, planned, meta)
     stability = StabilityTracker(names, s1.stability_window, s1.stability_epsilon, folder / "stability.jsonl",
@@ -291,8 +309,7 @@ def resolve_stage1_adapter(run_dir: Path, milestone: str | Path) -> Path:
             folder = run_dir / "stage1" / "milestones" / milestone_name(float(milestone) / 100)
         except ValueError:
             folder = Path(milestone)
-    weights = (folder / "adapter_config.json").is_file() or (folder / "layers.safetensors").is_file()
-    if not (folder / ADAPTER_META).is_file() or not weights:
+    if not is_adapter_folder(folder):
         available = []
         ms = run_dir / "stage1" / "milestones"
         if ms.is_dir():
@@ -309,27 +326,10 @@ def ranking_path(run_dir: Path, scorer: str) -> Path:
     return run_dir / "stage2" / ("ranking.json" if scorer == "ila" else f"ranking-{scorer}.json")
 
 
-def _frozen_adapter_model(model: Any, adapter_dir: Path) -> Any:
-    """The base model with a stage-1 adapter, every parameter frozen, LoRA dropout off: the gates (and the
-    other scorers) must see the update the adapter actually learned (ila-method.md, stage 2)."""
-    import peft
-
-    adapter_cfg = peft.PeftConfig.from_pretrained(str(adapter_dir))
-    adapter_cfg.lora_dropout = 0.0
-    adapter_cfg.inference_mode = True
-    peft_model = peft.PeftModel.from_pretrained(model, str(adapter_dir), config=adapter_cfg, is_trainable=False)
-    for p in peft_model.parameters():
-        p.requires_grad_(False)
-    return peft_model
-
-
 def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = None,
            scorer: str | None = None) -> Ranking:
     """Score every layer and write the ranking. With the default scorer ``ila`` this is stage 2 of the
     method: freeze everything and learn one gate per layer."""
-    from .models import resolve_device
-    from .scoring import NEEDS_ADAPTER, NEEDS_DATA, ScoringInputs, data_batches, learn_gates, score_layers
-
     scorer = scorer or cfg.stage2.scorer
     s2 = cfg.stage2
     run_dir = Path(run_dir)
@@ -345,50 +345,31 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
     model = load_base_model(cfg.model)
     check_model_fits(cfg, model)
     identity = model_identity(model, cfg.model.name)
-    meta: dict[str, Any] = {}
-    if adapter_dir is not None:
-        meta = read_json(adapter_dir / ADAPTER_META, "stage-1 adapter metadata")
+    meta = AdapterMeta.read(adapter_dir) if adapter_dir is not None else None
+    if meta is not None:
         check_adapter_model(meta, identity, adapter_dir)
-        include_lm_head, module_types = meta["include_lm_head"], meta.get("module_types")
+        layers = _adapter_layers(model, meta, adapter_dir)
+        include_lm_head = meta.include_lm_head
     else:
-        include_lm_head, module_types = cfg.lora.include_lm_head, cfg.lora.module_types
-    layers = adaptable_layers(model, include_lm_head=include_lm_head, module_types=module_types)
+        layers = _layers(cfg, model)
+        include_lm_head = cfg.lora.include_lm_head
     names = [layer.name for layer in layers]
-    if meta and set(names) != set(meta["layers"]):
-        raise ModelError(
-            f"the stage-1 adapter in {adapter_dir} was trained on {len(meta['layers'])} layers of "
-            f"{meta['base_model'].get('name')}, which do not match the {len(names)} layers of {cfg.model.name}"
-        )
     train_ds = _datasets(cfg, tokenizer, folder)[0] if scorer in NEEDS_DATA else None
     deltas = None
-    if adapter_dir is not None and meta.get("method", "lora") == "full":
-        from .callbacks import load_full_updates
-
+    if meta is not None and meta.method == "full":
         deltas = load_full_updates(adapter_dir, model, names)  # Delta_i = W_T - W_0
-        for p in model.parameters():
-            p.requires_grad_(False)
         scored = model
     else:
-        scored = _frozen_adapter_model(model, adapter_dir) if adapter_dir is not None else model
+        scored = frozen_adapter_model(model, adapter_dir) if adapter_dir is not None else model
+    if scorer != "ila":
+        scored.to(resolve_device(cfg.model.device))  # the Trainer places the model for ila
     start = time.perf_counter()
-    if scorer == "ila":
-        scores, facts = learn_gates(scored, layers, tokenizer=tokenizer, train_dataset=train_ds, s2=s2,
-                                    seed=cfg.seed, device=cfg.model.device, folder=folder, resume=True,
-                                    deltas=deltas)
-    else:
-        device = resolve_device(cfg.model.device)
-        scored.to(device)
-        batches = None
-        if train_ds is not None:
-            batches = data_batches(train_ds, tokenizer, batch_size=s2.batch_size, max_batches=s2.sample_batches,
-                                   device=device, seed=cfg.seed)
-        inputs = ScoringInputs(model=scored, layers=layers, seed=cfg.seed, batches=batches,
-                               options={"position_from": s2.position_from}, deltas=deltas)
-        scores, facts = score_layers(scorer, inputs)
+    scores, facts = score(scorer, scored, layers, s2=s2, seed=cfg.seed, folder=folder, tokenizer=tokenizer,
+                          dataset=train_ds, device=cfg.model.device, resume=True, deltas=deltas)
     seconds = time.perf_counter() - start
     milestone_label = None
-    if meta:
-        milestone_label = f"{meta['fraction'] * 100:.0f}%" if meta.get("fraction") is not None else adapter_dir.name
+    if meta is not None:
+        milestone_label = meta.label or adapter_dir.name
     ranking = Ranking(
         scores=scores,
         layers=layers,
@@ -399,8 +380,8 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
         config_sha256=cfg.sha256(),
         meta={
             "stage1_adapter": str(adapter_dir) if adapter_dir else None,
-            "method": meta.get("method", "lora") if meta else None,
-            "stage1_step": meta.get("step"),
+            "method": meta.method if meta is not None else None,
+            "stage1_step": meta.step if meta is not None else None,
             "data": cfg.data.name if train_ds is not None else None,
             "seconds": seconds,
             **facts,
@@ -464,20 +445,18 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     write_json_atomic(folder / "selection.json", selection)
     plan = _train_plan(cfg, cfg.stage3.train, folder, [])
     result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if cfg.stage3.train.eval_heldout else None)
-    out_meta = {
-        "schema_version": 1, "kind": "ila.stage3_adapter", "ila_version": __version__, "method": method,
-        "step": result.steps, "base_model": identity, "layers": selected,
-        "selection": {k: selection[k] for k in ("mode", "fraction")}, "config_sha256": cfg.sha256(),
-    }
+    out_meta = AdapterMeta(
+        kind="ila.stage3_adapter", layers=selected, method=method, include_lm_head=ranking.include_lm_head,
+        step=result.steps, base_model=identity, lora=asdict(cfg.lora) if method == "lora" else None,
+        data=cfg.data.name, selection={k: selection[k] for k in ("mode", "fraction")}, config_sha256=cfg.sha256(),
+    )
     if method == "full":
         # A plain transformers model folder: every tool loads it with from_pretrained.
-        from .artifacts import atomic_dir
-
         output = folder / "model"
         with atomic_dir(output) as tmp:
             peft_model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            write_json_atomic(tmp / ADAPTER_META, out_meta)
+            write_json_atomic(tmp / ADAPTER_META, out_meta.to_dict())
     else:
         output = folder / "adapter"
         save_adapter(peft_model, output, out_meta)

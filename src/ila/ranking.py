@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import __version__
+from ._version import __version__
 from .artifacts import read_json, write_json_atomic
 from .errors import IlaError, RankingError
 from .layers import Layer, layer_names_digest

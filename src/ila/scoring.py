@@ -20,18 +20,18 @@ import random as _random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from .callbacks import ScoreTrajectory
 from .errors import IlaError
-from .gates import LayerGates, ScoreSGD, attach_gates
-from .layers import PEFT_PREFIX, Layer, find_blocks, unwrap
+from .gates import LayerGates, ScoreSGD, attach_gates, attach_update_gates
+from .layers import Layer, find_blocks, unwrap
+from .models import resolve_device
 from .stability import LoraFactors, full_update_norm, update_norms
-
-if TYPE_CHECKING:
-    from .ranking import Ranking
+from .training import TrainingPlan, train
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +218,6 @@ def block_influence_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dic
 
 def _attach(model: nn.Module, gates: LayerGates, deltas: dict[str, torch.Tensor] | None) -> Any:
     """Gates on LoRA updates, or on full-weight updates when ``deltas`` are given."""
-    from .gates import attach_update_gates
-
     return attach_gates(model, gates) if deltas is None else attach_update_gates(model, gates, deltas)
 
 
@@ -230,9 +228,6 @@ def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, t
 
     The loss is the response-token loss plus ``budget_lambda * max(0, mean(sigmoid(s)) - budget_fraction)``.
     """
-    from .callbacks import ScoreTrajectory
-    from .training import TrainingPlan, train
-
     for p in peft_model.parameters():
         p.requires_grad_(False)
     names = [layer.name for layer in layers]
@@ -305,26 +300,6 @@ def data_batches(dataset: Any, tokenizer: Any, *, batch_size: int, max_batches: 
     return batches
 
 
-__all__ = ["SCORER_NAMES", "NEEDS_ADAPTER", "NEEDS_DATA", "ScoringInputs", "score_layers", "learn_gates",
-           "data_batches", "rank_layers", "lora_layers", "scoring_mode"]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the Python entry point
-
-
-def lora_layers(model: nn.Module) -> list[Layer]:
-    """The layers of ``model`` that carry a LoRA adapter (all layers for a plain model)."""
-    from .layers import adaptable_layers
-
-    layers = adaptable_layers(model, include_lm_head=True)
-    modules = dict(model.named_modules())
-    adapted = [layer for layer in layers if hasattr(modules.get(PEFT_PREFIX + layer.name), "lora_A")]
-    if adapted:
-        return adapted
-    return [layer for layer in layers if layer.block is not None]
-
-
 @contextlib.contextmanager
 def scoring_mode(model: nn.Module) -> Iterator[None]:
     """Freeze ``model`` and switch LoRA dropout off for scoring; restore both afterwards."""
@@ -347,45 +322,34 @@ def scoring_mode(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flags.get(n, False))
 
 
-def rank_layers(model: nn.Module, *, scorer: str = "ila", tokenizer: Any = None, dataset: Any = None,
-                stage2: Any = None, seed: int = 0, device: str = "auto", output_dir: str | Path | None = None,
-                model_name: str | None = None) -> "Ranking":
-    """Score the layers of an in-memory model and return the :class:`~ila.ranking.Ranking`.
+def score(scorer: str, model: nn.Module, layers: list[Layer], *, s2: Any, seed: int, folder: Path,
+          tokenizer: Any = None, dataset: Any = None, device: str = "auto", resume: bool = False,
+          deltas: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """(score of every layer, facts about the scoring) with ``scorer``: the one way into the scorers, for stage 2
+    (:func:`ila.pipeline.stage2`) and for :func:`ila.integration.rank_layers`.
 
-    ``model`` is a peft LoRA model (stage 1 already trained) for ``ila``, ``taylor`` and ``update-norm``,
-    or any model for the others. ``dataset`` holds ``input_ids`` / ``attention_mask`` / ``labels`` rows
-    (as :func:`ila.data.build_datasets` makes) for the scorers that need data. The model is left as it
-    was: its trainable flags and LoRA dropout are restored.
+    ``model`` carries the update to score (a peft LoRA model, or with ``deltas`` the base model of a full
+    fine-tuning run) for the scorers in NEEDS_ADAPTER. It is frozen with LoRA dropout off while scoring and left
+    as it was; ``ila`` trains the gates in eval mode (no dropout of the base model either) and writes its
+    checkpoints and score trajectories into ``folder``.
     """
-    import tempfile
-
-    from .config import Stage2Config
-    from .models import model_identity, resolve_device
-    from .ranking import Ranking
-
     if scorer not in SCORER_NAMES:
         raise IlaError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORER_NAMES)}")
-    s2 = stage2 or Stage2Config()
-    layers = lora_layers(model)
-    if scorer in NEEDS_ADAPTER and not hasattr(dict(model.named_modules()).get(PEFT_PREFIX + layers[0].name), "lora_A"):
-        raise IlaError(f"the {scorer} scorer needs a model with a trained LoRA adapter on its layers")
     if scorer in NEEDS_DATA and (dataset is None or tokenizer is None):
         raise IlaError(f"the {scorer} scorer needs a dataset and a tokenizer")
-    name = model_name or getattr(getattr(unwrap(model), "config", None), "name_or_path", None) or "model"
-    with scoring_mode(model), tempfile.TemporaryDirectory() as tmp:
-        folder = Path(output_dir) if output_dir is not None else Path(tmp)
+    with scoring_mode(model):
         if scorer == "ila":
-            scores, meta = learn_gates(model, layers, tokenizer=tokenizer, train_dataset=dataset, s2=s2,
-                                       seed=seed, device=device, folder=folder)
-        else:
-            dev = next(model.parameters()).device if device == "auto" else resolve_device(device)
-            batches = None
-            if dataset is not None and tokenizer is not None:
-                batches = data_batches(dataset, tokenizer, batch_size=s2.batch_size,
-                                       max_batches=s2.sample_batches, device=dev, seed=seed)
-            scores, meta = score_layers(scorer, ScoringInputs(model=model, layers=layers, seed=seed,
-                                                              batches=batches,
-                                                              options={"position_from": s2.position_from}))
-    include_head = any(layer.block is None for layer in layers)
-    return Ranking(scores=scores, layers=layers, base_model=model_identity(unwrap(model), name),
-                   include_lm_head=include_head, scorer=scorer, meta=meta)
+            return learn_gates(model, layers, tokenizer=tokenizer, train_dataset=dataset, s2=s2, seed=seed,
+                               device=device, folder=folder, resume=resume, deltas=deltas)
+        dev = next(model.parameters()).device if device == "auto" else resolve_device(device)
+        batches = None
+        if dataset is not None and tokenizer is not None:
+            batches = data_batches(dataset, tokenizer, batch_size=s2.batch_size, max_batches=s2.sample_batches,
+                                   device=dev, seed=seed)
+        inputs = ScoringInputs(model=model, layers=layers, seed=seed, batches=batches,
+                               options={"position_from": s2.position_from}, deltas=deltas)
+        return score_layers(scorer, inputs)
+
+
+__all__ = ["SCORER_NAMES", "NEEDS_ADAPTER", "NEEDS_DATA", "ScoringInputs", "score", "score_layers", "learn_gates",
+           "data_batches", "scoring_mode"]
