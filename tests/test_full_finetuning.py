@@ -45,13 +45,19 @@ def test_full_update_gates_at_one_and_zero():
     assert not any(hasattr(m, "ila_delta") for m in gated.modules())
 
 
-def test_full_fine_tuning_run(tmp_path, tiny_model_dir, tiny_data_file):
-    from transformers import AutoModelForCausalLM
-
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_model_dir, tiny_data_file):
     cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + [
         "stage1.method=full", "stage3.method=full", "stage1.train.learning_rate=1e-3",
         "stage3.train.learning_rate=1e-3", "stage3.selection.mode=drop_bottom", "stage3.selection.fraction=0.25"])
-    out = run_all(cfg, tmp_path)
+    run_dir = tmp_path_factory.mktemp("full")
+    return cfg, run_dir, run_all(cfg, run_dir)
+
+
+def test_full_fine_tuning_run(full_run, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg, tmp_path, out = full_run
     meta = json.loads((tmp_path / "stage1" / "final" / "ila_adapter.json").read_text())
     assert meta["method"] == "full"
     assert set(load_file(tmp_path / "stage1" / "milestones" / "050" / "layers.safetensors")) == set(meta["layers"])
@@ -122,3 +128,34 @@ def test_a_full_update_with_biases_is_saved_loaded_and_gated_whole(tmp_path):
     for n in names:
         expect = (deltas[n].pow(2).sum() + deltas[bias_key(n)].pow(2).sum()).sqrt()
         assert norms[n] == pytest.approx(float(expect), rel=1e-5)
+
+
+def test_evaluate_and_compare_strategies_read_a_full_stage3_model(full_run, tmp_path):
+    """With stage3.method: full the result is stage3/model, not an adapter: evaluation must score that model
+    (not fall back to the stage-1 update), and a strategy comparison must fine-tune and score models too."""
+    from ila.evaluation import evaluate_run, heldout_loss
+    from ila.models import load_base_model, load_tokenizer
+    from ila.strategies import Strategy, run_strategies
+
+    cfg, run_dir, _ = full_run
+    out = evaluate_run(cfg, run_dir)
+    assert list(out["results"]) == ["base", "stage3"]
+    assert out["results"]["stage3"]["adapter"] == str(run_dir / "stage3" / "model")
+    # The number is the stage-3 model's own: the same function on the model folder gives it.
+    from ila.data import build_datasets
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(cfg.model)
+    heldout = build_datasets(cfg.data, tokenizer)[1]
+    tuned = heldout_loss(AutoModelForCausalLM.from_pretrained(run_dir / "stage3" / "model"), tokenizer, heldout)
+    base = heldout_loss(load_base_model(cfg.model), tokenizer, heldout)
+    assert out["results"]["stage3"]["heldout"]["loss"] == pytest.approx(tuned["loss"], rel=1e-6)
+    assert out["results"]["base"]["heldout"]["loss"] == pytest.approx(base["loss"], rel=1e-6)
+    assert tuned["loss"] != base["loss"]
+
+    ranking = Ranking.load(run_dir / "stage2" / "ranking.json")
+    report = run_strategies(cfg, run_dir / "stage2" / "ranking.json", tmp_path / "strategies", isolate=False,
+                            strategies=[Strategy("top-25", "ila-top", 0.25, tuple(ranking.order[:7]))])
+    (result,) = report["results"]
+    assert (tmp_path / "strategies" / "top-25" / "stage3" / "model" / "config.json").is_file()
+    assert result["heldout_loss"] != report["base_heldout_loss"]

@@ -144,6 +144,31 @@ def load_full_updates(folder: Path, base_model: Any, layer_names: list[str]) -> 
     return deltas
 
 
+def load_result(model_cfg: Any, folder: Path) -> Any:
+    """The model that a result folder describes: the base model of ``model_cfg`` with a PEFT adapter, or a full
+    model folder (stage 3 with ``method: full``) loaded with the same dtype and device settings."""
+    from dataclasses import replace
+
+    from .models import load_base_model, load_lora
+
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        return load_lora(load_base_model(model_cfg), folder)
+    if (folder / "config.json").is_file():
+        return load_base_model(replace(model_cfg, name=str(folder)))
+    raise ModelError(f"{folder} is neither a PEFT adapter folder nor a model folder")
+
+
+def lm_eval_source(base_source: str, folder: Path | None) -> tuple[str, str | None]:
+    """(``pretrained``, ``peft``) for lm-eval's HFLM: the base model and the adapter, or the full model folder."""
+    if folder is None:
+        return base_source, None
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        return base_source, str(folder)
+    return str(folder), None
+
+
 def frozen_adapter_model(model: Any, adapter_dir: Path) -> Any:
     """The base model with a stage-1 LoRA adapter, every parameter frozen, LoRA dropout off: the gates (and the
     other scorers) must see the update the adapter actually learned (ila-method.md, stage 2)."""

@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from .adapters import AdapterMeta, save_adapter
 from .artifacts import append_jsonl, finite_or_null, read_json, truncate_jsonl, write_json_atomic
 from .gates import LayerGates
+from .rundir import milestone_name
 from .stability import (
     LoraFactors,
     full_update_norm,
@@ -34,10 +35,6 @@ STABILITY_TENSORS = "ila_stability.safetensors"
 def milestone_steps(fractions: list[float], planned_steps: int) -> dict[int, float]:
     """Step at which each milestone fraction of the planned schedule falls (at least step 1)."""
     return {max(1, round(f * planned_steps)): f for f in fractions}
-
-
-def milestone_name(fraction: float) -> str:
-    return f"{round(fraction * 100):03d}"
 
 
 class MilestoneSaver(TrainerCallback):

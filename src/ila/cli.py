@@ -243,38 +243,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(cfg: RunConfig, run_dir: Path, args: argparse.Namespace) -> None:
-    """Held-out loss (and lm-eval scores, generations) of the base model and each adapter."""
-    from .artifacts import write_json_atomic
-    from .evaluation import heldout_loss, lm_eval_scores, write_generations
-    from .models import load_base_model, load_lora, load_tokenizer, resolve_model_source
-    from .pipeline import _datasets
+    from .evaluation import evaluate_run
 
     adapters = dict(a.split("=", 1) if "=" in a else (Path(a).name, a) for a in args.adapter)
-    if not adapters and (run_dir / "stage3" / "adapter").is_dir():
-        adapters = {"stage3": str(run_dir / "stage3" / "adapter")}
-    if not adapters and (run_dir / "stage1" / "final").is_dir():
-        adapters["stage1-all-layers"] = str(run_dir / "stage1" / "final")
-    tokenizer = load_tokenizer(cfg.model)
-    out = run_dir / "eval"
-    heldout = _datasets(cfg, tokenizer, out)[1]
-    results: dict[str, Any] = {}
-    for label, path in [("base", None), *adapters.items()]:
-        model = load_base_model(cfg.model)
-        if path is not None:
-            model = load_lora(model, path)
-        entry: dict[str, Any] = {"adapter": path}
-        if heldout is not None:
-            entry["heldout"] = heldout_loss(model, tokenizer, heldout)
-        if args.tasks:
-            entry["benchmarks"] = lm_eval_scores(resolve_model_source(cfg.model), args.tasks, adapter=path,
-                                                 limit=args.limit, device="cpu")
-        results[label] = entry
+    out = evaluate_run(cfg, run_dir, adapters or None, tasks=args.tasks, limit=args.limit, generate=args.generate)
+    for label, entry in out["results"].items():
         print(f"{label:>20}: " + ", ".join(f"{k} {v}" for k, v in entry.items() if k != "adapter"))
-    write_json_atomic(out / "evaluation.json", {"schema_version": 1, "kind": "ila.evaluation", "results": results})
     if args.generate:
-        write_generations(cfg, adapters, args.generate, out / "generations.md")
-        print(f"generations: {out / 'generations.md'}")
-    print(f"results: {out / 'evaluation.json'}")
+        print(f"generations: {out['generations']}")
+    print(f"results: {out['path']}")
 
 
 def _terminate_like_ctrl_c() -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .artifacts import write_text_atomic
+from .artifacts import envelope, write_json_atomic, write_text_atomic
 from .errors import DataError, IlaError
 
 log = logging.getLogger(__name__)
@@ -271,16 +271,15 @@ def write_generations(cfg: Any, adapters: dict[str, Any], n: int, path: Path, *,
                       max_new_tokens: int = 128) -> dict[str, list[str]]:
     """Greedy answers of the base model and of each adapter (``{label: folder}``) to the first turns of the
     first ``n`` MT-Bench questions, written side by side as Markdown so that a person can read them."""
+    from .adapters import load_result
     from .data import mtbench_questions
-    from .models import load_base_model, load_lora, load_tokenizer
+    from .models import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     questions = [[{"role": "user", "content": q["turns"][0]}] for q in mtbench_questions()[:n]]
     answers: dict[str, list[str]] = {}
     for label, folder in [("base", None), *adapters.items()]:
-        model = load_base_model(cfg.model)
-        if folder is not None:
-            model = load_lora(model, folder)
+        model = load_base_model(cfg.model) if folder is None else load_result(cfg.model, Path(folder))
         answers[label] = generate(model, tokenizer, questions, max_new_tokens=max_new_tokens,
                                   template=cfg.data.template)
     md = ["# Generations (MT-Bench, first turns, greedy)", ""]
@@ -289,3 +288,49 @@ def write_generations(cfg: Any, adapters: dict[str, Any], n: int, path: Path, *,
         md += [f"**{label}**: {ans[i]}\n" for label, ans in answers.items()]
     write_text_atomic(path, "\n".join(md) + "\n")
     return answers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a run's results
+
+
+def evaluate_run(cfg: Any, run_dir: str | Path, results: dict[str, str | Path] | None = None, *,
+                 tasks: Sequence[str] = (), limit: int | None = None, generate: int = 0) -> dict[str, Any]:
+    """Held-out loss (and lm-eval scores, generations) of the base model and of each result folder.
+
+    ``results`` maps labels to adapter or model folders; by default the run's stage-3 result (adapter or
+    model, whichever ``stage3.method`` wrote), else its stage-1 adapter. Writes ``eval/evaluation.json``.
+    """
+    from .adapters import lm_eval_source, load_result
+    from .data import build_datasets
+    from .models import load_base_model, load_tokenizer, resolve_model_source
+    from .rundir import RunDir
+
+    rd = RunDir(run_dir)
+    if not results:
+        stage3 = rd.stage3_result()
+        if stage3 is not None:
+            results = {"stage3": stage3}
+        elif rd.stage1_final.is_dir():
+            results = {"stage1-all-layers": rd.stage1_final}
+        else:
+            results = {}
+    tokenizer = load_tokenizer(cfg.model)
+    heldout = build_datasets(cfg.data, tokenizer)[1]
+    heldout = heldout if len(heldout) > 0 else None
+    out: dict[str, Any] = {}
+    for label, path in [("base", None), *results.items()]:
+        model = load_base_model(cfg.model) if path is None else load_result(cfg.model, Path(path))
+        entry: dict[str, Any] = {"adapter": None if path is None else str(path)}
+        if heldout is not None:
+            entry["heldout"] = heldout_loss(model, tokenizer, heldout)
+        if tasks:
+            pretrained, peft = lm_eval_source(resolve_model_source(cfg.model), None if path is None else Path(path))
+            entry["benchmarks"] = lm_eval_scores(pretrained, tasks, adapter=peft, limit=limit, device="cpu")
+        out[label] = entry
+    path = write_json_atomic(rd.eval / "evaluation.json", {**envelope("ila.evaluation"), "results": out})
+    generations = None
+    if generate:
+        generations = rd.eval / "generations.md"
+        write_generations(cfg, results, generate, generations)
+    return {"results": out, "path": path, "generations": generations}

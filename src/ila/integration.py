@@ -12,12 +12,13 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .adapters import AdapterMeta, save_adapter
-from .callbacks import milestone_name, milestone_steps
+from .callbacks import milestone_steps
 from .config import Stage2Config
 from .errors import IlaError
 from .layers import PEFT_PREFIX, Layer, adaptable_layers, unwrap
 from .models import model_identity
 from .ranking import Ranking
+from .rundir import milestone_name
 from .scoring import NEEDS_ADAPTER, NEEDS_DATA, SCORER_NAMES, score
 
 

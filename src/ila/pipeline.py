@@ -1,18 +1,8 @@
-"""The stages of ILA as functions that read and write a run directory.
-
-    run_dir/
-      config.yaml                 resolved config (written first)
-      stage1/milestones/025/ ...  PEFT adapters at 25/50/75/100 % of the planned steps (+ ila_adapter.json)
-      stage1/final/               the adapter where stage 1 ended
-      stage1/metrics.jsonl        Trainer logs;  stage1/stability.jsonl  epsilon-stability figure
-      stage1/summary.json         written last: marks stage 1 complete
-      stage2/ranking.json         the ranking (strict, versioned JSON)
-      stage2/scores.jsonl         score trajectories;  stage2/summary.json
-      stage3/adapter/             PEFT adapter on the selected layers only
-      stage3/selection.json       the selected layers;  stage3/summary.json
+"""The stages of ILA as functions that read and write a run directory (its layout: :mod:`ila.rundir`).
 
 Each stage reads only files written by earlier stages, so any stage can be re-run alone or fed a ranking or
 an adapter from another run. A stage whose ``summary.json`` exists is complete and is not redone by ``run``.
+Every stage reads as: load the model and data, attach what trains, train, save.
 """
 
 from __future__ import annotations
@@ -37,7 +27,8 @@ from .adapters import (
     load_full_updates,
     save_adapter,
 )
-from .callbacks import MilestoneSaver, StabilityTracker, milestone_name
+from .callbacks import MilestoneSaver, StabilityTracker
+from .rundir import STAGES, RunDir
 from .config import RunConfig, TrainConfig, load_config
 from .errors import ConfigError, IlaError, ModelError
 from .layers import Layer, adaptable_layers, describe_layers, layer_names_digest
@@ -63,7 +54,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: str | Path) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} exists and is not a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", f"# ila {__version__} resolved config, {_now()}\n" + cfg.to_yaml())
+    write_text_atomic(RunDir(run_dir).config, f"# ila {__version__} resolved config, {_now()}\n" + cfg.to_yaml())
     return run_dir
 
 
@@ -77,7 +68,7 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunCo
 
 def stage_done(run_dir: Path, stage: str, cfg: RunConfig | None = None) -> bool:
     """Whether ``stage`` is complete in ``run_dir``; with ``cfg``, refuse a result made with another config."""
-    path = run_dir / stage / "summary.json"
+    path = RunDir(run_dir).summary(stage)
     if not path.is_file():
         return False
     if cfg is not None:
@@ -212,7 +203,8 @@ def _finish_stage(folder: Path) -> None:
 def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     """LoRA on every layer, milestones saved, epsilon-stability recorded."""
     run_dir = Path(run_dir)
-    folder = run_dir / "stage1"
+    rd = RunDir(run_dir)
+    folder = rd.stage("stage1")
     _start_stage(cfg, folder, "stage1")
     torch.manual_seed(cfg.seed)  # LoRA A is initialised randomly when the adapter is attached
     tokenizer = load_tokenizer(cfg.model)
@@ -253,14 +245,14 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
             config_sha256=cfg.sha256(), layer_digest=layer_names_digest(names),
         )
 
-    milestones = MilestoneSaver(folder / "milestones", s1.milestones, planned, meta)
+    milestones = MilestoneSaver(rd.milestones, s1.milestones, planned, meta)
     stability = StabilityTracker(names, s1.stability_window, s1.stability_epsilon, folder / "stability.jsonl",
                                  s1.stop_when_stable, base_weights=base_weights, criterion=s1.stability_criterion,
                                  fraction=s1.stability_fraction, patience=s1.stability_patience)
     plan = _train_plan(cfg, s1.train, folder, [milestones, stability])
     plan.eval_before = True  # before the first step the model is theta_0 (LoRA B starts at zero)
     result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if s1.train.eval_heldout else None)
-    save_adapter(peft_model, folder / "final", meta(result.steps, result.steps / planned))
+    save_adapter(peft_model, rd.stage1_final, meta(result.steps, result.steps / planned))
     summary = {
         "stage": 1,
         "finished": _now(),
@@ -271,7 +263,7 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         # What stopping when stable saved against the planned schedule (0 when it ran to the end).
         "steps_saved": planned - result.steps,
         "stability": stability.history,
-        "milestones": sorted(p.name for p in (folder / "milestones").glob("[0-9]*")),
+        "milestones": sorted(p.name for p in rd.milestones.glob("[0-9]*")),
         "train_loss": result.train_loss,
         "heldout_loss": result.heldout_loss,
         "base_heldout_loss": result.heldout_loss_before,
@@ -288,7 +280,7 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "config_sha256": cfg.sha256(),
         "stage_sha256": cfg.stage_sha256("stage1"),
     }
-    write_json_atomic(folder / "summary.json", summary)
+    write_json_atomic(rd.summary("stage1"), summary)
     _finish_stage(folder)
     return summary
 
@@ -303,15 +295,15 @@ def resolve_stage1_adapter(run_dir: Path, milestone: str | Path) -> Path:
     if isinstance(milestone, Path):
         folder = milestone
     elif milestone == "last":
-        folder = run_dir / "stage1" / "final"
+        folder = RunDir(run_dir).stage1_final
     else:
         try:
-            folder = run_dir / "stage1" / "milestones" / milestone_name(float(milestone) / 100)
+            folder = RunDir(run_dir).milestone(float(milestone) / 100)
         except ValueError:
             folder = Path(milestone)
     if not is_adapter_folder(folder):
         available = []
-        ms = run_dir / "stage1" / "milestones"
+        ms = RunDir(run_dir).milestones
         if ms.is_dir():
             available = sorted(p.name for p in ms.iterdir() if not p.name.startswith("."))
         raise ModelError(
@@ -323,7 +315,7 @@ def resolve_stage1_adapter(run_dir: Path, milestone: str | Path) -> Path:
 
 def ranking_path(run_dir: Path, scorer: str) -> Path:
     """Where stage 2 writes the ranking of ``scorer``: ``ranking.json`` for ILA, ``ranking-<scorer>.json`` else."""
-    return run_dir / "stage2" / ("ranking.json" if scorer == "ila" else f"ranking-{scorer}.json")
+    return RunDir(run_dir).ranking(scorer)
 
 
 def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = None,
@@ -333,7 +325,7 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
     scorer = scorer or cfg.stage2.scorer
     s2 = cfg.stage2
     run_dir = Path(run_dir)
-    folder = run_dir / "stage2"
+    folder = RunDir(run_dir).stage("stage2")
     adapter_dir = None
     if scorer in NEEDS_ADAPTER:
         adapter_dir = resolve_stage1_adapter(run_dir, s2.milestone if adapter is None else Path(adapter))
@@ -397,6 +389,7 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
         "mean_gate": facts.get("mean_gate"), "top10": ranking.order[:10], "ranking": str(path),
         "stage_sha256": cfg.stage_sha256("stage2"),
     }
+    # The configured scorer's summary marks stage 2 complete; other scorers' runs sit beside it.
     write_json_atomic(folder / ("summary.json" if scorer == cfg.stage2.scorer else f"summary-{scorer}.json"),
                       summary)
     _finish_stage(folder)
@@ -410,7 +403,8 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
 def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     """A fresh LoRA run from the base model on the selected layers only; writes ``stage3/adapter``."""
     run_dir = Path(run_dir)
-    folder = run_dir / "stage3"
+    rd = RunDir(run_dir)
+    folder = rd.stage("stage3")
     _start_stage(cfg, folder, "stage3")
     ranking_file = Path(cfg.stage3.ranking) if cfg.stage3.ranking else ranking_path(run_dir, cfg.stage2.scorer)
     if not ranking_file.is_file():
@@ -442,7 +436,7 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "ranking": str(ranking_file), "num_selected": len(selected), "num_layers": len(layers),
         "layers": selected, "base_model": identity,
     }
-    write_json_atomic(folder / "selection.json", selection)
+    write_json_atomic(rd.selection, selection)
     plan = _train_plan(cfg, cfg.stage3.train, folder, [])
     result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if cfg.stage3.train.eval_heldout else None)
     out_meta = AdapterMeta(
@@ -452,13 +446,13 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     )
     if method == "full":
         # A plain transformers model folder: every tool loads it with from_pretrained.
-        output = folder / "model"
+        output = rd.stage3_output("full")
         with atomic_dir(output) as tmp:
             peft_model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_json_atomic(tmp / ADAPTER_META, out_meta.to_dict())
     else:
-        output = folder / "adapter"
+        output = rd.stage3_output("lora")
         save_adapter(peft_model, output, out_meta)
     summary = {
         "stage": 3, "finished": _now(), "steps": result.steps, "train_loss": result.train_loss,
@@ -469,7 +463,7 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         ("adapter" if method == "lora" else "model"): str(output), "resumed_from": result.resumed_from,
         "stage_sha256": cfg.stage_sha256("stage3"),
     }
-    write_json_atomic(folder / "summary.json", summary)
+    write_json_atomic(rd.summary("stage3"), summary)
     _finish_stage(folder)
     return summary
 
@@ -482,7 +476,7 @@ def run_all(cfg: RunConfig, run_dir: str | Path, *, redo: bool = False) -> dict[
     """Stages 1-3 in order. A stage that is complete in ``run_dir`` with the same config is reused, unless
     ``redo``; once a stage runs, every later stage runs again too."""
     run_dir = Path(run_dir)
-    stages = ("stage1", "stage2", "stage3")
+    stages = STAGES
     # Check before writing anything, so a refused run leaves the directory as it was.
     done = {s: (not redo) and stage_done(run_dir, s, cfg) for s in stages}
     prepare_run_dir(cfg, run_dir)
@@ -494,5 +488,5 @@ def run_all(cfg: RunConfig, run_dir: str | Path, *, redo: bool = False) -> dict[
             rerun = True
         else:
             log.info("%s already complete in %s; skipping", name.replace("stage", "stage "), run_dir)
-        out[name] = read_json(run_dir / name / "summary.json", f"{name} summary")
+        out[name] = read_json(RunDir(run_dir).summary(name), f"{name} summary")
     return out

@@ -40,6 +40,7 @@ from .artifacts import read_json, write_json_atomic, write_text_atomic
 from .config import RunConfig
 from .errors import IlaError
 from .ranking import Ranking
+from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def run_strategies(cfg: RunConfig, ranking_path: Path, out: Path, *, tasks: tupl
     that peak memory is measured per strategy. ``generate`` > 0 also answers the first ``generate`` MT-Bench
     questions with the base model, ``all`` and the ILA selections (``generations.md``)."""
     from .evaluation import heldout_loss, lm_eval_scores
-    from .models import load_base_model, load_lora, load_tokenizer, resolve_model_source
+    from .adapters import lm_eval_source, load_result
+    from .models import load_base_model, load_tokenizer, resolve_model_source
     from .pipeline import _datasets, prepare_run_dir
 
     if isolate is None:
@@ -146,14 +148,15 @@ def run_strategies(cfg: RunConfig, ranking_path: Path, out: Path, *, tasks: tupl
         start = time.perf_counter()
         summary = _finetune_isolated(rc, folder) if isolate else _finetune(rc, folder, isolated=False)
         seconds = time.perf_counter() - start
-        model = load_lora(load_base_model(rc.model), folder / "stage3" / "adapter")
+        result_dir = RunDir(folder).stage3_output(rc.stage3.method)
+        model = load_result(rc.model, result_dir)
         if heldout is None:
             heldout = _datasets(rc, tokenizer, out / ".data")[1]
         quality = heldout_loss(model, tokenizer, heldout, batch_size=rc.stage3.train.batch_size)
         bench = {}
         if tasks:
-            bench = lm_eval_scores(resolve_model_source(rc.model), tasks, adapter=folder / "stage3" / "adapter",
-                                   limit=limit, batch_size=8, device="cpu" if rc.model.device in ("cpu", "auto") else rc.model.device)
+            pretrained, peft = lm_eval_source(resolve_model_source(rc.model), result_dir)
+            bench = lm_eval_scores(pretrained, tasks, adapter=peft, limit=limit, batch_size=8, device="cpu" if rc.model.device in ("cpu", "auto") else rc.model.device)
         result = {"name": strat.name, "family": strat.family, "fraction": strat.fraction, "seed": strat.seed,
                   "num_layers": len(strat.layers), "heldout_loss": quality["loss"],
                   "heldout_perplexity": quality["perplexity"], "benchmarks": bench,
@@ -167,7 +170,7 @@ def run_strategies(cfg: RunConfig, ranking_path: Path, out: Path, *, tasks: tupl
         from .evaluation import write_generations
 
         # The base model, plain LoRA and the ILA selections: enough for a person to read the difference.
-        adapters = {s.name: out / s.name / "stage3" / "adapter" for s in strategies
+        adapters = {s.name: RunDir(out / s.name).stage3_output(cfg.stage3.method) for s in strategies
                     if s.family in ("all", "ila-drop-bottom", "ila-top")}
         write_generations(cfg, adapters, generate, out / "generations.md")
     if heldout is None:
@@ -262,17 +265,16 @@ def compare_strategies(cfg: RunConfig, run_dir: Path, out: Path, *, tasks: tuple
                        isolate: bool | None = None, scorers: tuple[str, ...] = (), generate: int = 0) -> Path:
     """Every strategy of :func:`plan_strategies` on the run's stage-3 budget; ``scorers`` adds the top 30 % of
     other scorers' rankings (``stage2/ranking-<scorer>.json``, computed first where missing)."""
-    from .pipeline import ranking_path as scorer_ranking_path
     from .pipeline import stage2
 
-    ranking_path = Path(cfg.stage3.ranking) if cfg.stage3.ranking else run_dir / "stage2" / "ranking.json"
+    ranking_path = Path(cfg.stage3.ranking) if cfg.stage3.ranking else RunDir(run_dir).ranking()
     if not ranking_path.is_file():
         raise IlaError(f"no ranking at {ranking_path}; run stages 1 and 2 first (ila train; ila score)")
     others: dict[str, Ranking] = {}
     for scorer in scorers:
         if scorer == "ila":
             continue
-        path = scorer_ranking_path(run_dir, scorer)
+        path = RunDir(run_dir).ranking(scorer)
         if not path.is_file():
             log.info("scoring the layers with %s for the comparison", scorer)
             stage2(cfg, run_dir, scorer=scorer)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .artifacts import read_json, write_json_atomic, write_text_atomic
-from .callbacks import milestone_name
+from .rundir import RunDir, milestone_name
 from .config import from_dict, load_config
 from .errors import ConfigError
 from .ranking import Ranking
@@ -153,14 +153,14 @@ def execute(cfg: StudyConfig, out: Path) -> dict[str, dict[str, Path]]:
                 log.info("study: stage 2 of %s at %s%%", run.key, milestone_name(m))
                 sub = target.parent.parent
                 prepare_run_dir(rc, sub)
-                stage2(rc, sub, adapter=run_dir / "stage1" / "milestones" / milestone_name(m))
+                stage2(rc, sub, adapter=RunDir(run_dir).milestone(m))
             done[run.key][milestone_name(m)] = target
         last = max(cfg.milestones)
         for scorer in cfg.scorers:
             target = ranking_file(out, run, last, scorer)
             if not target.is_file():
                 log.info("study: %s scores of %s", scorer, run.key)
-                stage2(rc, target.parent.parent, adapter=run_dir / "stage1" / "milestones" / milestone_name(last),
+                stage2(rc, target.parent.parent, adapter=RunDir(run_dir).milestone(last),
                        scorer=scorer)
             done[run.key][f"{milestone_name(last)}:{scorer}"] = target
     return done
