@@ -36,6 +36,23 @@ def test_run_train_score_finetune(tmp_path, tiny_config, capsys):
     selection = json.loads((run_dir / "stage3" / "selection.json").read_text())
     assert selection["layers"] == layers
 
+    # A misspelt layer: every command that selects names the closest real layers.
+    typo = layers[0].replace("proj", "prj")
+    capsys.readouterr()
+    assert main(["finetune", "--run-dir", str(run_dir), "--layers", typo]) == 2
+    assert f"did you mean '{layers[0]}'" in capsys.readouterr().err
+    assert main(["select", str(run_dir / "stage2" / "ranking.json"), "--layers", typo]) == 2
+    assert f"did you mean '{layers[0]}'" in capsys.readouterr().err
+
+    # One selection.json layout: stage 3 and ila export write the same fields for the same selection.
+    assert main(["export", str(run_dir / "stage2" / "ranking.json"), "--layers", *layers,
+                 "--out", str(tmp_path / "export")]) == 0
+    exported = json.loads((tmp_path / "export" / "selection.json").read_text())
+    common = ("schema_version", "kind", "mode", "fraction", "base_model", "include_lm_head", "num_selected",
+              "num_layers", "layers")
+    assert {k: selection[k] for k in common} == {k: exported[k] for k in common}
+    assert {"ila_version", "created", "ranking"} <= selection.keys() & exported.keys()
+
     fresh = tmp_path / "train-only"
     assert main(["train", "--run-dir", str(fresh), *_sets(tiny_config)]) == 0
     assert (fresh / "stage1" / "final" / "adapter_model.safetensors").is_file()

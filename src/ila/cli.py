@@ -153,16 +153,29 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
+def _selection_of(args: argparse.Namespace) -> tuple[str, float | None, tuple[str, ...]] | None:
+    """(mode, fraction, layers) of --top / --drop-bottom / --layers, the same for every command that takes them;
+    None when none is given."""
+    if getattr(args, "top", None) is not None:
+        return "top", args.top, ()
+    if getattr(args, "drop_bottom", None) is not None:
+        return "drop_bottom", args.drop_bottom, ()
+    if getattr(args, "layers", None):
+        return "list", None, tuple(args.layers)
+    return None
+
+
 def _resolve(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     overrides = list(args.overrides)
     if getattr(args, "ranking", None):
         overrides.append(f"stage3.ranking={args.ranking}")
-    if getattr(args, "top", None) is not None:
-        overrides += ["stage3.selection.mode=top", f"stage3.selection.fraction={args.top}"]
-    if getattr(args, "drop_bottom", None) is not None:
-        overrides += ["stage3.selection.mode=drop_bottom", f"stage3.selection.fraction={args.drop_bottom}"]
-    if getattr(args, "layers", None):
-        overrides += ["stage3.selection.mode=list", "stage3.selection.layers=" + json.dumps(args.layers)]
+    chosen = _selection_of(args)
+    if chosen is not None:
+        mode, fraction, layers = chosen
+        overrides.append(f"stage3.selection.mode={mode}")
+        overrides.append("stage3.selection.layers=" + json.dumps(list(layers)))
+        if fraction is not None:
+            overrides.append(f"stage3.selection.fraction={fraction}")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     config = args.config
     if config is None and (run_dir / "config.yaml").is_file():
@@ -274,13 +287,8 @@ def _selection_command(args: argparse.Namespace) -> int:
     from .ranking import Ranking
 
     ranking = Ranking.load(args.ranking)
-    if args.top is not None:
-        mode, fraction = "top", args.top
-    elif args.drop_bottom is not None:
-        mode, fraction = "drop_bottom", args.drop_bottom
-    else:
-        mode, fraction = "list", None
-    names = export.select_layers(ranking, mode, fraction, args.layers or ())
+    mode, fraction, layers = _selection_of(args) or ("list", None, ())
+    names = ranking.select(mode, fraction, layers)
     what = "explicit list" if mode == "list" else f"{mode.replace('_', '-')} {fraction:g}"
     if args.command == "export":
         out = Path(args.out) if args.out else export.default_export_dir(args.ranking, mode, fraction, names)

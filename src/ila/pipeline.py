@@ -431,11 +431,9 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     trainable, total = count_parameters(peft_model)
     log.info("stage 3: %s on %d of %d layers (%s trainable parameters)", "LoRA" if method == "lora" else
              "full fine-tuning", len(selected), len(layers), f"{trainable:,}")
-    selection = {
-        "schema_version": 1, "kind": "ila.selection", "mode": sel.mode, "fraction": sel.fraction,
-        "ranking": str(ranking_file), "num_selected": len(selected), "num_layers": len(layers),
-        "layers": selected, "base_model": identity,
-    }
+    selection = {**ranking.selection_record(selected, mode=sel.mode, fraction=sel.fraction,
+                                            ranking_path=ranking_file),
+                 "method": method, "lora": asdict(cfg.lora) if method == "lora" else None}
     write_json_atomic(rd.selection, selection)
     plan = _train_plan(cfg, cfg.stage3.train, folder, [])
     result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if cfg.stage3.train.eval_heldout else None)

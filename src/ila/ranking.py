@@ -10,6 +10,8 @@ ranking, the *bottom-k* the last ``round(fraction * N)``.
 
 from __future__ import annotations
 
+import difflib
+
 import datetime as _dt
 import math
 from collections.abc import Sequence
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ._version import __version__
-from .artifacts import read_json, write_json_atomic
+from .artifacts import envelope, read_json, write_json_atomic
 from .errors import IlaError, RankingError
 from .layers import Layer, layer_names_digest
 
@@ -87,25 +89,62 @@ class Ranking:
             raise RankingError(f"dropping the bottom {fraction:.0%} leaves no layer to tune")
         return kept
 
-    def select(self, mode: Literal["top", "drop_bottom", "list"], fraction: float = 0.3,
+    def select(self, mode: Literal["top", "drop_bottom", "list"], fraction: float | None = 0.3,
                layers: Sequence[str] = ()) -> list[str]:
-        """The selected layer names, in ranking order."""
-        if mode == "top":
-            return self.top(fraction)
-        if mode == "drop_bottom":
-            return self.drop_bottom(fraction)
+        """The selected layer names, in ranking order: the one place where a selection is chosen (stage 3,
+        ``ila select`` / ``export`` / ``finetune``, :func:`ila.select`). ``top``: the top ``fraction``;
+        ``drop_bottom``: all but the bottom ``fraction``; ``list``: exactly ``layers``, misspelt names refused
+        with the closest real ones."""
         if mode == "list":
-            unknown = [n for n in layers if n not in self.scores]
-            if unknown:
-                raise RankingError(
-                    f"{len(unknown)} selected names match no layer of this model, e.g. {unknown[0]!r}; "
-                    f"layer names look like {self.layers[0].name!r}"
-                )
             if not layers:
-                raise RankingError("the explicit selection is empty")
+                raise RankingError("the explicit selection is empty; name at least one layer")
+            self.check_names(layers)
             chosen = set(layers)
             return [n for n in self.order if n in chosen]
-        raise RankingError(f"unknown selection mode {mode!r}")
+        if mode not in ("top", "drop_bottom"):
+            raise RankingError(f"unknown selection mode {mode!r} (top, drop_bottom or list)")
+        if fraction is None or isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise RankingError(f"selection mode {mode!r} needs a fraction in (0, 1], got {fraction!r}")
+        if mode == "top":
+            if not 0.0 < fraction <= 1.0:
+                raise RankingError(f"--top fraction must be in (0, 1], got {fraction}")
+            return self.top(float(fraction))
+        if not 0.0 < fraction < 1.0:
+            raise RankingError(f"--drop-bottom fraction must be in (0, 1), got {fraction} (1 would tune nothing)")
+        return self.drop_bottom(float(fraction))
+
+    def check_names(self, names: Sequence[str]) -> None:
+        """Raise :class:`RankingError` naming every name that is no layer of this ranking, with the closest real
+        names."""
+        known = [layer.name for layer in self.layers]
+        known_set = set(known)
+        unknown = [n for n in dict.fromkeys(names) if n not in known_set]
+        if not unknown:
+            return
+        lines = []
+        for name in unknown[:5]:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            lines.append(f"{name!r}" + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise RankingError(
+            f"{len(unknown)} name(s) match no layer of this ranking: {'; '.join(lines)}{more}. "
+            f"Layer names are full module names such as {known[0]!r}"
+        )
+
+    def selection_record(self, names: Sequence[str], *, mode: str, fraction: float | None,
+                         ranking_path: str | Path | None) -> dict[str, Any]:
+        """The one layout of ``selection.json`` (stage 3 and ``ila export`` write it, adding their own fields)."""
+        return {
+            **envelope("ila.selection"),
+            "mode": mode,
+            "fraction": None if mode == "list" else float(fraction),  # type: ignore[arg-type]
+            "ranking": None if ranking_path is None else str(ranking_path),
+            "base_model": self.base_model,
+            "include_lm_head": self.include_lm_head,
+            "num_selected": len(names),
+            "num_layers": self.num_layers,
+            "layers": list(names),
+        }
 
     def block_aggregates(self) -> dict[str, dict[str, float]]:
         """Per block: mean score, mean gate, and the block's rank by mean score (1 = most important)."""

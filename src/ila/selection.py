@@ -31,7 +31,7 @@ def select(ranking: Ranking, *, top: float | None = None, drop_bottom: float | N
         return ranking.select("top", top)
     if drop_bottom is not None:
         return ranking.select("drop_bottom", drop_bottom)
-    return ranking.select("list", layers=list(layers or []))
+    return ranking.select("list", None, list(layers or []))
 
 
 def apply_selection(model: nn.Module, layer_names: Sequence[str], *, method: Literal["lora", "full"] = "lora",

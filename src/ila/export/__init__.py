@@ -30,7 +30,6 @@ from ..ranking import Ranking
 from . import axolotl, llamafactory, peft, plain, swift
 from .choose import (
     Mode,
-    _check_fraction,
     _normalise,
     check_layer_names,
     default_export_dir,
@@ -64,10 +63,10 @@ WRITERS: tuple[Writer, ...] = (
 EXPORT_FILES = (*(w.name for w in WRITERS), "selection.json")
 
 
-def _check_export_args(mode: str, fraction: float | None, r: int, alpha: float, dropout: float) -> None:
-    if mode not in ("top", "drop_bottom", "list"):
-        raise RankingError(f"unknown selection mode {mode!r} (top, drop_bottom or list)")
-    _check_fraction(mode, fraction)
+def _check_export_args(ranking: Ranking, mode: Mode, fraction: float | None, r: int, alpha: float,
+                       dropout: float) -> None:
+    if mode != "list":  # the mode and fraction the files are labelled with must be a valid selection
+        ranking.select(mode, fraction)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise IlaError(f"LoRA rank r must be an integer >= 1, got {r!r}")
     if not alpha > 0:
@@ -81,7 +80,9 @@ def export_selection(ranking: Ranking, names: Sequence[str], out_dir: str | Path
                      fraction: float | None = None, ranking_path: str | Path | None = None) -> dict[str, Any]:
     """Write the selection ``names`` of ``ranking`` as PEFT, axolotl, LLaMA-Factory and ms-swift
     configurations into ``out_dir``; return the summary that is also written as ``selection.json``."""
-    _check_export_args(mode, fraction, r, alpha, dropout)
+    if mode not in ("top", "drop_bottom", "list"):
+        raise RankingError(f"unknown selection mode {mode!r} (top, drop_bottom or list)")
+    _check_export_args(ranking, mode, fraction, r, alpha, dropout)
     in_ranking_order, chosen = _normalise(ranking, names)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

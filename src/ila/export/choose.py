@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,45 +16,13 @@ Mode = Literal["top", "drop_bottom", "list"]
 
 def check_layer_names(ranking: Ranking, names: Sequence[str]) -> None:
     """Raise :class:`RankingError` naming every unknown layer name, with the closest real names."""
-    known = [layer.name for layer in ranking.layers]
-    known_set = set(known)
-    unknown = [n for n in dict.fromkeys(names) if n not in known_set]
-    if not unknown:
-        return
-    lines = []
-    for name in unknown[:5]:
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-        lines.append(f"{name!r}" + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
-    more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-    raise RankingError(
-        f"{len(unknown)} name(s) match no layer of this ranking: {'; '.join(lines)}{more}. "
-        f"Layer names are full module names such as {known[0]!r}"
-    )
-
-
-def _check_fraction(mode: str, fraction: float | None) -> None:
-    if mode == "list":
-        return
-    if fraction is None or isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-        raise RankingError(f"selection mode {mode!r} needs a fraction in (0, 1], got {fraction!r}")
-    if mode == "top" and not 0.0 < fraction <= 1.0:
-        raise RankingError(f"--top fraction must be in (0, 1], got {fraction}")
-    if mode == "drop_bottom" and not 0.0 < fraction < 1.0:
-        raise RankingError(f"--drop-bottom fraction must be in (0, 1), got {fraction} (1 would tune nothing)")
+    ranking.check_names(names)
 
 
 def select_layers(ranking: Ranking, mode: Mode, fraction: float | None = None,
                   layers: Sequence[str] = ()) -> list[str]:
-    """The selected layer names in ranking order, with clear errors (suggestions for misspelt names)."""
-    if mode not in ("top", "drop_bottom", "list"):
-        raise RankingError(f"unknown selection mode {mode!r} (top, drop_bottom or list)")
-    _check_fraction(mode, fraction)
-    if mode == "list":
-        if not layers:
-            raise RankingError("the explicit selection is empty; name at least one layer")
-        check_layer_names(ranking, layers)
-        return ranking.select("list", layers=list(layers))
-    return ranking.select(mode, float(fraction))  # type: ignore[arg-type]
+    """The selected layer names in ranking order (:meth:`ila.ranking.Ranking.select`)."""
+    return ranking.select(mode, fraction, layers)
 
 
 def default_export_dir(ranking_path: str | Path, mode: str, fraction: float | None, names: Sequence[str]) -> Path:

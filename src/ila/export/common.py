@@ -5,7 +5,6 @@ to), the ``selection.json`` envelope, and YAML / comment formatting."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import re
 import textwrap
 from collections.abc import Callable, Sequence
@@ -112,18 +111,9 @@ def export_context(ranking: Ranking, layers: list[str], chosen: list[Layer], *, 
 def selection_summary(ctx: ExportContext, formats: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The ``selection.json`` envelope: the selection, the base model, and each file's status."""
     return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": KIND,
-        "ila_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "mode": ctx.mode,
-        "fraction": None if ctx.mode == "list" else float(ctx.fraction),  # type: ignore[arg-type]
-        "ranking": None if ctx.ranking_path is None else str(ctx.ranking_path),
-        "base_model": ctx.ranking.base_model,
-        "include_lm_head": ctx.ranking.include_lm_head,
+        **ctx.ranking.selection_record(ctx.layers, mode=ctx.mode, fraction=ctx.fraction,
+                                       ranking_path=ctx.ranking_path),
         "num_selected": len(ctx.chosen),
-        "num_layers": ctx.ranking.num_layers,
-        "layers": ctx.layers,
         "lora": {"r": ctx.r, "alpha": ctx.alpha, "dropout": ctx.dropout},
         "formats": formats,
         "notes": ctx.notes,
