@@ -192,3 +192,20 @@ def test_default_stage2_leaves_a_zero_updates_score_where_it_started(tmp_path):
     start = LayerGates([layer.name for layer in layers], init_mean=s2.init_mean, init_std=s2.init_std, seed=0).as_dict()
     assert scores[zero] == start[zero]
     assert all(scores[n] != start[n] for n in scores if n != zero)
+
+
+def test_the_registry_is_the_one_list_of_scorers():
+    """Config, command line and dispatch all read ila.scorers: a name it lacks is refused everywhere."""
+    from ila.cli import build_parser
+    from ila.errors import ConfigError, IlaError
+    from ila.scorers import NEEDS_ADAPTER, NEEDS_DATA, SCORERS
+
+    assert all(callable(entry.load()) for entry in SCORERS.values())
+    assert NEEDS_ADAPTER == {"ila", "taylor", "update-norm"} and NEEDS_DATA == {"ila", "taylor", "block-influence"}
+    with pytest.raises(ConfigError, match="stage2.scorer"):
+        load_config(None, ["stage2.scorer=tayl0r"])
+    with pytest.raises(IlaError, match="unknown scorer 'tayl0r'"):
+        score_layers("tayl0r", ScoringInputs(model=make_model(), layers=[]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score", "--run-dir", "r", "--scorer", "tayl0r"])
+    assert build_parser().parse_args(["score", "--run-dir", "r", "--scorer", "snr"]).scorer == "snr"

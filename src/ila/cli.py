@@ -26,6 +26,7 @@ from typing import Any
 from ._version import __version__
 from .config import RunConfig, load_config
 from .errors import IlaError
+from .scorers import SCORER_NAMES
 
 EXAMPLES = __doc__.split("Examples::", 1)[1]
 
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="stage 2: learn one gate per layer and write ranking.json")
     _common(p, needs_run_dir=True)
     p.add_argument("--adapter", help="a stage-1 adapter folder to score instead of the run's own milestone")
-    p.add_argument("--scorer", choices=["ila", "taylor", "update-norm", "block-influence", "snr", "random", "position"],
+    p.add_argument("--scorer", choices=SCORER_NAMES,
                    help="score with this scorer instead of stage2.scorer (written to stage2/ranking-<scorer>.json)")
 
     p = sub.add_parser("finetune", help="stage 3: LoRA from the base model on the selected layers only")
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune each strategy in its own process so peak memory is its own "
                         "(default: on, except on CUDA where the peak counters are reset per run)")
     p.add_argument("--scorers", nargs="*", default=[], metavar="SCORER",
-                   choices=["taylor", "update-norm", "block-influence", "snr", "random", "position"],
+                   choices=[n for n in SCORER_NAMES if n != "ila"],
                    help="also fine-tune the top 30 %% of these scorers' rankings (computed first where missing)")
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="also answer the first N MT-Bench questions with base, all-layer and ILA models, side by side")
@@ -312,94 +313,24 @@ def _selection_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare_labels(paths: list[str]) -> list[str]:
-    """The part of each path that differs from the others (runs/a/stage2/ranking.json, runs/b/... -> a, b)."""
-    parts = [list(Path(p).with_suffix("").parts) if p.endswith(".json") else list(Path(p).parts) for p in paths]
-    shortest = min(len(x) for x in parts)
-    pre = 0
-    while pre < shortest - 1 and all(x[pre] == parts[0][pre] for x in parts):
-        pre += 1
-    suf = 0
-    while suf < shortest - pre - 1 and all(x[-1 - suf] == parts[0][-1 - suf] for x in parts):
-        suf += 1
-    labels = ["/".join(x[pre:len(x) - suf]) for x in parts]
-    if len(set(labels)) < len(labels) or not all(labels):
-        labels = [f"{i + 1}:{Path(p).stem}" for i, p in enumerate(paths)]
-    return labels
-
-
 def _compare_command(args: argparse.Namespace) -> int:
-    """``ila compare``: overlap statistics, compare.json, compare.md and figures for ranking files."""
-    import re
+    """``ila compare``: overlap statistics, compare.json, compare.md and figures for ranking files
+    (:func:`ila.overlap.write_comparison`)."""
+    from .overlap import write_comparison  # lazily: it imports torch (through ila.ranking)
 
-    from . import overlap
-    from .artifacts import read_json, write_json_atomic, write_text_atomic
-    from .ranking import Ranking
-
-    rankings = [Ranking.load(p) for p in args.rankings]
-    labels = args.labels or _compare_labels(args.rankings)
-    if len(labels) != len(rankings):
-        raise IlaError(f"{len(labels)} --labels for {len(rankings)} rankings; give one label per ranking")
-    out = Path(args.out) if args.out else Path(args.rankings[0]).parent / "compare"
-    used: set[str] = set()
-
-    def slug(label: str, i: int) -> str:
-        s = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or f"ranking{i + 1}"
-        if s in used:
-            s = f"{i + 1}-{s}"
-        used.add(s)
-        return s
-
-    plots = None
-    if not args.no_plots:
-        try:
-            from . import plots as _plots
-
-            _plots._figure(1, 1)  # fails early and clearly without matplotlib
-            plots = _plots
-        except IlaError as e:
-            print(f"ila: warning: {e}; writing the statistics without figures", file=sys.stderr)
-
-    if len(rankings) == 1:
-        if plots is None:
-            raise IlaError("one ranking gives only its heat map, which needs matplotlib; pass two or more "
-                           "rankings to compare them")
-        path = plots.plot_ranking_heatmap(rankings[0], out / f"heatmap-{slug(labels[0], 0)}.png", label=labels[0])
-        print(f"one ranking: wrote its heat map {path}; pass two or more rankings to compare them")
+    if args.labels and len(args.labels) != len(args.rankings):
+        raise IlaError(f"{len(args.labels)} --labels for {len(args.rankings)} rankings; "
+                       "give one label per ranking")
+    written = write_comparison(args.rankings, args.out, args.labels, args.fractions, level=args.level,
+                               mapping=args.mapping, buckets=args.buckets, plots=not args.no_plots,
+                               warn=lambda msg: print(f"ila: warning: {msg}", file=sys.stderr))
+    if written.result is None:
+        print(f"one ranking: wrote its heat map {written.out / written.files[0]}; "
+              "pass two or more rankings to compare them")
         return 0
-
-    result = overlap.compare_rankings(rankings, labels, args.fractions, level=args.level, mapping=args.mapping,
-                                      buckets=args.buckets)
-    for entry, p in zip(result["rankings"], args.rankings):
-        entry["path"] = str(p)
-    files: list[str] = []
-    if plots is not None:
-        for i, (r, label) in enumerate(zip(rankings, labels)):
-            files.append(plots.plot_ranking_heatmap(r, out / f"heatmap-{slug(label, i)}.png", label=label).name)
-        for f in result["fractions"]:
-            files.append(plots.plot_jaccard_matrix(result, f, out / f"jaccard-top{f * 100:g}.png").name)
-        files.append(plots.plot_overlap_curve(result, out / "overlap-curve.png").name)
-    table = overlap.render_markdown(result)
-    write_text_atomic(out / "compare.md", table)
-    files = ["compare.json", "compare.md", *files]
-    result["files"] = files
-    old = out / "compare.json"
-    stale: list[str] = []
-    if old.is_file():  # figures of an earlier comparison in this folder that this one does not redraw
-        try:
-            previous = read_json(old, "comparison")
-            if isinstance(previous, dict) and previous.get("kind") == overlap.KIND:
-                stale = [f for f in previous.get("files", []) if isinstance(f, str) and f not in files
-                         and f == Path(f).name and f.endswith(".png")]
-        except IlaError:
-            pass
-    write_json_atomic(old, result)
-    for f in stale:
-        if (out / f).is_file():
-            (out / f).unlink()
-    print(table, end="")
+    print(written.markdown, end="")
     print()
-    print(f"wrote {len(files)} files to {out}: " + ", ".join(files))
+    print(f"wrote {len(written.files)} files to {written.out}: " + ", ".join(written.files))
     return 0
 
 

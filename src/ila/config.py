@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .scorers import SCORER_NAMES
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -193,9 +194,10 @@ class Stage1Config:
 class Stage2Config:
     """Stage 2: only the layer scores s train; the gate of layer i is sigmoid(s_i)."""
 
-    scorer: Literal["ila", "taylor", "update-norm", "block-influence", "snr", "random", "position"] = "ila"
+    scorer: str = "ila"
     """How layers are scored: ``ila`` learns the gates (the method); the others are baselines and cheap
-    alternatives (see ila/scoring.py). Rankings go to ``stage2/ranking.json`` for ``ila`` and to
+    alternatives (one of ``ila.scorers.SCORER_NAMES``: ila, taylor, update-norm, block-influence, snr, random,
+    position). Rankings go to ``stage2/ranking.json`` for ``ila`` and to
     ``stage2/ranking-<scorer>.json`` for the others."""
     sample_batches: int = 8
     """Batches of data that the ``taylor`` and ``block-influence`` scorers look at."""
@@ -236,6 +238,8 @@ class Stage2Config:
     """As ``train.response_logits_only`` of stages 1 and 3: the output head only where a response token follows."""
 
     def validate(self, prefix: str) -> None:
+        _require(self.scorer in SCORER_NAMES, prefix, "scorer",
+                 f"must be one of {', '.join(SCORER_NAMES)}, got {self.scorer!r}")
         _require(self.steps >= 1, prefix, "steps", f"must be >= 1, got {self.steps}")
         _require(self.sample_batches >= 1, prefix, "sample_batches", f"must be >= 1, got {self.sample_batches}")
         _require(self.batch_size >= 1, prefix, "batch_size", f"must be >= 1, got {self.batch_size}")

@@ -19,7 +19,9 @@ from .layers import PEFT_PREFIX, Layer, adaptable_layers, unwrap
 from .models import model_identity
 from .ranking import Ranking
 from .rundir import milestone_name
-from .scoring import NEEDS_ADAPTER, NEEDS_DATA, SCORER_NAMES, score
+from .scorers import NEEDS_DATA
+from .scorers import scorer as scorer_of
+from .scoring import score
 
 
 def lora_layers(model: nn.Module) -> list[Layer]:
@@ -42,13 +44,12 @@ def rank_layers(model: nn.Module, *, scorer: str = "ila", tokenizer: Any = None,
     (as :func:`ila.data.build_datasets` makes) for the scorers that need data. The model is left as it
     was: its trainable flags and LoRA dropout are restored.
     """
-    if scorer not in SCORER_NAMES:
-        raise IlaError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORER_NAMES)}")
+    entry = scorer_of(scorer)
     s2 = stage2 or Stage2Config()
     layers = lora_layers(model)
-    if scorer in NEEDS_ADAPTER and not hasattr(dict(model.named_modules()).get(PEFT_PREFIX + layers[0].name), "lora_A"):
+    if entry.needs_adapter and not hasattr(dict(model.named_modules()).get(PEFT_PREFIX + layers[0].name), "lora_A"):
         raise IlaError(f"the {scorer} scorer needs a model with a trained LoRA adapter on its layers")
-    if scorer in NEEDS_DATA and (dataset is None or tokenizer is None):
+    if entry.needs_data and (dataset is None or tokenizer is None):
         raise IlaError(f"the {scorer} scorer needs a dataset and a tokenizer")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(output_dir) if output_dir is not None else Path(tmp)

@@ -34,7 +34,8 @@ from .errors import ConfigError, IlaError, ModelError
 from .layers import Layer, adaptable_layers, describe_layers, layer_names_digest
 from .models import attach_lora, count_parameters, load_base_model, load_tokenizer, model_identity, resolve_device
 from .ranking import Ranking
-from .scoring import NEEDS_ADAPTER, NEEDS_DATA, score
+from .scorers import NEEDS_ADAPTER, NEEDS_DATA
+from .scoring import score
 from .training import TrainingPlan, train
 
 log = logging.getLogger(__name__)

@@ -1,14 +1,6 @@
-"""Ways to score layers. Every scorer returns one finite score per layer (higher = more important); the
-pipeline turns them into the same ranking artefact, so comparison tools accept any of them.
-
-| scorer | needs | cost |
-| --- | --- | --- |
-| ``ila`` | stage-1 adapter + data | ``stage2.steps`` forward/backward passes, gradients for N scores only |
-| ``taylor`` | stage-1 adapter + data | ``stage2.sample_batches`` forward/backward passes |
-| ``update-norm`` | stage-1 adapter | free: ||Delta_i||_F from the LoRA factors |
-| ``block-influence`` | data | ``stage2.sample_batches`` forward passes of the base model |
-| ``snr`` | nothing (weights) | one SVD per layer weight |
-| ``random`` / ``position`` | nothing | free |
+"""The scorers' functions and the one way into them (:func:`score`). Which scorers exist, what each needs
+and what it costs: :mod:`ila.scorers`. Every scorer returns one finite score per layer (higher = more
+important); the callers turn them into the same ranking artefact, so comparison tools accept any of them.
 """
 
 from __future__ import annotations
@@ -26,6 +18,8 @@ import torch
 from torch import nn
 
 from .callbacks import ScoreTrajectory
+from .scorers import NEEDS_ADAPTER, NEEDS_DATA, SCORER_NAMES
+from .scorers import scorer as scorer_entry
 from .errors import IlaError
 from .gates import LayerGates, ScoreSGD, attach_gates, attach_update_gates
 from .layers import Layer, find_blocks, unwrap
@@ -35,9 +29,6 @@ from .training import TrainingPlan, train
 
 log = logging.getLogger(__name__)
 
-SCORER_NAMES = ("ila", "taylor", "update-norm", "block-influence", "snr", "random", "position")
-NEEDS_ADAPTER = {"ila", "taylor", "update-norm"}
-NEEDS_DATA = {"ila", "taylor", "block-influence"}
 
 
 @dataclass
@@ -54,28 +45,28 @@ class ScoringInputs:
     deltas: dict[str, torch.Tensor] | None = None
     """Full fine-tuning: Delta_i = W_T - W_0 per layer, and the bias updates (see
     :func:`ila.gates.attach_update_gates`); ``model`` then holds W_0 and no adapter."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """For ``ila``, which trains: tokenizer, dataset, the stage-2 settings, device, output folder, resume."""
 
 
 def score_layers(scorer: str, inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
-    """(score of every layer, facts about the scoring) for one of :data:`SCORER_NAMES` other than ``ila``,
-    which trains through the Trainer (see :func:`ila.pipeline.stage2`)."""
-    fns: dict[str, Callable[[ScoringInputs], tuple[dict[str, float], dict[str, Any]]]] = {
-        "random": random_scores,
-        "position": position_scores,
-        "update-norm": update_norm_scores,
-        "taylor": taylor_scores,
-        "snr": snr_scores,
-        "block-influence": block_influence_scores,
-    }
-    if scorer not in fns:
-        raise IlaError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORER_NAMES)}")
-    if scorer in NEEDS_DATA and inputs.batches is None:
+    """(score of every layer, facts about the scoring) from the registry's function for ``scorer``."""
+    entry = scorer_entry(scorer)
+    if entry.needs_data and inputs.batches is None and not inputs.training:
         raise IlaError(f"the {scorer} scorer needs data")
-    scores, meta = fns[scorer](inputs)
+    scores, meta = entry.load()(inputs)
     bad = [n for n, s in scores.items() if not math.isfinite(s)]
     if bad:
         raise IlaError(f"the {scorer} scorer gave non-finite scores for {len(bad)} layers, e.g. {bad[0]}")
     return scores, meta
+
+
+def ila_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
+    """ILA's own scores: learn the gates (stage 2 of the method, :func:`learn_gates`)."""
+    t = inputs.training
+    return learn_gates(inputs.model, inputs.layers, tokenizer=t["tokenizer"], train_dataset=t["dataset"],
+                       s2=t["s2"], seed=inputs.seed, device=t["device"], folder=t["folder"],
+                       resume=t.get("resume", False), deltas=inputs.deltas)
 
 
 def random_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
@@ -333,23 +324,23 @@ def score(scorer: str, model: nn.Module, layers: list[Layer], *, s2: Any, seed: 
     as it was; ``ila`` trains the gates in eval mode (no dropout of the base model either) and writes its
     checkpoints and score trajectories into ``folder``.
     """
-    if scorer not in SCORER_NAMES:
-        raise IlaError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORER_NAMES)}")
-    if scorer in NEEDS_DATA and (dataset is None or tokenizer is None):
+    entry = scorer_entry(scorer)
+    if entry.needs_data and (dataset is None or tokenizer is None):
         raise IlaError(f"the {scorer} scorer needs a dataset and a tokenizer")
     with scoring_mode(model):
-        if scorer == "ila":
-            return learn_gates(model, layers, tokenizer=tokenizer, train_dataset=dataset, s2=s2, seed=seed,
-                               device=device, folder=folder, resume=resume, deltas=deltas)
-        dev = next(model.parameters()).device if device == "auto" else resolve_device(device)
+        training: dict[str, Any] = {}
         batches = None
-        if dataset is not None and tokenizer is not None:
+        if scorer == "ila":  # it trains through the Trainer, which batches and places the data itself
+            training = {"tokenizer": tokenizer, "dataset": dataset, "s2": s2, "device": device, "folder": folder,
+                        "resume": resume}
+        elif dataset is not None and tokenizer is not None:
+            dev = next(model.parameters()).device if device == "auto" else resolve_device(device)
             batches = data_batches(dataset, tokenizer, batch_size=s2.batch_size, max_batches=s2.sample_batches,
                                    device=dev, seed=seed)
         inputs = ScoringInputs(model=model, layers=layers, seed=seed, batches=batches,
-                               options={"position_from": s2.position_from}, deltas=deltas)
+                               options={"position_from": s2.position_from}, deltas=deltas, training=training)
         return score_layers(scorer, inputs)
 
 
 __all__ = ["SCORER_NAMES", "NEEDS_ADAPTER", "NEEDS_DATA", "ScoringInputs", "score", "score_layers", "learn_gates",
-           "data_batches", "scoring_mode"]
+           "data_batches", "scoring_mode"]  # the names of ila.scorers are re-exported for existing imports

@@ -70,7 +70,7 @@ class StudyConfig:
             raise ConfigError("milestones: fractions in (0, 1]")
         if self.seed_dataset not in self.alignment + self.reasoning:
             raise ConfigError(f"seed_dataset: {self.seed_dataset} is not among the datasets")
-        from .scoring import SCORER_NAMES
+        from .scorers import SCORER_NAMES
 
         for scorer in self.scorers:
             if scorer not in SCORER_NAMES or scorer == "ila":
