@@ -100,3 +100,17 @@ def test_a_checkpoint_with_a_missing_or_cut_off_trainer_state_is_not_resumed(tmp
         (bad / "trainer_state.json").write_text(state)
     assert last_complete_checkpoint(tmp_path) == str(good)
     assert not bad.exists()  # removed, so that the next resume does not meet it again
+
+
+def test_every_stage_plans_its_training_from_one_translation_of_its_config(tmp_path):
+    """save_steps 0 means a checkpoint every quarter of the run in the config; the plan must say the same."""
+    from ila.config import Stage2Config, TrainConfig
+    from ila.training import plan_for
+
+    plan = plan_for(TrainConfig(max_steps=40, save_steps=0, learning_rate=1e-3), tmp_path, seed=3, device="cpu")
+    assert plan.save_steps == 10 and plan.max_steps == 40 and plan.learning_rate == 1e-3 and plan.seed == 3
+    assert plan.output_dir == tmp_path / "checkpoints" and plan.metrics_path == tmp_path / "metrics.jsonl"
+    assert plan_for(TrainConfig(max_steps=40, save_steps=7), tmp_path, seed=0, device="cpu").save_steps == 7
+    s2 = plan_for(Stage2Config(steps=8, learning_rate=0.1).as_train_config(), tmp_path, seed=0, device="cpu")
+    assert (s2.max_steps, s2.learning_rate, s2.lr_scheduler, s2.max_grad_norm, s2.warmup_ratio) == \
+        (8, 0.1, "constant", 0.0, 0.0)

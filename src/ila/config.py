@@ -237,6 +237,17 @@ class Stage2Config:
     response_logits_only: bool = True
     """As ``train.response_logits_only`` of stages 1 and 3: the output head only where a response token follows."""
 
+    def as_train_config(self) -> TrainConfig:
+        """Stage 2's schedule in the form every stage's training takes: a constant learning rate, no warm-up,
+        no weight decay and no gradient clipping (clipping would rescale all score gradients together and
+        change their ratios)."""
+        return TrainConfig(
+            max_steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
+            learning_rate=self.learning_rate, lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0,
+            max_grad_norm=0.0, precision=self.precision, logging_steps=self.logging_steps,
+            eval_heldout=False, response_logits_only=self.response_logits_only,
+        )
+
     def validate(self, prefix: str) -> None:
         _require(self.scorer in SCORER_NAMES, prefix, "scorer",
                  f"must be one of {', '.join(SCORER_NAMES)}, got {self.scorer!r}")

@@ -36,7 +36,7 @@ from .models import attach_lora, count_parameters, load_base_model, load_tokeniz
 from .ranking import Ranking
 from .scorers import NEEDS_ADAPTER, NEEDS_DATA
 from .scoring import score
-from .training import TrainingPlan, train
+from .training import plan_for, train
 
 log = logging.getLogger(__name__)
 
@@ -81,30 +81,6 @@ def stage_done(run_dir: Path, stage: str, cfg: RunConfig | None = None) -> bool:
                 f"run every stage again, or run one stage alone (ila train / ila score / ila finetune)"
             )
     return True
-
-
-def _train_plan(cfg: RunConfig, train_cfg: TrainConfig, folder: Path, callbacks: list) -> TrainingPlan:
-    return TrainingPlan(
-        output_dir=folder / "checkpoints",
-        metrics_path=folder / "metrics.jsonl",
-        max_steps=train_cfg.max_steps,
-        batch_size=train_cfg.batch_size,
-        grad_accum=train_cfg.grad_accum,
-        learning_rate=train_cfg.learning_rate,
-        lr_scheduler=train_cfg.lr_scheduler,
-        warmup_ratio=train_cfg.warmup_ratio,
-        weight_decay=train_cfg.weight_decay,
-        max_grad_norm=train_cfg.max_grad_norm,
-        precision=train_cfg.precision,
-        gradient_checkpointing=train_cfg.gradient_checkpointing,
-        logging_steps=train_cfg.logging_steps,
-        save_steps=train_cfg.save_steps or max(1, train_cfg.max_steps // 4),
-        seed=cfg.seed,
-        device=cfg.model.device,
-        dataloader_workers=train_cfg.dataloader_workers,
-        response_logits_only=train_cfg.response_logits_only,
-        callbacks=callbacks,
-    )
 
 
 def _datasets(cfg: RunConfig, tokenizer: Any, folder: Path) -> tuple[Any, Any]:
@@ -250,8 +226,9 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     stability = StabilityTracker(names, s1.stability_window, s1.stability_epsilon, folder / "stability.jsonl",
                                  s1.stop_when_stable, base_weights=base_weights, criterion=s1.stability_criterion,
                                  fraction=s1.stability_fraction, patience=s1.stability_patience)
-    plan = _train_plan(cfg, s1.train, folder, [milestones, stability])
-    plan.eval_before = True  # before the first step the model is theta_0 (LoRA B starts at zero)
+    # eval_before: before the first step the model is theta_0 (LoRA B starts at zero)
+    plan = plan_for(s1.train, folder, seed=cfg.seed, device=cfg.model.device, callbacks=[milestones, stability],
+                    eval_before=True)
     result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if s1.train.eval_heldout else None)
     save_adapter(peft_model, rd.stage1_final, meta(result.steps, result.steps / planned))
     summary = {
@@ -436,7 +413,7 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
                                             ranking_path=ranking_file),
                  "method": method, "lora": asdict(cfg.lora) if method == "lora" else None}
     write_json_atomic(rd.selection, selection)
-    plan = _train_plan(cfg, cfg.stage3.train, folder, [])
+    plan = plan_for(cfg.stage3.train, folder, seed=cfg.seed, device=cfg.model.device)
     result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if cfg.stage3.train.eval_heldout else None)
     out_meta = AdapterMeta(
         kind="ila.stage3_adapter", layers=selected, method=method, include_lm_head=ranking.include_lm_head,

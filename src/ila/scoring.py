@@ -25,7 +25,7 @@ from .gates import LayerGates, ScoreSGD, attach_gates, attach_update_gates
 from .layers import Layer, find_blocks, unwrap
 from .models import resolve_device
 from .stability import LoraFactors, full_update_norm, update_norms
-from .training import TrainingPlan, train
+from .training import plan_for, train
 
 log = logging.getLogger(__name__)
 
@@ -228,30 +228,17 @@ def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, t
     def penalty() -> torch.Tensor:
         return s2.budget_lambda * gates.budget_penalty(s2.budget_fraction)
 
-    plan = TrainingPlan(
-        output_dir=folder / "checkpoints",
-        metrics_path=folder / "metrics.jsonl",
-        max_steps=s2.steps,
-        batch_size=s2.batch_size,
-        grad_accum=s2.grad_accum,
-        learning_rate=s2.learning_rate,
+    plan = plan_for(
+        s2.as_train_config(), folder, seed=seed, device=device,
+        callbacks=[ScoreTrajectory(gates, folder / "scores.jsonl", s2.logging_steps)],
         optimizer="adamw_torch",  # with zero weight decay, AdamW is Adam
         optimizer_cls_and_kwargs=(ScoreSGD, {"lr": s2.learning_rate, "normalise": s2.normalise_step})
         if s2.optimizer == "sgd" else None,
-        lr_scheduler="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,  # clipping would rescale all score gradients together and change their ratios
-        precision=s2.precision,
-        logging_steps=s2.logging_steps,
-        # Checkpoints (scores + optimiser state only) let an interrupted stage 2 resume.
+        # Checkpoints (scores + optimiser state only) let an interrupted stage 2 resume; rank_layers needs none.
         save_steps=max(1, s2.steps // 4) if resume else 0,
         save_trainable_only=True,
-        seed=seed,
-        device=device,
         penalty=penalty if s2.budget_lambda > 0 else None,
-        callbacks=[ScoreTrajectory(gates, folder / "scores.jsonl", s2.logging_steps)],
         resume=resume,
-        response_logits_only=s2.response_logits_only,
         deterministic=True,  # stage 2 must see the model it scores, not a dropped-out copy of it
     )
     try:

@@ -13,6 +13,7 @@ processes come from transformers' Trainer and accelerate.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -26,6 +27,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from .artifacts import append_jsonl, truncate_jsonl
+from .config import TrainConfig
 from .errors import TrainingError
 from .models import resolve_device
 
@@ -88,6 +90,37 @@ class TrainingResult:
     peak_memory_mb: float | None
     stopped_early: bool
     resumed_from: str | None
+
+
+def plan_for(train: TrainConfig, folder: Path, *, seed: int, device: str, callbacks: list | None = None,
+             **extra: Any) -> TrainingPlan:
+    """The one translation of a stage's :class:`~ila.config.TrainConfig` into a :class:`TrainingPlan`, with
+    Trainer checkpoints and metrics inside the stage's ``folder``; ``extra`` sets the plan's other fields.
+
+    ``save_steps: 0`` in the config means a checkpoint every quarter of the run (so an interrupted stage can
+    resume), as the config documents."""
+    plan = TrainingPlan(
+        output_dir=folder / "checkpoints",
+        metrics_path=folder / "metrics.jsonl",
+        max_steps=train.max_steps,
+        batch_size=train.batch_size,
+        grad_accum=train.grad_accum,
+        learning_rate=train.learning_rate,
+        lr_scheduler=train.lr_scheduler,
+        warmup_ratio=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        precision=train.precision,
+        gradient_checkpointing=train.gradient_checkpointing,
+        logging_steps=train.logging_steps,
+        save_steps=train.save_steps or max(1, train.max_steps // 4),
+        seed=seed,
+        device=device,
+        dataloader_workers=train.dataloader_workers,
+        response_logits_only=train.response_logits_only,
+        callbacks=list(callbacks or []),
+    )
+    return dataclasses.replace(plan, **extra)
 
 
 def supports_response_logits(model: torch.nn.Module) -> bool:
