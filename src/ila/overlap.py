@@ -4,14 +4,11 @@ correlations of the full scores.
 The paper's headline finding (Shi et al., arXiv 2410.17875) is an overlap statistic: the *top-k* layers of
 rankings learned on very different alignment datasets overlap by a Jaccard index of about 0.9, rankings agree
 across seeds and already at 25 % of training, and agree less across models (~0.7). This module computes those
-numbers for any set of ranking files and says how far each is from chance:
-
-* the Jaccard index ``J(A, B) = |A & B| / |A | B|`` of the two top-k sets;
-* its expectation for two *independent uniformly random* sets of the same sizes from the same ``n`` items
-  (hypergeometric intersection, :func:`expected_random_jaccard`);
-* the one-sided p-value ``P(J_random >= J_observed)``, exactly from the hypergeometric tail or by Monte Carlo
-  permutation (:func:`permutation_p_value`);
-* Spearman's rho (average ranks for ties) and Kendall's tau-b of the full score vectors over the common keys.
+numbers for any set of ranking files and says how far each is from chance: the Jaccard index of the two top-k
+sets, its expectation for random sets of the same sizes and the one-sided p-value of the overlap, and
+Spearman's rho and Kendall's tau-b of the full scores over the common keys. The statistics themselves are in
+:mod:`ila.stats` (and importable from here); this module maps rankings onto common keys, compares them
+(:func:`compare_rankings`) and writes a comparison folder (:func:`write_comparison`, behind ``ila compare``).
 
 Everything is keyed by names, never by positions. Rankings of the same model are compared layer by layer (or
 block by block) by full module name. Rankings of models with different layer sets are first mapped onto
@@ -35,17 +32,30 @@ for two rankings of the same model at layer level it is exactly :meth:`ila.ranki
 
 from __future__ import annotations
 
-import datetime as _dt
-import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
-import numpy as np
-
-from ._version import __version__
-from .errors import RankingError
+from . import plots as _plots  # cheap: matplotlib is imported only when a figure is drawn
+from .artifacts import envelope, is_main_process, read_json, write_json_atomic, write_text_atomic
+from .errors import IlaError, RankingError
+from .layers import layer_names_digest
 from .ranking import Ranking
+from .stats import (  # the statistics used to live here: re-exported (__all__)
+    average_ranks,
+    check_fractions,
+    depth_bucket,
+    expected_random_jaccard,
+    jaccard,
+    jaccard_matrix,
+    kendall_tau,
+    permutation_p_value,
+    spearman,
+    top_count,
+)
 
 SCHEMA_VERSION = 1
 KIND = "ila.compare"
@@ -56,172 +66,7 @@ CURVE_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 Level = Literal["layer", "block"]
 MappingMode = Literal["auto", "name", "depth"]
 
-# -- set statistics ------------------------------------------------------------------------------------------
-
-
-def jaccard(a: Collection[Any], b: Collection[Any]) -> float:
-    """``|A & B| / |A | B|``; two empty sets give 1.0 (they agree perfectly)."""
-    sa, sb = set(a), set(b)
-    union = len(sa | sb)
-    return 1.0 if union == 0 else len(sa & sb) / union
-
-
-def _check_sizes(n: int, k1: int, k2: int) -> None:
-    for name, v in (("n", n), ("k1", k1), ("k2", k2)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
-            raise RankingError(f"{name} must be a non-negative integer, got {v!r}")
-    if k1 > n or k2 > n:
-        raise RankingError(f"set sizes {k1} and {k2} cannot exceed the number of items n = {n}")
-
-
-def _hypergeom_pmf(n: int, k1: int, k2: int) -> list[tuple[int, float]]:
-    """``[(i, P(|A & B| = i))]`` for a fixed ``A`` of size ``k1`` and a uniformly random ``B`` of size ``k2``
-    from ``n`` items: ``P(i) = C(k1, i) C(n - k1, k2 - i) / C(n, k2)``, computed from exact integers."""
-    total = math.comb(n, k2)
-    lo, hi = max(0, k1 + k2 - n), min(k1, k2)
-    return [(i, math.comb(k1, i) * math.comb(n - k1, k2 - i) / total) for i in range(lo, hi + 1)]
-
-
-def expected_random_jaccard(n: int, k1: int, k2: int) -> float:
-    """Exact expected Jaccard index of two independent uniformly random subsets of sizes ``k1`` and ``k2`` of
-    ``n`` items.
-
-    Their intersection ``X`` is hypergeometric and ``|A | B| = k1 + k2 - X``, so
-
-        E[J] = sum_{i = max(0, k1 + k2 - n)}^{min(k1, k2)}  C(k1, i) C(n - k1, k2 - i) / C(n, k2) * i / (k1 + k2 - i)
-
-    Two empty sets count as J = 1.
-    """
-    _check_sizes(n, k1, k2)
-    if k1 + k2 == 0:
-        return 1.0
-    return float(sum(p * i / (k1 + k2 - i) for i, p in _hypergeom_pmf(n, k1, k2)))
-
-
-def _hypergeom_sf(n: int, k1: int, k2: int, i_obs: int) -> float:
-    """``P(X >= i_obs)`` for the hypergeometric intersection, as one correctly rounded ratio of integers."""
-    lo, hi = max(0, k1 + k2 - n), min(k1, k2)
-    start = max(lo, i_obs)
-    if start > hi:
-        return 0.0
-    tail = sum(math.comb(k1, i) * math.comb(n - k1, k2 - i) for i in range(start, hi + 1))
-    return tail / math.comb(n, k2)
-
-
-def permutation_p_value(a: Collection[Any], b: Collection[Any], n: int, *, exact: bool = True,
-                        rounds: int = 10000, seed: int = 0) -> float:
-    """One-sided p-value ``P(J(A', B') >= J(a, b))`` for independent uniformly random sets ``A'``, ``B'`` of
-    sizes ``|a|`` and ``|b|`` from the same ``n`` items: how surprising an overlap this large is by chance.
-
-    For fixed sizes the Jaccard index ``i / (k1 + k2 - i)`` increases with the intersection ``i``, so the
-    p-value is the hypergeometric tail ``P(X >= |a & b|)``: ``exact=True`` (the default) computes it from
-    exact integer binomials. ``exact=False`` estimates it by Monte Carlo instead: ``rounds`` random pairs of
-    sets (seeded by ``seed``), ``p = (1 + #{J_random >= J_observed}) / (1 + rounds)`` (the +1 correction
-    keeps the estimate a valid p-value, never 0).
-
-    Disjoint sets give p = 1; two identical sets of size k give ``1 / C(n, k)`` (exact).
-    """
-    sa, sb = set(a), set(b)
-    k1, k2 = len(sa), len(sb)
-    _check_sizes(n, k1, k2)
-    if len(sa | sb) > n:
-        raise RankingError(f"the two sets hold {len(sa | sb)} distinct items, more than n = {n}")
-    i_obs = len(sa & sb)
-    if k1 == 0 or k2 == 0:  # the intersection is always 0: every random pair is as extreme
-        return 1.0
-    if exact:
-        return _hypergeom_sf(n, k1, k2, i_obs)
-    if rounds < 1:
-        raise RankingError(f"rounds must be at least 1, got {rounds}")
-    rng = np.random.default_rng(seed)
-    u = k1 + k2  # J_random >= J_obs  <=>  i (u - i_obs) >= i_obs (u - i)   (denominators are positive)
-    hits = 0
-    chunk = max(1, min(rounds, 2_000_000 // max(n, 1)))
-    done = 0
-    while done < rounds:
-        m = min(chunk, rounds - done)
-        # By symmetry A' can be fixed to items 0..k1-1; B' is the k2 smallest of n uniform keys per row.
-        keys = rng.random((m, n))
-        b_idx = np.argpartition(keys, k2 - 1, axis=1)[:, :k2]
-        inter = (b_idx < k1).sum(axis=1)
-        hits += int(np.count_nonzero(inter * (u - i_obs) >= i_obs * (u - inter)))
-        done += m
-    return (hits + 1) / (rounds + 1)
-
-
-# -- rank correlations ---------------------------------------------------------------------------------------
-
-
-def _scores_of(r: Ranking | Mapping[str, float]) -> Mapping[str, float]:
-    return r.scores if isinstance(r, Ranking) else r
-
-
-def _common(r1: Ranking | Mapping[str, float], r2: Ranking | Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
-    s1, s2 = _scores_of(r1), _scores_of(r2)
-    keys = sorted(set(s1) & set(s2))
-    if not keys:
-        raise RankingError("the two rankings have no layer (key) in common; compare rankings of different "
-                           "models with mapping='depth'")
-    return (np.array([float(s1[k]) for k in keys], dtype=np.float64),
-            np.array([float(s2[k]) for k in keys], dtype=np.float64))
-
-
-def average_ranks(x: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Ranks 1..n of ``x`` (ascending), tied values sharing the mean of their ranks."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    # boundaries of runs of equal values in the sorted array
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], len(x)]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0  # mean of ranks s+1 .. e
-    return ranks
-
-
-def spearman(r1: Ranking | Mapping[str, float], r2: Ranking | Mapping[str, float]) -> float | None:
-    """Spearman's rho of the scores over the layers (keys) both hold: the Pearson correlation of their
-    average ranks. None where it is undefined (fewer than 2 common keys, or all scores of one side equal)."""
-    x, y = _common(r1, r2)
-    if len(x) < 2:
-        return None
-    rx, ry = average_ranks(x), average_ranks(y)
-    rx -= rx.mean()
-    ry -= ry.mean()
-    den = math.sqrt(float(rx @ rx) * float(ry @ ry))
-    if den == 0.0:
-        return None
-    return float(np.clip(float(rx @ ry) / den, -1.0, 1.0))
-
-
-def kendall_tau(r1: Ranking | Mapping[str, float], r2: Ranking | Mapping[str, float]) -> float | None:
-    """Kendall's tau-b of the scores over the common keys:
-
-        tau_b = (n_c - n_d) / sqrt((n_0 - n_x) (n_0 - n_y))
-
-    with ``n_c``/``n_d`` the concordant/discordant pairs, ``n_0 = n (n - 1) / 2`` and ``n_x``, ``n_y`` the
-    pairs tied in each. O(n^2) in blocks of rows (a few milliseconds for a few hundred layers). None where
-    undefined (fewer than 2 common keys, or all scores of one side equal)."""
-    x, y = _common(r1, r2)
-    n = len(x)
-    if n < 2:
-        return None
-    s = 0  # n_c - n_d over ordered pairs (each unordered pair counted twice)
-    tx = ty = 0  # untied ordered pairs in x, in y
-    step = max(1, 4_000_000 // n)
-    for lo in range(0, n, step):
-        dx = np.sign(x[lo:lo + step, None] - x[None, :])
-        dy = np.sign(y[lo:lo + step, None] - y[None, :])
-        s += int((dx * dy).sum())
-        tx += int(np.count_nonzero(dx))
-        ty += int(np.count_nonzero(dy))
-    if tx == 0 or ty == 0:
-        return None
-    return float(np.clip(s / math.sqrt(tx * ty), -1.0, 1.0))
-
-
-# -- mapping rankings onto common keys -------------------------------------------------------------------------
+# -- mapping rankings onto common keys -----------------------------------------------------------------------
 
 
 @dataclass
@@ -260,13 +105,6 @@ def type_key_depth(rankings: Sequence[Ranking]) -> int:
     return depth
 
 
-def depth_bucket(block_index: int, blocks: int, buckets: int) -> int:
-    """``min(B - 1, floor(i / (N - 1) * B))`` computed exactly; 0 for a one-block model."""
-    if blocks <= 1:
-        return 0
-    return min(buckets - 1, block_index * buckets // (blocks - 1))
-
-
 def depth_keys(rankings: Sequence[Ranking], *, level: Level = "layer", buckets: int | None = None
                ) -> tuple[list[Keyed], dict[str, Any]]:
     """Map rankings of possibly different models onto common (depth bucket, module type) keys (see the module
@@ -288,7 +126,7 @@ def depth_keys(rankings: Sequence[Ranking], *, level: Level = "layer", buckets: 
         raise RankingError(f"buckets must be a positive integer, got {n_buckets!r}")
     with_head = all(any(layer.block is None for layer in r.layers) for r in rankings)
     keyed: list[Keyed] = []
-    for r, blocks in zip(rankings, sizes):
+    for r, blocks in zip(rankings, sizes, strict=True):
         groups: dict[str, list[float]] = {}
         for layer in r.layers:
             if layer.block is None:
@@ -332,7 +170,7 @@ def name_keys(rankings: Sequence[Ranking], *, level: Level = "layer") -> tuple[l
             f"{rankings[0].layers[0].name!r} vs {rankings[1].layers[0].name!r}); to relate different models "
             "use mapping='depth'"
         )
-    for k, r in zip(keyed, rankings):
+    for k, r in zip(keyed, rankings, strict=True):
         if len(common) < len(k.scores):
             k.scores = {key: s for key, s in k.scores.items() if key in common}
             k.order_hint = [key for key in k.order_hint if key in common]
@@ -364,45 +202,22 @@ def map_rankings(rankings: Sequence[Ranking], *, level: Level = "layer", mapping
     return used, keyed, info
 
 
-# -- comparing ------------------------------------------------------------------------------------------------
-
-
-def _check_fractions(fractions: Iterable[float]) -> list[float]:
-    out = []
-    for f in fractions:
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < float(f) <= 1.0:
-            raise RankingError(f"fractions must be in (0, 1], got {f!r}")
-        out.append(float(f))
-    if not out:
-        raise RankingError("no fraction to compare at")
-    return sorted(set(out))
-
-
-def top_count(fraction: float, n: int) -> int:
-    """``max(1, round(fraction * n))``, the rule of :meth:`ila.ranking.Ranking.count`."""
-    return max(1, round(fraction * n))
+# -- comparing -----------------------------------------------------------------------------------------------
 
 
 def _overlap(ka: Keyed, kb: Keyed, fraction: float) -> dict[str, Any]:
     n = len(ka.scores)
     k = top_count(fraction, n)
     ta, tb = set(ka.top(k)), set(kb.top(k))
-    return {
-        "fraction": fraction,
-        "k": k,
-        "n": n,
-        "intersection": len(ta & tb),
-        "jaccard": jaccard(ta, tb),
-        "expected_random": expected_random_jaccard(n, k, k),
-        "p_value": permutation_p_value(ta, tb, n),
-    }
+    return {"fraction": fraction, "k": k, "n": n, "intersection": len(ta & tb), "jaccard": jaccard(ta, tb),
+            "expected_random": expected_random_jaccard(n, k, k), "p_value": permutation_p_value(ta, tb, n)}
 
 
 def compare_pair(r1: Ranking, r2: Ranking, fractions: Iterable[float] = DEFAULT_FRACTIONS, *,
                  level: Level = "layer", mapping: MappingMode = "auto", buckets: int | None = None,
                  curve_fractions: Iterable[float] | None = CURVE_FRACTIONS) -> dict[str, Any]:
     """Overlap of the top-k at each fraction, Spearman and Kendall of the full scores, for two rankings."""
-    fr = _check_fractions(fractions)
+    fr = check_fractions(fractions)
     used, (ka, kb), info = map_rankings([r1, r2], level=level, mapping=mapping, buckets=buckets)
     out: dict[str, Any] = {
         "mapping": used,
@@ -415,7 +230,7 @@ def compare_pair(r1: Ranking, r2: Ranking, fractions: Iterable[float] = DEFAULT_
     }
     if curve_fractions is not None:
         out["curve"] = [[o["fraction"], o["jaccard"], o["expected_random"]]
-                        for o in (_overlap(ka, kb, f) for f in _check_fractions(curve_fractions))]
+                        for o in (_overlap(ka, kb, f) for f in check_fractions(curve_fractions))]
     return out
 
 
@@ -426,12 +241,11 @@ def overlap_curve(r1: Ranking, r2: Ranking, fractions: Iterable[float] = CURVE_F
     overlap against fraction."""
     used, (ka, kb), _ = map_rankings([r1, r2], level=level, mapping=mapping, buckets=buckets)
     return [(o["fraction"], o["jaccard"], o["expected_random"])
-            for o in (_overlap(ka, kb, f) for f in _check_fractions(fractions))]
+            for o in (_overlap(ka, kb, f) for f in check_fractions(fractions))]
 
 
 def describe(ranking: Ranking, label: str) -> dict[str, Any]:
-    from .layers import layer_names_digest
-
+    """What a comparison records of each ranking."""
     return {
         "label": label,
         "base_model": ranking.base_model,
@@ -472,7 +286,7 @@ def compare_rankings(rankings: Sequence[Ranking], labels: Sequence[str] | None =
     if len(rankings) < 2:
         raise RankingError("comparing needs at least two rankings")
     labels = _labels(rankings, labels)
-    fr = _check_fractions(fractions)
+    fr = check_fractions(fractions)
     pairs = []
     for i in range(len(rankings)):
         for j in range(i + 1, len(rankings)):
@@ -480,14 +294,11 @@ def compare_rankings(rankings: Sequence[Ranking], labels: Sequence[str] | None =
                                 curve_fractions=curve_fractions)
             pairs.append({"a": labels[i], "b": labels[j], **pair})
     result: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": KIND,
-        "ila_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **envelope(KIND, SCHEMA_VERSION),
         "level": level,
         "mapping": mapping,
         "fractions": fr,
-        "rankings": [describe(r, lab) for r, lab in zip(rankings, labels)],
+        "rankings": [describe(r, lab) for r, lab in zip(rankings, labels, strict=True)],
         "pairs": pairs,
     }
     if all(p["mapping"] == "name" for p in pairs):
@@ -503,25 +314,7 @@ def compare_rankings(rankings: Sequence[Ranking], labels: Sequence[str] | None =
     return result
 
 
-def jaccard_matrix(result: Mapping[str, Any], fraction: float) -> tuple[list[str], list[list[float | None]]]:
-    """(labels, square matrix) of the pairwise Jaccard index at ``fraction`` from a :func:`compare_rankings`
-    result; the diagonal is 1."""
-    labels = [r["label"] for r in result["rankings"]]
-    pos = {lab: i for i, lab in enumerate(labels)}
-    m: list[list[float | None]] = [[1.0 if i == j else None for j in range(len(labels))] for i in range(len(labels))]
-    found = False
-    for p in result["pairs"]:
-        for o in p["fractions"]:
-            if math.isclose(o["fraction"], fraction):
-                i, j = pos[p["a"]], pos[p["b"]]
-                m[i][j] = m[j][i] = o["jaccard"]
-                found = True
-    if not found and result["pairs"]:
-        raise RankingError(f"the comparison has no fraction {fraction:g} (it has {result['fractions']})")
-    return labels, m
-
-
-# -- Markdown ---------------------------------------------------------------------------------------------------
+# -- Markdown ------------------------------------------------------------------------------------------------
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -538,14 +331,17 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     """The comparison as Markdown: the rankings, then one row per pair with, per fraction, the Jaccard of the
     top sets, (the random expectation) and the p-value, then Spearman and Kendall."""
     lines = [f"# Ranking comparison ({result['level']} level)", "",
-             "| label | model | scorer | milestone | layers | blocks |", "| --- | --- | --- | --- | --- | --- |"]
+             "| label | model | scorer | milestone | layers | blocks |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in result["rankings"]:
-        lines.append(f"| {r['label']} | {r['base_model'].get('name')} | {r['scorer']} | {r['milestone'] or '-'} "
+        lines.append(f"| {r['label']} | {r['base_model'].get('name')} | {r['scorer']} "
+                     f"| {r['milestone'] or '-'} "
                      f"| {r['num_layers']} | {r['num_blocks']} |")
     if not result["pairs"]:
         return "\n".join(lines) + "\n"
     fr = result["fractions"]
-    head = ["pair", "mapping", "n"] + [f"top {f * 100:g} %: J (random), p" for f in fr] + ["Spearman", "Kendall"]
+    head = (["pair", "mapping", "n"] + [f"top {f * 100:g} %: J (random), p" for f in fr]
+            + ["Spearman", "Kendall"])
     lines += ["", "| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for p in result["pairs"]:
         by_f = {o["fraction"]: o for o in p["fractions"]}
@@ -556,7 +352,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         cells += [_num(p["spearman"]), _num(p["kendall_tau"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "J: Jaccard index of the two top-k sets (k = round(fraction x n), n compared "
-              f"{'blocks' if result['level'] == 'block' else 'layers'} or depth keys); random: its expectation "
+              f"{'blocks' if result['level'] == 'block' else 'layers'} or depth keys); "
+              "random: its expectation "
               "for random sets of the same size; p: chance of a random pair overlapping at least as much "
               "(hypergeometric tail). Spearman / Kendall tau-b: of the full scores."]
     depth_pairs = [p for p in result["pairs"] if p["mapping"] == "depth"]
@@ -568,6 +365,118 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     if result.get("consensus"):
         lines += ["", "In the top fraction of every ranking:", ""]
         for f, keys in result["consensus"].items():
-            shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more, in compare.json)" if len(keys) > 20 else "")
+            more = f", ... ({len(keys) - 20} more, in compare.json)" if len(keys) > 20 else ""
+            shown = ", ".join(keys[:20]) + more
             lines.append(f"- top {float(f) * 100:g} %: {len(keys)}" + (f": {shown}" if keys else ""))
     return "\n".join(lines) + "\n"
+
+
+# -- writing a comparison folder (``ila compare``) -----------------------------------------------------------
+
+
+@dataclass
+class WrittenComparison:
+    """What :func:`write_comparison` wrote: the names of the ``files`` in the folder ``out``, the content of
+    compare.json (``result``) and of compare.md (``markdown``); a single ranking gets only its heat map."""
+
+    out: Path
+    files: list[str]
+    result: dict[str, Any] | None = None
+    markdown: str = ""
+
+
+def path_labels(paths: Sequence[str | Path]) -> list[str]:
+    """The part of each path that differs from the others (runs/a/stage2/ranking.json, runs/b/... -> a, b)."""
+    paths = [str(p) for p in paths]
+    parts = [list(Path(p).with_suffix("").parts) if p.endswith(".json") else list(Path(p).parts)
+             for p in paths]
+    shortest = min(len(x) for x in parts)
+    pre = 0
+    while pre < shortest - 1 and all(x[pre] == parts[0][pre] for x in parts):
+        pre += 1
+    suf = 0
+    while suf < shortest - pre - 1 and all(x[-1 - suf] == parts[0][-1 - suf] for x in parts):
+        suf += 1
+    labels = ["/".join(x[pre:len(x) - suf]) for x in parts]
+    if len(set(labels)) < len(labels) or not all(labels):
+        labels = [f"{i + 1}:{Path(p).stem}" for i, p in enumerate(paths)]
+    return labels
+
+
+def _plots_or_none(warn: Callable[[str], None]) -> ModuleType | None:
+    """:mod:`ila.plots` when matplotlib is there; else None, after a warning."""
+    try:
+        _plots._figure(1, 1)  # fails early and clearly without matplotlib
+    except IlaError as e:
+        warn(f"{e}; writing the statistics without figures")
+        return None
+    return _plots
+
+
+def _stale_figures(out: Path, files: Sequence[str]) -> list[str]:
+    """PNGs that the compare.json already in ``out`` names and that ``files`` does not."""
+    old = out / "compare.json"
+    if not old.is_file():
+        return []
+    try:
+        previous = read_json(old, "comparison")
+    except IlaError:
+        return []
+    if not isinstance(previous, dict) or previous.get("kind") != KIND:
+        return []  # not a comparison: its files are not ours to remove
+    return [f for f in previous.get("files", []) if isinstance(f, str) and f not in files
+            and f == Path(f).name and f.endswith(".png")]
+
+
+def write_comparison(paths: Sequence[str | Path], out: str | Path | None = None,
+                     labels: Sequence[str] | None = None, fractions: Iterable[float] = DEFAULT_FRACTIONS, *,
+                     level: Level = "layer", mapping: MappingMode = "auto", buckets: int | None = None,
+                     plots: bool = True, warn: Callable[[str], None] | None = None) -> WrittenComparison:
+    """Compare the ranking files ``paths`` (:func:`compare_rankings`) and write compare.json, compare.md and,
+    with matplotlib and ``plots``, a heat map per ranking, a Jaccard matrix per fraction and the overlap
+    curve into ``out`` (default: ``compare`` beside the first ranking). Figures that an earlier comparison
+    left in ``out`` and this one does not redraw are removed. Without matplotlib the figures are skipped with
+    a warning, passed to ``warn`` (default: the log).
+
+    ``labels`` default to the part of the paths that differs (:func:`path_labels`). A single ranking gets
+    only its heat map (which needs matplotlib).
+    """
+    warn = warn or logging.getLogger(__name__).warning
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise RankingError("no ranking to compare")
+    rankings = [Ranking.load(p) for p in paths]
+    labels = _labels(rankings, labels or path_labels(paths))
+    folder = Path(out) if out else Path(paths[0]).parent / "compare"
+    figures = _plots_or_none(warn) if plots else None
+
+    if len(rankings) == 1:
+        if figures is None:
+            raise IlaError("one ranking gives only its heat map, which needs matplotlib; pass two or more "
+                           "rankings to compare them")
+        return WrittenComparison(folder, figures.plot_comparison(rankings, labels, None, folder))
+
+    result = compare_rankings(rankings, labels, fractions, level=level, mapping=mapping, buckets=buckets)
+    for entry, p in zip(result["rankings"], paths, strict=True):
+        entry["path"] = p
+    drawn = figures.plot_comparison(rankings, labels, result, folder) if figures is not None else []
+    table = render_markdown(result)
+    write_text_atomic(folder / "compare.md", table)
+    files = ["compare.json", "compare.md", *drawn]
+    result["files"] = files
+    stale = _stale_figures(folder, files)
+    write_json_atomic(folder / "compare.json", result)
+    if is_main_process():
+        for f in stale:
+            if (folder / f).is_file():
+                (folder / f).unlink()
+    return WrittenComparison(folder, files, result, table)
+
+
+__all__ = [
+    "CURVE_FRACTIONS", "DEFAULT_FRACTIONS", "KIND", "SCHEMA_VERSION", "Keyed", "Level", "MappingMode",
+    "WrittenComparison", "average_ranks", "check_fractions", "compare_pair", "compare_rankings",
+    "depth_bucket", "depth_keys", "describe", "expected_random_jaccard", "jaccard", "jaccard_matrix",
+    "kendall_tau", "map_rankings", "name_keys", "num_blocks", "overlap_curve", "path_labels",
+    "permutation_p_value", "render_markdown", "spearman", "top_count", "type_key_depth", "write_comparison",
+]

@@ -2,22 +2,26 @@
 
 matplotlib is an optional extra (``pip install 'ila[plots]'``); it is imported only when a figure is drawn,
 and only its object-oriented API with the Agg canvas is used, so nothing here touches pyplot's global state
-or the backend of an interactive session. Every file is written atomically: the figure is saved to a
-temporary file in the same folder and renamed into place.
+or the backend of an interactive session. Every file is written atomically, by the main process only: the
+figure is rendered, written to a temporary file in the same folder and renamed into place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from .artifacts import is_main_process
 from .errors import IlaError
 from .ranking import Ranking
+from .stats import jaccard_matrix
 
 
 class PlotsUnavailable(IlaError):
@@ -38,14 +42,16 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def _save(fig: Any, path: str | Path) -> Path:
-    """Save as PNG to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
+def _write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """:func:`ila.artifacts.write_text_atomic` for bytes: a temporary file beside ``path``, fsynced, then
+    renamed into place; only the main process writes. (A candidate for :mod:`ila.artifacts`.)"""
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", bbox_inches="tight")
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -54,6 +60,16 @@ def _save(fig: Any, path: str | Path) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Render as PNG and write it atomically (on the main process only; the others render nothing)."""
+    path = Path(path)
+    if not is_main_process():
+        return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return _write_bytes_atomic(path, buf.getvalue())
 
 
 def plot_ranking_heatmap(ranking: Ranking, path: str | Path, *, label: str | None = None,
@@ -128,8 +144,6 @@ def plot_jaccard_matrix(result: Mapping[str, Any], fraction: float, path: str | 
     annotated with the values; the title gives the random expectation."""
     import numpy as np
 
-    from .overlap import jaccard_matrix
-
     labels, m = jaccard_matrix(result, fraction)
     grid = np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float)
     expected = sorted({round(o["expected_random"], 3) for p in result["pairs"] for o in p["fractions"]
@@ -166,7 +180,8 @@ def _curves(source: Any) -> dict[str, Curve]:
     if isinstance(source, Mapping) and "pairs" in source:
         out = {}
         for p in source["pairs"]:
-            pts = p.get("curve") or [[o["fraction"], o["jaccard"], o["expected_random"]] for o in p["fractions"]]
+            pts = p.get("curve") or [[o["fraction"], o["jaccard"], o["expected_random"]]
+                                     for o in p["fractions"]]
             out[f"{p['a']} vs {p['b']}"] = pts
         return out
     if isinstance(source, Mapping):
@@ -175,7 +190,8 @@ def _curves(source: Any) -> dict[str, Curve]:
 
 
 def _close(a: tuple[tuple[float, float], ...], b: tuple[tuple[float, float], ...]) -> bool:
-    return len(a) == len(b) and all(abs(x[0] - y[0]) < 1e-9 and abs(x[1] - y[1]) < 0.01 for x, y in zip(a, b))
+    return len(a) == len(b) and all(abs(x[0] - y[0]) < 1e-9 and abs(x[1] - y[1]) < 0.01
+                                    for x, y in zip(a, b, strict=True))
 
 
 def plot_overlap_curve(result_or_curves: Any, path: str | Path) -> Path:
@@ -194,7 +210,8 @@ def plot_overlap_curve(result_or_curves: Any, path: str | Path) -> Path:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, color=colour,
                 label=label or None)
         key = tuple((p[0], p[2]) for p in pts)
-        if not any(_close(key, seen) for seen in baselines):  # pairs of equally many layers share one baseline
+        # pairs of equally many layers share one baseline
+        if not any(_close(key, seen) for seen in baselines):
             baselines[key] = colour
     for j, (key, colour) in enumerate(baselines.items()):
         ax.plot([k[0] for k in key], [k[1] for k in key], linestyle="--", linewidth=1,
@@ -211,3 +228,31 @@ def plot_overlap_curve(result_or_curves: Any, path: str | Path) -> Path:
     else:
         ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
+
+
+def _file_slugs(labels: Sequence[str]) -> list[str]:
+    """A distinct, file-name-safe form of each label."""
+    used: set[str] = set()
+    out = []
+    for i, label in enumerate(labels):
+        s = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or f"ranking{i + 1}"
+        if s in used:
+            s = f"{i + 1}-{s}"
+        used.add(s)
+        out.append(s)
+    return out
+
+
+def plot_comparison(rankings: Sequence[Ranking], labels: Sequence[str], result: Mapping[str, Any] | None,
+                    out: str | Path) -> list[str]:
+    """The figures of ``ila compare`` in ``out``: a heat map per ranking (``heatmap-<label>.png``) and, given
+    the :func:`ila.overlap.compare_rankings` ``result``, a Jaccard matrix per fraction
+    (``jaccard-top<percent>.png``) and the overlap curve (``overlap-curve.png``). Returns the file names."""
+    out = Path(out)
+    files = [plot_ranking_heatmap(r, out / f"heatmap-{slug}.png", label=label).name
+             for r, label, slug in zip(rankings, labels, _file_slugs(labels), strict=True)]
+    if result is not None:
+        for f in result["fractions"]:
+            files.append(plot_jaccard_matrix(result, f, out / f"jaccard-top{f * 100:g}.png").name)
+        files.append(plot_overlap_curve(result, out / "overlap-curve.png").name)
+    return files
