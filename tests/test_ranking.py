@@ -94,3 +94,20 @@ def test_block_aggregates():
     for block, a in agg.items():
         names = [layer.name for layer in r.layers if layer.block == block]
         assert a["mean_score"] == pytest.approx(sum(r.scores[n] for n in names) / len(names))
+
+
+def test_only_an_ila_ranking_carries_gates(tmp_path):
+    """sigmoid of an SNR or a random number is no gate: ranking.json and the block aggregates hold gates only
+    for scores that are gate logits."""
+    from ila.layers import Layer
+
+    layers = [Layer(f"b.{i}.q", f"b.{i}", i, "q") for i in range(3)]
+    scores = {layer.name: float(i) for i, layer in enumerate(layers)}
+    for scorer, has_gates in (("ila", True), ("snr", False)):
+        r = Ranking(scores=scores, layers=layers, base_model={}, include_lm_head=False, scorer=scorer)
+        d = r.to_dict()
+        assert all(("gate" in v) == has_gates for v in d["layers"].values())
+        assert all(("mean_gate" in v) == has_gates for v in d["blocks"].values())
+        assert (r.gates() is not None) == has_gates
+        r.save(tmp_path / f"{scorer}.json")
+        assert Ranking.load(tmp_path / f"{scorer}.json").scores == scores

@@ -45,14 +45,12 @@ class MilestoneSaver(TrainerCallback):
         self.folder = folder
         self.steps = milestone_steps(fractions, planned_steps)
         self.meta = meta
-        self.saved: dict[str, int] = {}
 
     def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
         fraction = self.steps.get(state.global_step)
         if fraction is not None and state.is_world_process_zero:
             name = milestone_name(fraction)
             save_adapter(model, self.folder / name, self.meta(state.global_step, fraction))
-            self.saved[name] = state.global_step
             log.info("saved milestone %s%% at step %d", name, state.global_step)
 
 

@@ -501,11 +501,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p}: expected a mapping at the top level")
     data = apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data).validate()
-
-
-def config_from_run_dir(run_dir: str | Path) -> RunConfig:
-    """The resolved config that a run directory was started with."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} has no config.yaml: is it an ila run directory?")
-    return load_config(path)

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from .adapters import AdapterMeta, save_adapter
 from .callbacks import milestone_steps
 from .config import Stage2Config
+from .data import IGNORE_INDEX
 from .errors import IlaError
 from .layers import PEFT_PREFIX, Layer, adaptable_layers, unwrap
 from .models import model_identity
@@ -125,7 +126,7 @@ def labelled_rows(dataset: Any) -> Any:
             labels = list(row["labels"])
         else:
             mask = row.get("completion_mask") or row.get("assistant_masks")
-            labels = [t if (mask is None or m) else -100 for t, m in zip(ids, mask or [1] * len(ids))]
+            labels = [t if (mask is None or m) else IGNORE_INDEX for t, m in zip(ids, mask or [1] * len(ids))]
         return {"input_ids": ids, "attention_mask": list(row.get("attention_mask") or [1] * len(ids)),
                 "labels": labels}
 

@@ -82,6 +82,8 @@ def plot_ranking_heatmap(ranking: Ranking, path: str | Path, *, label: str | Non
     import numpy as np
 
     values = ranking.gates() if value == "gate" else ranking.scores
+    if values is None:
+        raise IlaError(f"a ranking by {ranking.scorer} has scores, not gates; plot value='score'")
     rank = {name: i + 1 for i, name in enumerate(ranking.order)}
     blocks: list[str] = []
     types: list[str] = []

@@ -64,7 +64,11 @@ class Ranking:
         position = {layer.name: i for i, layer in enumerate(self.layers)}
         return sorted(self.scores, key=lambda n: (-self.scores[n], position[n]))
 
-    def gates(self) -> dict[str, float]:
+    def gates(self) -> dict[str, float] | None:
+        """sigmoid(s) of every layer: the stage-2 gates. Only ILA's scores are gate logits; for every other
+        scorer (SNR, block index, random numbers) a sigmoid of the score means nothing, and this is None."""
+        if self.scorer != "ila":
+            return None
         return {n: 1.0 / (1.0 + math.exp(-s)) if s > -700 else 0.0 for n, s in self.scores.items()}
 
     def count(self, fraction: float) -> int:
@@ -147,7 +151,7 @@ class Ranking:
         }
 
     def block_aggregates(self) -> dict[str, dict[str, float]]:
-        """Per block: mean score, mean gate, and the block's rank by mean score (1 = most important)."""
+        """Per block: mean score, mean gate (ILA only), and the block's rank by mean score (1 = most important)."""
         gates = self.gates()
         groups: dict[str, list[str]] = {}
         for layer in self.layers:
@@ -155,8 +159,8 @@ class Ranking:
         agg = {
             block: {
                 "mean_score": sum(self.scores[n] for n in names) / len(names),
-                "mean_gate": sum(gates[n] for n in names) / len(names),
                 "num_layers": len(names),
+                **({"mean_gate": sum(gates[n] for n in names) / len(names)} if gates is not None else {}),
             }
             for block, names in groups.items()
         }
@@ -194,10 +198,7 @@ class Ranking:
         rank = {n: i + 1 for i, n in enumerate(order)}
         gates = self.gates()
         return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": KIND,
-            "ila_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **envelope(KIND, SCHEMA_VERSION),
             "scorer": self.scorer,
             "base_model": self.base_model,
             "num_layers": self.num_layers,
@@ -210,7 +211,7 @@ class Ranking:
             "layers": {
                 layer.name: {
                     "score": float(self.scores[layer.name]),
-                    "gate": float(gates[layer.name]),
+                    **({"gate": float(gates[layer.name])} if gates is not None else {}),
                     "rank": rank[layer.name],
                     "block": layer.block,
                     "block_index": layer.block_index,

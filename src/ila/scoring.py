@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .callbacks import ScoreTrajectory
+from .data import collator
 from .scorers import NEEDS_ADAPTER, NEEDS_DATA, SCORER_NAMES
 from .scorers import scorer as scorer_entry
 from .errors import IlaError
@@ -262,9 +263,7 @@ def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, t
 def data_batches(dataset: Any, tokenizer: Any, *, batch_size: int, max_batches: int, device: torch.device,
                  seed: int) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
     """A re-iterable sample of ``max_batches`` padded batches (the same ones every time)."""
-    from transformers import DataCollatorForSeq2Seq
-
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+    collate = collator(tokenizer)
     order = list(range(len(dataset)))
     _random.Random(seed).shuffle(order)
     order = order[: batch_size * max_batches]
@@ -272,7 +271,7 @@ def data_batches(dataset: Any, tokenizer: Any, *, batch_size: int, max_batches: 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         for start in range(0, len(order), batch_size):
             rows = [dataset[i] for i in order[start:start + batch_size]]
-            batch = collator(rows)
+            batch = collate(rows)
             yield {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
 
     return batches

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .artifacts import append_jsonl, truncate_jsonl
 from .config import TrainConfig
+from .data import IGNORE_INDEX, collator
 from .errors import TrainingError
 from .models import resolve_device
 
@@ -151,8 +152,8 @@ def response_logits_kwargs(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     by ``num_items_in_batch`` and every gradient are those of the full computation (tested), at a fraction of the
     output head's cost on chat data, where prompts are a large part of every sequence.
     """
-    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # target of position t is token t+1
-    keep = shifted != -100  # (B, T)
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # target of position t: token t+1
+    keep = shifted != IGNORE_INDEX  # (B, T)
     return {"logits_to_keep": keep, "shift_labels": shifted[keep]}
 
 
@@ -346,14 +347,14 @@ def make_trainer(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, tra
                  eval_dataset: Any = None) -> IlaTrainer:
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError("nothing to train: no parameter requires a gradient")
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+    collate = collator(tokenizer)
     ref: list[IlaTrainer] = []
     trainer = IlaTrainer(
         model=model,
         args=training_arguments(plan),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset if eval_dataset is not None and len(eval_dataset) > 0 else None,
-        data_collator=collator,
+        data_collator=collate,
         processing_class=tokenizer,
         callbacks=[JsonlMetrics(plan.metrics_path, ref), *plan.callbacks,
                    *([NoInputGradients()] if plan.gradient_checkpointing else [])],

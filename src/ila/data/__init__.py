@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # datasets and transformers are imported lazily: they are slo
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
-    "BUILTIN_DATASETS", "FORMATS", "IGNORE_INDEX", "PLAIN_TEMPLATE", "TEMPLATES", "Conversation", "DataStats",
+    "collator", "BUILTIN_DATASETS", "FORMATS", "IGNORE_INDEX", "PLAIN_TEMPLATE", "TEMPLATES", "Conversation", "DataStats",
     "Message", "build_datasets", "detect_format", "gsm8k_final_answer", "mtbench_questions", "read_records",
     "render_prompt", "resolve_template", "split_conversations", "to_conversation", "tokenize_conversation",
 ]
@@ -78,6 +78,14 @@ class DataStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def collator(tokenizer: Any) -> Any:
+    """Batches of tokenized examples, padded to the longest (to a multiple of 8, which tensor cores like), the
+    labels padded with IGNORE_INDEX: the one collator of training, scoring and the held-out loss."""
+    from transformers import DataCollatorForSeq2Seq  # transformers is slow to import: only when batching
+
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
 
 
 def build_datasets(
