@@ -68,3 +68,28 @@ def TINY_OVERRIDES(model_dir: Path, data_file: Path) -> list[str]:  # noqa: N802
 @pytest.fixture
 def tiny_config(tiny_model_dir, tiny_data_file) -> list[str]:
     return TINY_OVERRIDES(tiny_model_dir, tiny_data_file)
+
+
+class Interrupted(Exception):
+    """Raised by :func:`interrupted_train` in place of a kill."""
+
+
+def interrupted_train(step: int):
+    """``ila.training.train`` that stops the run with :class:`Interrupted` right after ``step``, as a kill would
+    (the checkpoints written until then stay); patch it where a stage looks ``train`` up."""
+    from transformers import TrainerCallback
+
+    from ila import training
+
+    original = training.train
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise Interrupted
+
+    def train(model, plan, *args, **kwargs):
+        plan.callbacks = [*plan.callbacks, Stop()]
+        return original(model, plan, *args, **kwargs)
+
+    return train

@@ -58,28 +58,6 @@ def test_stage1_stops_when_the_ranking_settles(tmp_path, tiny_model_dir, tiny_da
     assert (tmp_path / "stage1" / "final" / "ila_adapter.json").is_file()
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _stage1_interrupted_at(step: int):
-    """``ila.pipeline.train`` that stops the run with an exception after ``step`` (like a kill there)."""
-    from transformers import TrainerCallback
-
-    from ila import training
-
-    class Stop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                raise _Interrupt
-
-    def train(model, plan, *args, **kwargs):
-        plan.callbacks = [*plan.callbacks, Stop()]
-        return training.train(model, plan, *args, **kwargs)
-
-    return train
-
-
 def _records(run_dir):
     import json
 
@@ -91,7 +69,7 @@ def test_resumed_stage1_tracks_stability_as_an_uninterrupted_run(tmp_path, tiny_
                                                                  monkeypatch):
     """Window 4, checkpoints every 6 steps, killed at step 7: the resumed run must know the snapshot of step 4
     (its first record is then at step 8 and 12, not a window late) and stop at the same stable step."""
-    from conftest import TINY_OVERRIDES
+    from conftest import TINY_OVERRIDES, Interrupted, interrupted_train
 
     from ila import pipeline
     from ila.config import load_config
@@ -107,8 +85,8 @@ def test_resumed_stage1_tracks_stability_as_an_uninterrupted_run(tmp_path, tiny_
 
     prepare_run_dir(cfg, tmp_path / "cut")
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "train", _stage1_interrupted_at(7))
-        with pytest.raises(_Interrupt):
+        m.setattr(pipeline, "train", interrupted_train(7))
+        with pytest.raises(Interrupted):
             stage1(cfg, tmp_path / "cut")
     resumed = stage1(cfg, tmp_path / "cut")
     assert resumed["resumed_from"] is not None and resumed["resumed_from"].endswith("checkpoint-6")

@@ -7,15 +7,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, Interrupted, interrupted_train
 
 from ila.config import load_config
 from ila.errors import ConfigError
 from ila.pipeline import prepare_run_dir, stage1, stage2
-
-
-class _Interrupt(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -37,32 +33,13 @@ def adapters(tmp_path_factory, tiny_model_dir, tiny_data_file):
     return overrides, a, b
 
 
-def _interrupted_train(step: int):
-    from transformers import TrainerCallback
-
-    from ila import training
-
-    original = training.train
-
-    class Stop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                raise _Interrupt
-
-    def train(model, plan, *args, **kwargs):
-        plan.callbacks = [*plan.callbacks, Stop()]
-        return original(model, plan, *args, **kwargs)
-
-    return train
-
-
 def test_an_interrupted_stage2_is_not_resumed_for_another_adapter(adapters, tmp_path, monkeypatch):
     overrides, a, b = adapters
     cfg = load_config(None, overrides + ["stage2.steps=8"])  # checkpoints every 2 steps
     prepare_run_dir(cfg, tmp_path)
     with monkeypatch.context() as m:
-        m.setattr("ila.scoring.train", _interrupted_train(5))
-        with pytest.raises(_Interrupt):
+        m.setattr("ila.scoring.train", interrupted_train(5))
+        with pytest.raises(Interrupted):
             stage2(cfg, tmp_path, adapter=a)
     assert any((tmp_path / "stage2" / "checkpoints").glob("checkpoint-*"))
     with pytest.raises(ConfigError, match="adapter"):
@@ -83,8 +60,8 @@ def test_the_same_adapter_resumes(adapters, tmp_path, monkeypatch):
     cfg = load_config(None, overrides + ["stage2.steps=8"])
     whole = stage2(cfg, tmp_path / "whole", adapter=a)
     with monkeypatch.context() as m:
-        m.setattr("ila.scoring.train", _interrupted_train(5))
-        with pytest.raises(_Interrupt):
+        m.setattr("ila.scoring.train", interrupted_train(5))
+        with pytest.raises(Interrupted):
             stage2(cfg, tmp_path / "cut", adapter=a)
     resumed = stage2(cfg, tmp_path / "cut", adapter=a)
     assert resumed.scores == pytest.approx(whole.scores, rel=1e-4, abs=1e-7)
