@@ -50,8 +50,6 @@ def rank_layers(model: nn.Module, *, scorer: str = "ila", tokenizer: Any = None,
     layers = lora_layers(model)
     if entry.needs_adapter and not hasattr(dict(model.named_modules()).get(PEFT_PREFIX + layers[0].name), "lora_A"):
         raise IlaError(f"the {scorer} scorer needs a model with a trained LoRA adapter on its layers")
-    if entry.needs_data and (dataset is None or tokenizer is None):
-        raise IlaError(f"the {scorer} scorer needs a dataset and a tokenizer")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(output_dir) if output_dir is not None else Path(tmp)
         scores, meta = score(scorer, model, layers, s2=s2, seed=seed, tokenizer=tokenizer, dataset=dataset,
