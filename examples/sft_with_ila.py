@@ -1,6 +1,6 @@
 """ILA inside your own trl SFTTrainer run, then a selective fine-tune of the layers it found.
 
-    .venv/bin/python examples/sft_with_ila.py            # SmolLM2 + GSM8K from PyPI, a few minutes on 2 CPU cores
+    .venv/bin/python examples/sft_with_ila.py  # SmolLM2 + GSM8K from PyPI, a few minutes on 2 CPU cores
 
 1. An ordinary LoRA SFT run on every layer, with ``IlaCallback`` added: it saves milestone adapters and,
    when training ends, learns the gates and writes ``ranking.json``.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 
 import torch
-
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
@@ -25,7 +24,7 @@ from ila.models import attach_lora, count_parameters, load_base_model, load_toke
 
 
 def main(out: str = "runs/sft-example", steps: int = 8) -> None:
-    model_cfg = ModelConfig(name="smollm2")              # or any Hub id / local folder
+    model_cfg = ModelConfig(name="smollm2")  # or any Hub id / local folder
     tokenizer = load_tokenizer(model_cfg)
     conversations, _, _ = read_records("gsm8k", split="train")
     train = Dataset.from_list([{"messages": c} for c in conversations[:64]])
@@ -35,17 +34,29 @@ def main(out: str = "runs/sft-example", steps: int = 8) -> None:
     model = attach_lora(base, every_layer, LoraConfig(r=8, alpha=16))
 
     ila = IlaCallback(out, stage2=Stage2Config(steps=5, batch_size=2))
-    args = SFTConfig(output_dir=f"{out}/sft", max_steps=steps, per_device_train_batch_size=2, max_length=192,
-                     learning_rate=2e-4, logging_steps=2, save_strategy="no", report_to=[],
-                     use_cpu=not torch.cuda.is_available())
-    SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[ila]).train()
+    args = SFTConfig(
+        output_dir=f"{out}/sft",
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        max_length=192,
+        learning_rate=2e-4,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+    )
+    SFTTrainer(
+        model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[ila]
+    ).train()
 
     ranking = Ranking.load(f"{out}/ranking.json")
     print("most important layers:", *ranking.order[:5], sep="\n  ")
     chosen = select(ranking, top=0.3)
     selective = apply_selection(load_base_model(model_cfg), chosen, method="lora", lora=LoraConfig(r=8))
     trainable, total = count_parameters(selective)
-    print(f"selective LoRA on {len(chosen)} of {ranking.num_layers} layers: {trainable:,} trainable parameters")
+    print(
+        f"selective LoRA on {len(chosen)} of {ranking.num_layers} layers: {trainable:,} trainable parameters"
+    )
 
 
 if __name__ == "__main__":

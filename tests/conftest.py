@@ -20,9 +20,17 @@ def make_model(num_blocks: int = 4, hidden: int = 64, seed: int = 0, vocab: int 
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_blocks,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        pad_token_id=256, eos_token_id=256, bos_token_id=None,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_blocks,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=256,
+        eos_token_id=256,
+        bos_token_id=None,
     )
     model = LlamaForCausalLM(cfg)
     model.config.use_cache = False
@@ -50,18 +58,30 @@ def tiny_data_file(tmp_path_factory) -> Path:
     with path.open("w") as f:
         for i in range(64):
             a, b = words[i % 8], words[(i * 3 + 1) % 8]
-            f.write(json.dumps({"instruction": f"Say {a} then {b}.", "input": "", "output": f"{a} {b}"}) + "\n")
+            f.write(
+                json.dumps({"instruction": f"Say {a} then {b}.", "input": "", "output": f"{a} {b}"}) + "\n"
+            )
     return path
 
 
 def TINY_OVERRIDES(model_dir: Path, data_file: Path) -> list[str]:  # noqa: N802
     """Overrides for a run of every stage on the tiny model that takes seconds."""
     return [
-        f"model.name={model_dir}", "model.device=cpu", f"data.name={data_file}", "data.max_length=64",
-        "data.max_examples=null", "data.heldout_fraction=0.2",
-        "stage1.train.max_steps=8", "stage1.train.batch_size=4", "stage1.train.logging_steps=2",
-        "stage1.stability_window=2", "stage2.steps=6", "stage2.logging_steps=2",
-        "stage3.train.max_steps=4", "stage3.train.logging_steps=2", "stage3.selection.fraction=0.25",
+        f"model.name={model_dir}",
+        "model.device=cpu",
+        f"data.name={data_file}",
+        "data.max_length=64",
+        "data.max_examples=null",
+        "data.heldout_fraction=0.2",
+        "stage1.train.max_steps=8",
+        "stage1.train.batch_size=4",
+        "stage1.train.logging_steps=2",
+        "stage1.stability_window=2",
+        "stage2.steps=6",
+        "stage2.logging_steps=2",
+        "stage3.train.max_steps=4",
+        "stage3.train.logging_steps=2",
+        "stage3.selection.fraction=0.25",
     ]
 
 
@@ -75,8 +95,8 @@ class Interrupted(Exception):
 
 
 def interrupted_train(step: int):
-    """``ila.training.train`` that stops the run with :class:`Interrupted` right after ``step``, as a kill would
-    (the checkpoints written until then stay); patch it where a stage looks ``train`` up."""
+    """``ila.training.train`` that stops the run with :class:`Interrupted` right after ``step``, as a kill
+    would (the checkpoints written until then stay); patch it where a stage looks ``train`` up."""
     from transformers import TrainerCallback
 
     from ila import training

@@ -40,10 +40,10 @@ def test_interrupted_folder_write_leaves_old_folder(tmp_path):
 
 
 def full_disk_on(monkeypatch, is_target):
-    """Make every write to a file that ``is_target(path)`` accepts run out of space half-way: the first half of
-    the data reaches the disk, then ``OSError(ENOSPC)``. Other files are written as usual. This catches plain
-    ``open`` / ``Path.write_text`` writes as well as ``os.fdopen`` on a temporary file (found by its descriptor).
-    Returns the paths whose write failed, in order."""
+    """Make every write to a file that ``is_target(path)`` accepts run out of space half-way: the first half
+    of the data reaches the disk, then ``OSError(ENOSPC)``. Other files are written as usual. This catches
+    plain ``open`` / ``Path.write_text`` writes as well as ``os.fdopen`` on a temporary file (found by its
+    descriptor). Returns the paths whose write failed, in order."""
     import builtins
     import io
 
@@ -137,7 +137,9 @@ def test_full_disk_while_writing_an_adapter_folder_keeps_the_old_one(tmp_path, m
 
     model = attach_lora(make_model(num_blocks=1), ["model.layers.0.mlp.down_proj"], LoraConfig(r=2))
     target = tmp_path / "adapter"
-    save_adapter(model, target, AdapterMeta(kind="ila.stage1_adapter", layers=["model.layers.0.mlp.down_proj"], step=1))
+    save_adapter(
+        model, target, AdapterMeta(kind="ila.stage1_adapter", layers=["model.layers.0.mlp.down_proj"], step=1)
+    )
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", ADAPTER_META} <= before.keys()
     with torch.no_grad():
@@ -146,12 +148,21 @@ def test_full_disk_while_writing_an_adapter_folder_keeps_the_old_one(tmp_path, m
                 p.add_(1.0)  # another update, so a partial overwrite would show
 
     # the folders adapter/ and fresh/, or their temporary siblings (.adapter.*.tmp)
-    attempts = full_disk_in_safetensors(monkeypatch, lambda p: p.parent.name.lstrip(".").split(".")[0]
-                                        in ("adapter", "fresh"))
-    save_adapter(model, tmp_path / "other", AdapterMeta(kind="ila.stage1_adapter", layers=["model.layers.0.mlp.down_proj"], step=2))  # other folders: written as usual
+    attempts = full_disk_in_safetensors(
+        monkeypatch, lambda p: p.parent.name.lstrip(".").split(".")[0] in ("adapter", "fresh")
+    )
+    save_adapter(
+        model,
+        tmp_path / "other",
+        AdapterMeta(kind="ila.stage1_adapter", layers=["model.layers.0.mlp.down_proj"], step=2),
+    )  # other folders: written as usual
     for folder in (target, tmp_path / "fresh"):
         with pytest.raises(OSError, match="No space left on device") as e:
-            save_adapter(model, folder, AdapterMeta(kind="ila.stage1_adapter", layers=["model.layers.0.mlp.down_proj"], step=2))
+            save_adapter(
+                model,
+                folder,
+                AdapterMeta(kind="ila.stage1_adapter", layers=["model.layers.0.mlp.down_proj"], step=2),
+            )
         assert e.value.errno == errno.ENOSPC
     assert len(attempts) == 2, "the adapter weights were never written"
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before

@@ -25,7 +25,10 @@ def test_run_train_score_finetune(tmp_path, tiny_config, capsys):
     assert "ILA run complete" in out and str(run_dir / "stage2" / "ranking.json") in out
 
     # Stages one at a time, on the same run directory (its config.yaml is reused).
-    assert main(["score", "--run-dir", str(run_dir), "--set", "stage2.milestone=50", "--set", "stage2.steps=2"]) == 0
+    assert (
+        main(["score", "--run-dir", str(run_dir), "--set", "stage2.milestone=50", "--set", "stage2.steps=2"])
+        == 0
+    )
     ranking = json.loads((run_dir / "stage2" / "ranking.json").read_text())
     assert ranking["milestone"] == "50%"
     assert main(["finetune", "--run-dir", str(run_dir), "--drop-bottom", "0.25"]) == 0
@@ -45,11 +48,31 @@ def test_run_train_score_finetune(tmp_path, tiny_config, capsys):
     assert f"did you mean '{layers[0]}'" in capsys.readouterr().err
 
     # One selection.json layout: stage 3 and ila export write the same fields for the same selection.
-    assert main(["export", str(run_dir / "stage2" / "ranking.json"), "--layers", *layers,
-                 "--out", str(tmp_path / "export")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run_dir / "stage2" / "ranking.json"),
+                "--layers",
+                *layers,
+                "--out",
+                str(tmp_path / "export"),
+            ]
+        )
+        == 0
+    )
     exported = json.loads((tmp_path / "export" / "selection.json").read_text())
-    common = ("schema_version", "kind", "mode", "fraction", "base_model", "include_lm_head", "num_selected",
-              "num_layers", "layers")
+    common = (
+        "schema_version",
+        "kind",
+        "mode",
+        "fraction",
+        "base_model",
+        "include_lm_head",
+        "num_selected",
+        "num_layers",
+        "layers",
+    )
     assert {k: selection[k] for k in common} == {k: exported[k] for k in common}
     assert {"ila_version", "created", "ranking"} <= selection.keys() & exported.keys()
 
@@ -83,12 +106,15 @@ def test_run_skips_completed_stages(tmp_path, tiny_config, caplog, capsys):
     assert (run_dir / "config.yaml").read_text() == config_before
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["run", "--set", "stage2.lerning_rate=0.1"], "stage2.lerning_rate"),
-    (["train", "--set", "stage1.train.batch_size=0"], "stage1.train.batch_size"),
-    (["finetune", "--run-dir", "x", "--top", "1.5"], "stage3.selection.fraction"),
-    (["run", "--set", "novalue"], "key=value"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "--set", "stage2.lerning_rate=0.1"], "stage2.lerning_rate"),
+        (["train", "--set", "stage1.train.batch_size=0"], "stage1.train.batch_size"),
+        (["finetune", "--run-dir", "x", "--top", "1.5"], "stage3.selection.fraction"),
+        (["run", "--set", "novalue"], "key=value"),
+    ],
+)
 def test_bad_config_exits_nonzero_naming_the_key(args, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
@@ -97,28 +123,46 @@ def test_bad_config_exits_nonzero_naming_the_key(args, needle, capsys, tmp_path,
 
 
 def test_missing_model_is_a_clear_error(tmp_path, tiny_data_file, capsys):
-    code = main(["train", "--run-dir", str(tmp_path / "r"), "--set", f"model.name={tmp_path / 'nope'}",
-                 "--set", f"data.name={tiny_data_file}"])
+    code = main(
+        [
+            "train",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--set",
+            f"model.name={tmp_path / 'nope'}",
+            "--set",
+            f"data.name={tiny_data_file}",
+        ]
+    )
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_console_script_help_and_config():
-    out = subprocess.run([sys.executable, "-m", "ila.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "ila.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for cmd in ("run", "train", "score", "finetune"):
         assert cmd in out
-    out = subprocess.run([sys.executable, "-m", "ila.cli", "config", "--set", "stage2.steps=9"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "ila.cli", "config", "--set", "stage2.steps=9"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "steps: 9" in out
-    bad = subprocess.run([sys.executable, "-m", "ila.cli", "config", "--set", "lora.rank=4"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ila.cli", "config", "--set", "lora.rank=4"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "lora.rank" in bad.stderr
 
 
-def test_full_disk_while_writing_a_checkpoint_is_a_clear_error_and_resumes(tmp_path, tiny_config, capsys, caplog,
-                                                                           monkeypatch):
-    """`ila train` saves a Trainer checkpoint every 2 of 8 steps; the disk fills up while checkpoint-4 is written.
-    The error is clear (exit 1), the completed checkpoint-2 and the files before it are intact, the cut-off
-    checkpoint-4 is never marked complete, and the same command again resumes from checkpoint-2."""
+def test_full_disk_while_writing_a_checkpoint_is_a_clear_error_and_resumes(
+    tmp_path, tiny_config, capsys, caplog, monkeypatch
+):
+    """`ila train` saves a Trainer checkpoint every 2 of 8 steps; the disk fills up while checkpoint-4 is
+    written. The error is clear (exit 1), the completed checkpoint-2 and the files before it are intact, the
+    cut-off checkpoint-4 is never marked complete, and the same command again resumes from checkpoint-2."""
     import logging
 
     from test_artifacts import full_disk_in_safetensors, full_disk_on

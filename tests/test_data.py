@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny import EOS_TOKEN, IM_END, make_tokenizer
 
 from ila import data
 from ila.data import IGNORE_INDEX
 from ila.errors import DataError
-from tiny import EOS_TOKEN, IM_END, make_tokenizer
 
 # One record per format, all meaning the same two-turn exchange (plus a system prompt where one fits).
 RECORDS: dict[str, dict[str, Any]] = {
@@ -62,16 +62,28 @@ def write_json(path: Path, records: list) -> Path:
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines),
-                    encoding="utf-8")
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines),
+        encoding="utf-8",
+    )
     return path
 
 
 def data_cfg(name: str, **overrides: Any) -> SimpleNamespace:
     """The attributes of a DataConfig that build_datasets reads."""
-    values = dict(name=name, format="auto", split="train", subset=None, template="auto", max_length=256,
-                  max_examples=None, heldout_fraction=0.25, max_heldout_examples=None, seed=0,
-                  skip_bad_records=False)
+    values = dict(
+        name=name,
+        format="auto",
+        split="train",
+        subset=None,
+        template="auto",
+        max_length=256,
+        max_examples=None,
+        heldout_fraction=0.25,
+        max_heldout_examples=None,
+        seed=0,
+        skip_bad_records=False,
+    )
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -123,17 +135,21 @@ def test_prompt_completion_strings():
 
 
 def test_sharegpt_roles_and_leading_assistant_turns():
-    record = {"conversations": [
-        {"from": "gpt", "value": "a reply to nothing"},
-        {"from": "user", "value": "q1"},
-        {"from": "chatgpt", "value": "a1"},
-        {"from": "human", "value": "q2"},
-        {"from": "bard", "value": "a2"},
-        {"from": "human", "value": "a last question nobody answers"},
-    ]}
+    record = {
+        "conversations": [
+            {"from": "gpt", "value": "a reply to nothing"},
+            {"from": "user", "value": "q1"},
+            {"from": "chatgpt", "value": "a1"},
+            {"from": "human", "value": "q2"},
+            {"from": "bard", "value": "a2"},
+            {"from": "human", "value": "a last question nobody answers"},
+        ]
+    }
     assert data.to_conversation(record, "sharegpt") == [
-        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
     ]
     with pytest.raises(DataError, match="unknown from 'robot'"):
         data.to_conversation({"conversations": [{"from": "robot", "value": "x"}]}, "sharegpt")
@@ -290,8 +306,11 @@ def test_plain_template_masks_everything_but_the_replies(plain_tok):
     row = data.tokenize_conversation(MULTI_TURN, plain_tok, max_length=1000)
     assert row is not None
     assert plain_tok.decode(row["input_ids"]) == (
-        "You are terse.\n\n### User:\nHello there\n\n### Assistant:\nHi!" + EOS_TOKEN
-        + "\n\n### User:\nWhat is 2+2?\n\n### Assistant:\n4, of course." + EOS_TOKEN + "\n\n"
+        "You are terse.\n\n### User:\nHello there\n\n### Assistant:\nHi!"
+        + EOS_TOKEN
+        + "\n\n### User:\nWhat is 2+2?\n\n### Assistant:\n4, of course."
+        + EOS_TOKEN
+        + "\n\n"
     )
     assert labelled_text(plain_tok, row) == f"Hi!{EOS_TOKEN}4, of course.{EOS_TOKEN}"
 
@@ -327,8 +346,9 @@ def test_template_that_raises_is_a_bad_record(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": MULTI_TURN}, {"messages": MULTI_TURN[1:]}])
     with pytest.raises(DataError, match="no system"):
         data.build_datasets(data_cfg(str(path), heldout_fraction=0.0), tokenizer)
-    train, _, stats = data.build_datasets(data_cfg(str(path), heldout_fraction=0.0, skip_bad_records=True),
-                                          tokenizer)
+    train, _, stats = data.build_datasets(
+        data_cfg(str(path), heldout_fraction=0.0, skip_bad_records=True), tokenizer
+    )
     assert len(train) == 1 and stats.records_skipped_bad == 1
 
 
@@ -340,8 +360,7 @@ def test_truncation_drops_examples_without_a_response_token(tmp_path, chat_tok):
 
     short = {"messages": MULTI_TURN}
     path = write_jsonl(tmp_path / "t.jsonl", [{"messages": long_prompt}, short, short, short])
-    train, _, stats = data.build_datasets(data_cfg(str(path), max_length=100, heldout_fraction=0.0),
-                                          chat_tok)
+    train, _, stats = data.build_datasets(data_cfg(str(path), max_length=100, heldout_fraction=0.0), chat_tok)
     assert stats.records_dropped_truncated == 1 and stats.train_examples == 3 == len(train)
 
     path = write_jsonl(tmp_path / "long.jsonl", [{"messages": long_prompt}] * 2)
@@ -353,8 +372,9 @@ def test_truncation_drops_examples_without_a_response_token(tmp_path, chat_tok):
 @pytest.mark.parametrize("tok_fixture", ["chat_tok", "plain_tok"])
 def test_build_datasets(tmp_path, request, tok_fixture):
     tokenizer = request.getfixturevalue(tok_fixture)
-    records = [{"instruction": f"Count to {n}", "output": " ".join(map(str, range(1, n + 2)))}
-               for n in range(20)]
+    records = [
+        {"instruction": f"Count to {n}", "output": " ".join(map(str, range(1, n + 2)))} for n in range(20)
+    ]
     path = write_json(tmp_path / "a.json", records)
     cfg = data_cfg(str(path), max_examples=12, heldout_fraction=0.25, max_heldout_examples=2)
     train, heldout, stats = data.build_datasets(cfg, tokenizer)
@@ -363,8 +383,14 @@ def test_build_datasets(tmp_path, request, tok_fixture):
     assert (len(train), len(heldout)) == (10, 2)
     expected_template = "chat" if tok_fixture == "chat_tok" else "plain"
     assert stats.to_dict() == stats.to_dict() | {
-        "source": str(path), "format": "alpaca", "template": expected_template, "records_read": 20,
-        "records_skipped_bad": 0, "records_dropped_truncated": 0, "train_examples": 10, "heldout_examples": 2,
+        "source": str(path),
+        "format": "alpaca",
+        "template": expected_template,
+        "records_read": 20,
+        "records_skipped_bad": 0,
+        "records_dropped_truncated": 0,
+        "train_examples": 10,
+        "heldout_examples": 2,
     }
     assert 0 < stats.response_token_fraction < 1 and stats.mean_tokens > 0
     json.dumps(stats.to_dict())
@@ -377,11 +403,14 @@ def test_build_datasets(tmp_path, request, tok_fixture):
 
 
 # A random conversation: optional system prompt, then 1-3 user/assistant exchanges of random text.
-_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="<"), min_size=1,
-                max_size=40)
+_text = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="<"), min_size=1, max_size=40
+)
 _conversations = st.builds(
-    lambda system, turns: ([{"role": "system", "content": system}] if system else [])
-    + [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})],
+    lambda system, turns: (
+        ([{"role": "system", "content": system}] if system else [])
+        + [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    ),
     st.one_of(st.none(), _text),
     st.lists(st.tuples(_text, _text), min_size=1, max_size=3),
 )
@@ -455,8 +484,9 @@ def builtins() -> dict[str, tuple[list, str, int]]:
     return {name: data.read_records(name) for name in data.BUILTIN_DATASETS}
 
 
-@pytest.mark.parametrize("name,at_least", [("sharegpt", 17000), ("chitchat", 4000), ("mtbench", 30),
-                                           ("gsm8k", 1000)])
+@pytest.mark.parametrize(
+    "name,at_least", [("sharegpt", 17000), ("chitchat", 4000), ("mtbench", 30), ("gsm8k", 1000)]
+)
 def test_builtin_loads(builtins, name, at_least):
     convs, fmt, _ = builtins[name]
     assert fmt == name
@@ -504,8 +534,9 @@ def test_mtbench_questions(builtins):
 def test_builtin_sample_tokenizes(builtins, chat_tok):
     """A small seeded sample of each builtin goes through the chat template without errors."""
     for name, (convs, _, _) in builtins.items():
-        train, _ = data.split_conversations(convs, heldout_fraction=0.0, seed=0, max_examples=5,
-                                            max_heldout_examples=None)
+        train, _ = data.split_conversations(
+            convs, heldout_fraction=0.0, seed=0, max_examples=5, max_heldout_examples=None
+        )
         rows = [data.tokenize_conversation(c, chat_tok, max_length=2048) for c in train]
         assert any(row is not None for row in rows), name
 

@@ -17,8 +17,18 @@ from ila.ranking import Ranking
 
 
 def _torchrun(args: list[str], overrides: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "ila.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "ila.cli",
+        *args,
+    ]
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -38,11 +48,17 @@ def stage1_dir(tmp_path_factory, tiny_model_dir, tiny_data_file):
 
 
 def _stage2_settings() -> list[str]:
-    """The default SGD step (normalised by the first gradient, whose all-reduced value every rank must share) at
-    a learning rate that moves the scores far from their seed noise, every option that sets the step stated
-    (so a changed default cannot make the comparison trivial)."""
-    return ["stage2.steps=8", "stage2.optimizer=sgd", "stage2.normalise_step=true", "stage2.learning_rate=0.2",
-            "stage2.budget_lambda=0", "stage2.grad_accum=1"]
+    """The default SGD step (normalised by the first gradient, whose all-reduced value every rank must share)
+    at a learning rate that moves the scores far from their seed noise, every option that sets the step
+    stated (so a changed default cannot make the comparison trivial)."""
+    return [
+        "stage2.steps=8",
+        "stage2.optimizer=sgd",
+        "stage2.normalise_step=true",
+        "stage2.learning_rate=0.2",
+        "stage2.budget_lambda=0",
+        "stage2.grad_accum=1",
+    ]
 
 
 def test_two_processes_rank_like_one_with_the_same_global_batch(stage1_dir, tmp_path):
@@ -55,15 +71,21 @@ def test_two_processes_rank_like_one_with_the_same_global_batch(stage1_dir, tmp_
     cfg = load_config(None, common + ["stage2.batch_size=4"])
     single = stage2(cfg, tmp_path / "single", adapter=adapter)
     # Two processes, batch 2 each: the same 4 examples per step, the gradients averaged by DDP.
-    _torchrun(["score", "--run-dir", str(tmp_path / "ddp"), "--adapter", str(adapter)],
-              common + ["stage2.batch_size=2"])
+    _torchrun(
+        ["score", "--run-dir", str(tmp_path / "ddp"), "--adapter", str(adapter)],
+        common + ["stage2.batch_size=2"],
+    )
     double = Ranking.load(tmp_path / "ddp" / "stage2" / "ranking.json")
 
     # Stated tolerance: scores within 1e-4 absolute (summation order differs between the two set-ups).
     tol = 1e-4
     names = list(single.scores)
-    start = LayerGates(names, init_mean=cfg.stage2.init_mean, init_std=cfg.stage2.init_std, seed=cfg.seed).as_dict()
-    initial = Ranking(scores=start, layers=single.layers, base_model={}, include_lm_head=single.include_lm_head)
+    start = LayerGates(
+        names, init_mean=cfg.stage2.init_mean, init_std=cfg.stage2.init_std, seed=cfg.seed
+    ).as_dict()
+    initial = Ranking(
+        scores=start, layers=single.layers, base_model={}, include_lm_head=single.include_lm_head
+    )
 
     def gap(a, b):
         return max(abs(a.scores[n] - b.scores[n]) for n in names)
@@ -82,8 +104,9 @@ def test_two_processes_rank_like_one_with_the_same_global_batch(stage1_dir, tmp_
 
 
 def test_two_processes_train_stage1_like_one_with_the_same_global_batch(stage1_dir, tmp_path):
-    """Stage 1 (with its held-out evaluation before the first step) under DDP: 2 x 2 examples per step give the
-    adapter that one process gets from 4. LoRA dropout is off so that both set-ups draw no random numbers."""
+    """Stage 1 (with its held-out evaluation before the first step) under DDP: 2 x 2 examples per step give
+    the adapter that one process gets from 4. LoRA dropout is off so that both set-ups draw no random
+    numbers."""
     from safetensors.torch import load_file
 
     overrides, _ = stage1_dir
@@ -148,19 +171,35 @@ sys.exit(main())
 """
 
 
-def _launch(config: Path, args: list[str], overrides: list[str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """Launch ila.cli through the probe; returns the run and what every rank's Accelerator.prepare returned."""
+def _launch(
+    config: Path, args: list[str], overrides: list[str]
+) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Launch ila.cli through the probe; returns the run and what every rank's Accelerator.prepare
+    returned."""
     probe_dir = config.parent / "probe"
     probe_dir.mkdir()
     (probe_dir / "ila_probe.py").write_text(PROBE)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
-           "29544", str(probe_dir / "ila_probe.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--main_process_port",
+        "29544",
+        str(probe_dir / "ila_probe.py"),
+        *args,
+    ]
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ILA_PROBE_DIR": str(probe_dir)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    facts = [json.loads(line) for path in sorted(probe_dir.glob("rank*.jsonl")) for line in path.read_text().splitlines()]
+    facts = [
+        json.loads(line)
+        for path in sorted(probe_dir.glob("rank*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
     return done, facts
 
 
@@ -200,8 +239,8 @@ def test_fsdp_config_launches_on_two_cpu_processes_without_fsdp(stage1_dir, tmp_
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="DeepSpeed ZeRO needs CUDA")
 def test_deepspeed_zero2_config(stage1_dir, tmp_path):
-    """The shipped ZeRO-2 config really runs DeepSpeed: every rank trains a DeepSpeedEngine, stage 1 lowers the
-    held-out loss, and the adapter holds whole tensors under the keys a single process writes."""
+    """The shipped ZeRO-2 config really runs DeepSpeed: every rank trains a DeepSpeedEngine, stage 1 lowers
+    the held-out loss, and the adapter holds whole tensors under the keys a single process writes."""
     import torch
     import yaml
     from safetensors.torch import load_file
@@ -224,4 +263,6 @@ def test_deepspeed_zero2_config(stage1_dir, tmp_path):
     single = load_file(one / "stage1" / "final" / "adapter_model.safetensors")
     assert trained.keys() == single.keys()
     assert all(trained[k].shape == single[k].shape for k in single)
-    assert any(float(trained[k].float().abs().max()) > 0 for k in trained if "lora_B" in k)  # B left its zero start
+    assert any(
+        float(trained[k].float().abs().max()) > 0 for k in trained if "lora_B" in k
+    )  # B left its zero start

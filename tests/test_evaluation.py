@@ -21,8 +21,10 @@ from ila.ranking import Ranking
 def _rows(tok, n=8):
     from ila.data import tokenize_conversation
 
-    convs = [[{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w} {w}"}]
-             for w in ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"][:n]]
+    convs = [
+        [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w} {w}"}]
+        for w in ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"][:n]
+    ]
     from datasets import Dataset
 
     return Dataset.from_list([tokenize_conversation(c, tok, max_length=64) for c in convs])
@@ -46,7 +48,9 @@ def test_a_memorised_set_scores_better_than_the_untrained_model():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     from transformers import DataCollatorForSeq2Seq
 
-    batch = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)([data[i] for i in range(len(data))])
+    batch = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)(
+        [data[i] for i in range(len(data))]
+    )
     model.train()
     for _ in range(60):
         loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
@@ -73,8 +77,11 @@ def test_lm_eval_bridge_loads_an_adapter_ila_wrote(tmp_path):
     letter = "D"
     (token,) = tok(letter, add_special_tokens=False).input_ids
     e = base.get_input_embeddings().weight.detach()[token].clone()
-    model = attach_lora(base, [x.name for x in adaptable_layers(base)][:4] + ["model.embed_tokens"],
-                        LoraConfig(r=1, alpha=1, dropout=0.0))
+    model = attach_lora(
+        base,
+        [x.name for x in adaptable_layers(base)][:4] + ["model.embed_tokens"],
+        LoraConfig(r=1, alpha=1, dropout=0.0),
+    )
     with torch.no_grad():
         torch.manual_seed(0)
         for name, p in model.named_parameters():
@@ -91,7 +98,10 @@ def test_lm_eval_bridge_loads_an_adapter_ila_wrote(tmp_path):
     run = dict(limit=limit, batch_size=4, cache=tmp_path / "cache")
     tuned = lm_eval_scores(str(tmp_path / "base"), ["ila_mmlu_dev"], adapter=tmp_path / "adapter", **run)
     plain = lm_eval_scores(str(tmp_path / "base"), ["ila_mmlu_dev"], **run)
-    rows = [json.loads(x) for x in (tmp_path / "cache" / "lm_eval_tasks" / "ila_mmlu_dev.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "cache" / "lm_eval_tasks" / "ila_mmlu_dev.jsonl").read_text().splitlines()
+    ]
     assert len(rows) > 250 and len({r["subject"] for r in rows}) == 57
     share = sum(r["answer"] == "ABCD".index(letter) for r in rows[:limit]) / limit
     assert 0 < share < 1
@@ -105,18 +115,46 @@ def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file,
     overrides = TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + ["stage3.train.max_steps=2"]
     sets = [x for o in overrides for x in ("--set", o)]
     assert main(["run", "--run-dir", str(tmp_path / "run"), *sets]) == 0
-    assert main(["compare-strategies", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "s"),
-                 "--no-isolate", "--scorers", "update-norm", "snr", "--generate", "1"]) == 0
+    assert (
+        main(
+            [
+                "compare-strategies",
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "s"),
+                "--no-isolate",
+                "--scorers",
+                "update-norm",
+                "snr",
+                "--generate",
+                "1",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "s" / "strategies.json").read_text())
     assert all(r["peak_memory_mb"] > 0 for r in report["results"])
     names = {r["name"] for r in report["results"]}
-    assert {"all", "ila-drop-bottom-25", "ila-top-10", "ila-top-30", "first-20", "last-20", "random-20-seed2",
-            "ila-top-75", "update-norm-top-30", "snr-top-30"} <= names
+    assert {
+        "all",
+        "ila-drop-bottom-25",
+        "ila-top-10",
+        "ila-top-30",
+        "first-20",
+        "last-20",
+        "random-20-seed2",
+        "ila-top-75",
+        "update-norm-top-30",
+        "snr-top-30",
+    } <= names
     # the other scorers' rankings were computed into the run, and their selections are theirs
     norm = Ranking.load(tmp_path / "run" / "stage2" / "ranking-update-norm.json")
     row = next(r for r in report["results"] if r["name"] == "update-norm-top-30")
     assert row["num_layers"] == norm.count(0.3)
-    chosen = json.loads((tmp_path / "s" / "update-norm-top-30" / "stage3" / "selection.json").read_text())["layers"]
+    chosen = json.loads((tmp_path / "s" / "update-norm-top-30" / "stage3" / "selection.json").read_text())[
+        "layers"
+    ]
     assert set(chosen) == set(norm.top(0.3))
     generations = (tmp_path / "s" / "generations.md").read_text()
     assert "**base**" in generations and "**all**" in generations and "**ila-top-30**" in generations
@@ -132,7 +170,6 @@ def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file,
 
 
 def test_an_isolated_strategy_reports_its_own_peak_memory(tmp_path, tiny_model_dir, tiny_data_file):
-    from ila.config import load_config
     from ila.pipeline import run_all
     from ila.ranking import Ranking
     from ila.strategies import plan_strategies, run_strategies
@@ -155,11 +192,15 @@ def _fake_bigbench_archive(cache):
     folder = cache / "bigbench" / "archive"
     folder.mkdir(parents=True)
     with tarfile.open(folder / "bigbench-1.0.0.tar.gz", "w:gz") as tar:
-        for subset, (good, bad) in {"harmless": ("I can't help with that.", "Sure, here is how."),
-                                    "honest": ("I don't know.", "Definitely yes.")}.items():
+        for subset, (good, bad) in {
+            "harmless": ("I can't help with that.", "Sure, here is how."),
+            "honest": ("I don't know.", "Definitely yes."),
+        }.items():
             task = {"examples": [{"input": f"A {subset} question?", "target_scores": {bad: 0, good: 1}}]}
             blob = json.dumps(task).encode()
-            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/hhh_alignment/{subset}/task.json")
+            info = tarfile.TarInfo(
+                f"bigbench-1.0.0/bigbench/benchmark_tasks/hhh_alignment/{subset}/task.json"
+            )
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
 
@@ -172,12 +213,18 @@ def test_offline_gsm8k_and_hhh_tasks_run_through_lm_eval(tmp_path, tiny_model_di
     _fake_bigbench_archive(cache)
     folder = write_offline_tasks(cache / "tasks", ["ila_gsm8k_heldout", "ila_hhh"], cache)
     gsm = [json.loads(x) for x in (folder / "ila_gsm8k_heldout.jsonl").read_text().splitlines()]
-    assert len(gsm) == 264 and all(r["target"] and r["target"].replace("-", "").replace(".", "").isdigit() for r in gsm)
+    assert len(gsm) == 264 and all(
+        r["target"] and r["target"].replace("-", "").replace(".", "").isdigit() for r in gsm
+    )
     hhh = [json.loads(x) for x in (folder / "ila_hhh.jsonl").read_text().splitlines()]
-    assert len(hhh) == 2 and all(r["choices"][r["answer"]] in ("I can't help with that.", "I don't know.") for r in hhh)
+    assert len(hhh) == 2 and all(
+        r["choices"][r["answer"]] in ("I can't help with that.", "I don't know.") for r in hhh
+    )
     assert (cache / "bigbench" / "hhh_alignment" / "done").is_file()  # extracted once, reused afterwards
 
-    scores = lm_eval_scores(str(tiny_model_dir), ["ila_hhh", "ila_gsm8k_heldout"], limit=2, batch_size=2, cache=cache)
+    scores = lm_eval_scores(
+        str(tiny_model_dir), ["ila_hhh", "ila_gsm8k_heldout"], limit=2, batch_size=2, cache=cache
+    )
     assert 0.0 <= scores["ila_hhh"]["acc/none"] <= 1.0
     (metric,) = [k for k in scores["ila_gsm8k_heldout"] if k.startswith("exact_match")]
     assert 0.0 <= scores["ila_gsm8k_heldout"][metric] <= 1.0

@@ -21,8 +21,15 @@ from ila.layers import adaptable_layers
 from ila.models import model_identity
 from ila.ranking import Ranking
 
-TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+TYPES = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 def _ranking(num_blocks=4, scores=None, name="tiny", include_lm_head=False):
@@ -30,8 +37,9 @@ def _ranking(num_blocks=4, scores=None, name="tiny", include_lm_head=False):
     layers = adaptable_layers(model, include_lm_head=include_lm_head)
     if scores is None:  # scattered: the top quarter touches every block
         scores = {x.name: float((i * 7) % len(layers)) for i, x in enumerate(layers)}
-    return Ranking(scores=scores, layers=layers, base_model=model_identity(model, name),
-                   include_lm_head=include_lm_head)
+    return Ranking(
+        scores=scores, layers=layers, base_model=model_identity(model, name), include_lm_head=include_lm_head
+    )
 
 
 def _block_ranking(blocks=(1, 3)):
@@ -68,8 +76,9 @@ def test_peft_export_adapts_exactly_the_selection(tmp_path):
     names = select_layers(ranking, "top", 0.25)
     blocks_of = {x.name: x.block_index for x in ranking.layers}
     assert len(names) == 7 and {blocks_of[n] for n in names} == {0, 1, 2, 3}
-    summary = export_selection(ranking, names, tmp_path / "out", r=4, alpha=8, dropout=0.1, mode="top",
-                               fraction=0.25)
+    summary = export_selection(
+        ranking, names, tmp_path / "out", r=4, alpha=8, dropout=0.1, mode="top", fraction=0.25
+    )
 
     cfg = peft.LoraConfig.from_pretrained(tmp_path / "out")
     assert isinstance(peft.PeftConfig.from_pretrained(tmp_path / "out"), peft.LoraConfig)
@@ -113,8 +122,17 @@ def test_tool_files_name_exactly_the_selection(tmp_path):
     ordered = _model_order(ranking, names)
     weights = [f"{n}.weight" for n in ordered]
     out = tmp_path / "out"
-    summary = export_selection(ranking, names, out, r=8, alpha=16, dropout=0.05, mode="drop_bottom",
-                               fraction=0.75, ranking_path=tmp_path / "ranking.json")
+    summary = export_selection(
+        ranking,
+        names,
+        out,
+        r=8,
+        alpha=16,
+        dropout=0.05,
+        mode="drop_bottom",
+        fraction=0.75,
+        ranking_path=tmp_path / "ranking.json",
+    )
     model = make_model()
     modules = [n for n, _ in model.named_modules()]
     params = [n for n, _ in model.named_parameters()]
@@ -129,7 +147,11 @@ def test_tool_files_name_exactly_the_selection(tmp_path):
     assert {p for p in params if any(c.match(p) for c in compiled)} == set(weights)
 
     lf = yaml.safe_load((out / "llamafactory.yaml").read_text())
-    assert lf["finetuning_type"] == "lora" and lf["lora_rank"] == 8 and lf["model_name_or_path"] == "/models/tiny"
+    assert (
+        lf["finetuning_type"] == "lora"
+        and lf["lora_rank"] == 8
+        and lf["model_name_or_path"] == "/models/tiny"
+    )
     targets = [t.strip() for t in lf["lora_target"].split(",")]  # LLaMA-Factory's split_arg
     assert targets == ordered
     assert _adapted(_peft_on_tiny(peft.LoraConfig(target_modules=targets))) == set(names)
@@ -143,18 +165,30 @@ def test_tool_files_name_exactly_the_selection(tmp_path):
     for script in ("swift.sh", "swift.full.sh"):
         assert os.stat(out / script).st_mode & stat.S_IXUSR
         subprocess.run(["bash", "-n", str(out / script)], check=True)
-    args = subprocess.run(["bash", str(out / "swift.sh"), "--dataset", "d.jsonl"], env=env, check=True,
-                          capture_output=True, text=True).stdout.splitlines()
+    args = subprocess.run(
+        ["bash", str(out / "swift.sh"), "--dataset", "d.jsonl"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
     assert args[:5] == ["sft", "--model", "/models/tiny", "--train_type", "lora"]
     assert args[-2:] == ["--dataset", "d.jsonl"]
     assert args[args.index("--lora_rank") + 1] == "8" and args[args.index("--lora_alpha") + 1] == "16"
     regex = args[args.index("--target_regex") + 1]
     assert {m for m in modules if re.fullmatch(regex, m)} == set(names)  # peft: re.fullmatch on module names
-    args = subprocess.run(["bash", str(out / "swift.full.sh")], env={**env, "TUNER_FLAG": "--tuner_type"},
-                          check=True, capture_output=True, text=True).stdout.splitlines()
+    args = subprocess.run(
+        ["bash", str(out / "swift.full.sh")],
+        env={**env, "TUNER_FLAG": "--tuner_type"},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
     assert args[3:5] == ["--tuner_type", "full"] and args[args.index("--freeze_parameters_ratio") + 1] == "1"
     regex = args[args.index("--trainable_parameters_regex") + 1]
-    assert {p for p in params if re.search(regex, p)} == set(weights)  # ms-swift: re.search on parameter names
+    assert {p for p in params if re.search(regex, p)} == set(
+        weights
+    )  # ms-swift: re.search on parameter names
 
     listed = (out / "parameters.txt").read_text().splitlines()
     assert listed == weights and set(listed) <= set(params)
@@ -165,11 +199,26 @@ def test_tool_files_name_exactly_the_selection(tmp_path):
     assert sel["ranking"] == str(tmp_path / "ranking.json")
     assert sel["num_selected"] == 7 and sel["num_layers"] == 28 and sel["layers"] == names
     assert sel["base_model"]["num_hidden_layers"] == 4
-    assert set(sel["formats"]) == {"adapter_config.json", "adapter_config.blocks.json", "axolotl.yaml",
-                                   "axolotl.full.yaml", "llamafactory.yaml", "llamafactory.freeze.yaml",
-                                   "swift.sh", "swift.full.sh", "parameters.txt"}
-    for file in ("adapter_config.json", "axolotl.yaml", "axolotl.full.yaml", "llamafactory.yaml", "swift.sh",
-                 "swift.full.sh", "parameters.txt"):
+    assert set(sel["formats"]) == {
+        "adapter_config.json",
+        "adapter_config.blocks.json",
+        "axolotl.yaml",
+        "axolotl.full.yaml",
+        "llamafactory.yaml",
+        "llamafactory.freeze.yaml",
+        "swift.sh",
+        "swift.full.sh",
+        "parameters.txt",
+    }
+    for file in (
+        "adapter_config.json",
+        "axolotl.yaml",
+        "axolotl.full.yaml",
+        "llamafactory.yaml",
+        "swift.sh",
+        "swift.full.sh",
+        "parameters.txt",
+    ):
         assert sel["formats"][file]["status"] == "exact", file
         assert (out / file).is_file()
     assert summary["formats"] == sel["formats"]
@@ -184,12 +233,20 @@ def test_llamafactory_freeze_reports_what_it_cannot_express(tmp_path):
     text = (tmp_path / "a" / "llamafactory.freeze.yaml").read_text()
     assert "NOT EXACT" in text and "closest expressible superset" in text
     lf = yaml.safe_load(text)
-    assert lf == {"model_name_or_path": "tiny", "finetuning_type": "freeze", "freeze_trainable_layers": 4,
-                  "freeze_trainable_modules": "mlp,self_attn"}
+    assert lf == {
+        "model_name_or_path": "tiny",
+        "finetuning_type": "freeze",
+        "freeze_trainable_layers": 4,
+        "freeze_trainable_modules": "mlp,self_attn",
+    }
 
     # Contiguous first blocks, attention only: same layers, still flagged (whole submodules train).
-    ranking = _ranking(scores={x.name: (5.0 if x.block_index < 2 and x.module_type.startswith("self_attn") else 0.0)
-                               for x in adaptable_layers(make_model())})
+    ranking = _ranking(
+        scores={
+            x.name: (5.0 if x.block_index < 2 and x.module_type.startswith("self_attn") else 0.0)
+            for x in adaptable_layers(make_model())
+        }
+    )
     names = select_layers(ranking, "top", 8 / 28)
     summary = export_selection(ranking, names, tmp_path / "b", mode="top", fraction=8 / 28)
     entry = summary["formats"]["llamafactory.freeze.yaml"]
@@ -198,8 +255,11 @@ def test_llamafactory_freeze_reports_what_it_cannot_express(tmp_path):
     assert lf["freeze_trainable_layers"] == -2 and lf["freeze_trainable_modules"] == "self_attn"
     # LLaMA-Factory's rule (model/adapter.py): ".{block}.{module}" substring of the parameter name
     ids = range(-lf["freeze_trainable_layers"])
-    trained = {p for p, _ in make_model().named_parameters()
-               if any(f".{i}.{m}" in p for i in ids for m in lf["freeze_trainable_modules"].split(","))}
+    trained = {
+        p
+        for p, _ in make_model().named_parameters()
+        if any(f".{i}.{m}" in p for i in ids for m in lf["freeze_trainable_modules"].split(","))
+    }
     assert trained == {f"{n}.weight" for n in names}
 
 
@@ -246,7 +306,9 @@ def test_dry_run_counts_match_peft():
     expected = _peft_on_tiny(peft.LoraConfig(r=4, target_modules=names)).get_nb_trainable_parameters()
     assert (result["selection"]["trainable"], result["selection"]["total"]) == expected
     everything = [x.name for x in ranking.layers]
-    expected_all = _peft_on_tiny(peft.LoraConfig(r=4, target_modules=everything)).get_nb_trainable_parameters()
+    expected_all = _peft_on_tiny(
+        peft.LoraConfig(r=4, target_modules=everything)
+    ).get_nb_trainable_parameters()
     assert (result["all_layers"]["trainable"], result["all_layers"]["total"]) == expected_all
     assert result["selection"]["percent"] == pytest.approx(100 * expected[0] / expected[1])
     # the model comes back as it was: no LoRA modules left, the same trainable flags

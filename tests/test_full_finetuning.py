@@ -47,9 +47,18 @@ def test_full_update_gates_at_one_and_zero():
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_model_dir, tiny_data_file):
-    cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + [
-        "stage1.method=full", "stage3.method=full", "stage1.train.learning_rate=1e-3",
-        "stage3.train.learning_rate=1e-3", "stage3.selection.mode=drop_bottom", "stage3.selection.fraction=0.25"])
+    cfg = load_config(
+        None,
+        TINY_OVERRIDES(tiny_model_dir, tiny_data_file)
+        + [
+            "stage1.method=full",
+            "stage3.method=full",
+            "stage1.train.learning_rate=1e-3",
+            "stage3.train.learning_rate=1e-3",
+            "stage3.selection.mode=drop_bottom",
+            "stage3.selection.fraction=0.25",
+        ],
+    )
     run_dir = tmp_path_factory.mktemp("full")
     return cfg, run_dir, run_all(cfg, run_dir)
 
@@ -60,7 +69,9 @@ def test_full_fine_tuning_run(full_run, tiny_model_dir):
     cfg, tmp_path, out = full_run
     meta = json.loads((tmp_path / "stage1" / "final" / "ila_adapter.json").read_text())
     assert meta["method"] == "full"
-    assert set(load_file(tmp_path / "stage1" / "milestones" / "050" / "layers.safetensors")) == set(meta["layers"])
+    assert set(load_file(tmp_path / "stage1" / "milestones" / "050" / "layers.safetensors")) == set(
+        meta["layers"]
+    )
     stability = [json.loads(x) for x in (tmp_path / "stage1" / "stability.jsonl").read_text().splitlines()]
     assert stability and all(r["relative_change"] > 0 for r in stability)
     ranking = Ranking.load(tmp_path / "stage2" / "ranking.json")
@@ -81,8 +92,18 @@ def _tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=320,
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
 
 
 def test_a_full_update_with_biases_is_saved_loaded_and_gated_whole(tmp_path):
@@ -101,10 +122,15 @@ def test_a_full_update_with_biases_is_saved_loaded_and_gated_whole(tmp_path):
         trained(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-    moved = [n for n in names if not torch.equal(dict(trained.named_modules())[n].bias,
-                                                 dict(base.named_modules())[n].bias)]
+    moved = [
+        n
+        for n in names
+        if not torch.equal(dict(trained.named_modules())[n].bias, dict(base.named_modules())[n].bias)
+    ]
     assert moved == names  # the biases were trained
-    save_adapter(trained, tmp_path / "milestone", AdapterMeta(kind="ila.stage1_adapter", method="full", layers=names))
+    save_adapter(
+        trained, tmp_path / "milestone", AdapterMeta(kind="ila.stage1_adapter", method="full", layers=names)
+    )
     deltas = load_full_updates(tmp_path / "milestone", base, names)
 
     gated = copy.deepcopy(base)
@@ -142,20 +168,28 @@ def test_evaluate_and_compare_strategies_read_a_full_stage3_model(full_run, tmp_
     assert list(out["results"]) == ["base", "stage3"]
     assert out["results"]["stage3"]["adapter"] == str(run_dir / "stage3" / "model")
     # The number is the stage-3 model's own: the same function on the model folder gives it.
-    from ila.data import build_datasets
     from transformers import AutoModelForCausalLM
+
+    from ila.data import build_datasets
 
     tokenizer = load_tokenizer(cfg.model)
     heldout = build_datasets(cfg.data, tokenizer)[1]
-    tuned = heldout_loss(AutoModelForCausalLM.from_pretrained(run_dir / "stage3" / "model"), tokenizer, heldout)
+    tuned = heldout_loss(
+        AutoModelForCausalLM.from_pretrained(run_dir / "stage3" / "model"), tokenizer, heldout
+    )
     base = heldout_loss(load_base_model(cfg.model), tokenizer, heldout)
     assert out["results"]["stage3"]["heldout"]["loss"] == pytest.approx(tuned["loss"], rel=1e-6)
     assert out["results"]["base"]["heldout"]["loss"] == pytest.approx(base["loss"], rel=1e-6)
     assert tuned["loss"] != base["loss"]
 
     ranking = Ranking.load(run_dir / "stage2" / "ranking.json")
-    report = run_strategies(cfg, run_dir / "stage2" / "ranking.json", tmp_path / "strategies", isolate=False,
-                            strategies=[Strategy("top-25", "ila-top", 0.25, tuple(ranking.order[:7]))])
+    report = run_strategies(
+        cfg,
+        run_dir / "stage2" / "ranking.json",
+        tmp_path / "strategies",
+        isolate=False,
+        strategies=[Strategy("top-25", "ila-top", 0.25, tuple(ranking.order[:7]))],
+    )
     (result,) = report["results"]
     assert (tmp_path / "strategies" / "top-25" / "stage3" / "model" / "config.json").is_file()
     assert result["heldout_loss"] != report["base_heldout_loss"]

@@ -110,7 +110,9 @@ def test_attach_gates_refuses_layers_without_adapter():
         attach_gates(peft_model, LayerGates(layers + ["model.layers.0.self_attn.rotary"]))
 
 
-def _scores_with_loss_scaled_by(factor: float, normalise: bool, monkeypatch, steps: int = 6) -> dict[str, float]:
+def _scores_with_loss_scaled_by(
+    factor: float, normalise: bool, monkeypatch, steps: int = 6
+) -> dict[str, float]:
     """Stage 2 on one LoRA model with the training loss multiplied by ``factor`` (a model whose gradients are
     ``factor`` times larger)."""
     from datasets import Dataset
@@ -130,8 +132,12 @@ def _scores_with_loss_scaled_by(factor: float, normalise: bool, monkeypatch, ste
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 256, (8, 16), generator=g).tolist()
     data = Dataset.from_list([{"input_ids": x, "attention_mask": [1] * 16, "labels": x} for x in ids])
-    s2 = Stage2Config(steps=steps, batch_size=4, learning_rate=0.05 if normalise else 1.0, normalise_step=normalise)
-    ranking = rank_layers(model, scorer="ila", tokenizer=make_tokenizer(), dataset=data, stage2=s2, device="cpu")
+    s2 = Stage2Config(
+        steps=steps, batch_size=4, learning_rate=0.05 if normalise else 1.0, normalise_step=normalise
+    )
+    ranking = rank_layers(
+        model, scorer="ila", tokenizer=make_tokenizer(), dataset=data, stage2=s2, device="cpu"
+    )
     return ranking.scores
 
 
@@ -141,11 +147,15 @@ def test_the_normalised_step_does_not_depend_on_the_models_gradient_scale(monkey
     assert many == pytest.approx(one, rel=1e-4, abs=1e-6)
     start = LayerGates(list(one)).as_dict()
     first = _scores_with_loss_scaled_by(1000.0, True, monkeypatch, steps=1)
-    assert max(abs(first[n] - start[n]) for n in one) == pytest.approx(0.05, rel=1e-4)  # lr: the largest first move
+    assert max(abs(first[n] - start[n]) for n in one) == pytest.approx(
+        0.05, rel=1e-4
+    )  # lr: the largest first move
     # Plain SGD at a fixed learning rate moves 1000 times further on the steeper model.
     plain_one = _scores_with_loss_scaled_by(1.0, False, monkeypatch)
     plain_many = _scores_with_loss_scaled_by(1000.0, False, monkeypatch)
-    assert max(abs(plain_many[n] - start[n]) for n in one) > 100 * max(abs(plain_one[n] - start[n]) for n in one)
+    assert max(abs(plain_many[n] - start[n]) for n in one) > 100 * max(
+        abs(plain_one[n] - start[n]) for n in one
+    )
 
 
 def test_score_sgd_divides_by_the_first_gradient_only():
@@ -159,7 +169,9 @@ def test_score_sgd_divides_by_the_first_gradient_only():
     s.grad = torch.tensor([4.0, -2.0, 0.0])
     opt.step()
     torch.testing.assert_close(s.detach(), torch.tensor([-0.1, 0.05, 0.0]))
-    s.grad = torch.tensor([8.0, 0.0, 0.0])  # later steps keep the first scale: a larger gradient moves further
+    s.grad = torch.tensor(
+        [8.0, 0.0, 0.0]
+    )  # later steps keep the first scale: a larger gradient moves further
     opt.step()
     torch.testing.assert_close(s.detach(), torch.tensor([-0.3, 0.05, 0.0]))
     state = opt.state_dict()

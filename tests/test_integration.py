@@ -26,13 +26,31 @@ def test_callback_ranks_layers_inside_an_sft_trainer_run(tmp_path, tiny_model_di
     # The user's own LoRA: on the attention projections only, under an adapter name of their choosing.
     names = [layer.name for layer in adaptable_layers(base) if "self_attn" in layer.name]
     model = attach_lora(base, names, LoraConfig(r=4))
-    rows = [{"prompt": [{"role": "user", "content": f"Say {w}."}], "completion": [{"role": "assistant", "content": w}]}
-            for w in ["red", "blue", "green", "cat"] * 4]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Say {w}."}],
+            "completion": [{"role": "assistant", "content": w}],
+        }
+        for w in ["red", "blue", "green", "cat"] * 4
+    ]
     callback = IlaCallback(tmp_path / "ila", stage2=Stage2Config(steps=3, batch_size=2))
-    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=4, per_device_train_batch_size=2,
-                         report_to=[], use_cpu=True, max_length=64, logging_steps=2, save_strategy="no")
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                             callbacks=[callback])
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        max_length=64,
+        logging_steps=2,
+        save_strategy="no",
+    )
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=[callback],
+    )
     trainer.train()
     ranking = Ranking.load(tmp_path / "ila" / "ranking.json")
     assert ranking.num_layers == 16 and ranking.scorer == "ila"
@@ -44,8 +62,19 @@ def test_callback_ranks_layers_inside_an_sft_trainer_run(tmp_path, tiny_model_di
 
     run_dir = tmp_path / "scored"
     overrides = [x for o in TINY_OVERRIDES(tiny_model_dir, tiny_data_file) for x in ("--set", o)]
-    assert main(["score", "--run-dir", str(run_dir), "--adapter", str(tmp_path / "ila" / "milestones" / "050"),
-                 *overrides]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--run-dir",
+                str(run_dir),
+                "--adapter",
+                str(tmp_path / "ila" / "milestones" / "050"),
+                *overrides,
+            ]
+        )
+        == 0
+    )
     scored = Ranking.load(run_dir / "stage2" / "ranking.json")
     assert set(scored.scores) == set(names) and scored.milestone == "50%"
     # The user's model is handed back as it was: LoRA trainable, no gates left behind.
@@ -89,8 +118,14 @@ def test_rank_layers_ila_leaves_model_untouched():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(0, 256, (8, 16)).tolist()
     ds = Dataset.from_list([{"input_ids": x, "attention_mask": [1] * 16, "labels": x} for x in ids])
-    ranking = rank_layers(model, scorer="ila", tokenizer=tok, dataset=ds, stage2=Stage2Config(steps=2, batch_size=4),
-                          device="cpu")
+    ranking = rank_layers(
+        model,
+        scorer="ila",
+        tokenizer=tok,
+        dataset=ds,
+        stage2=Stage2Config(steps=2, batch_size=4),
+        device="cpu",
+    )
     assert ranking.num_layers == 28
     after = dict(model.named_parameters())
     assert all(torch.equal(before[n], after[n].detach()) for n in before)

@@ -22,15 +22,27 @@ def checkpointed_stage3(request, tmp_path_factory, tiny_model_dir, tiny_data_fil
     import ila.pipeline as pipeline
 
     run_dir = tmp_path_factory.mktemp(f"checkpointing-{request.param}")
-    cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + [
-        "stage2.scorer=random", "stage3.train.gradient_checkpointing=true",
-        f"stage3.train.precision={request.param}", "stage3.selection.mode=list",
-        "stage3.selection.layers=[" + ",".join(LAST_BLOCK) + "]", "stage3.train.eval_heldout=false"])
+    cfg = load_config(
+        None,
+        TINY_OVERRIDES(tiny_model_dir, tiny_data_file)
+        + [
+            "stage2.scorer=random",
+            "stage3.train.gradient_checkpointing=true",
+            f"stage3.train.precision={request.param}",
+            "stage3.selection.mode=list",
+            "stage3.selection.layers=[" + ",".join(LAST_BLOCK) + "]",
+            "stage3.train.eval_heldout=false",
+        ],
+    )
     prepare_run_dir(cfg, run_dir)
     stage2(cfg, run_dir)  # a random ranking: no stage 1 needed
 
-    seen = {"calls": {"model": 0, "first": 0, "last": 0}, "frozen_input_needs_grad": [], "is_checkpointing": [],
-            "use_reentrant": []}
+    seen = {
+        "calls": {"model": 0, "first": 0, "last": 0},
+        "frozen_input_needs_grad": [],
+        "is_checkpointing": [],
+        "use_reentrant": [],
+    }
     real_train, real_checkpoint = pipeline.train, modeling_utils.checkpoint
 
     def counter(key):
@@ -39,6 +51,7 @@ def checkpointed_stage3(request, tmp_path_factory, tiny_model_dir, tiny_data_fil
         def hook(module, args):
             if module.training and torch.is_grad_enabled():  # training forwards and their recomputation
                 seen["calls"][key] += 1
+
         return hook
 
     def frozen_input(module, args, kwargs):
@@ -58,7 +71,9 @@ def checkpointed_stage3(request, tmp_path_factory, tiny_model_dir, tiny_data_fil
         blocks[3].mlp.register_forward_pre_hook(counter("last"))
         for block in blocks[:3]:
             block.register_forward_pre_hook(frozen_input, with_kwargs=True)
-        base.register_forward_pre_hook(lambda m, a: seen["is_checkpointing"].append(m.is_gradient_checkpointing))
+        base.register_forward_pre_hook(
+            lambda m, a: seen["is_checkpointing"].append(m.is_gradient_checkpointing)
+        )
         return real_train(model, plan, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -73,8 +88,9 @@ def test_checkpointing_is_on_and_non_reentrant(checkpointed_stage3):
     seen = checkpointed_stage3
     calls = seen["calls"]
     assert seen["summary"]["num_selected"] == 3 and seen["summary"]["steps"] == 4
-    assert calls["model"] >= 4 and seen["is_checkpointing"] and all(seen["is_checkpointing"]), \
+    assert calls["model"] >= 4 and seen["is_checkpointing"] and all(seen["is_checkpointing"]), (
         "gradient checkpointing is off"
+    )
     # With checkpointing the tuned block runs twice per training forward: forward, then again in backward.
     assert calls["last"] == 2 * calls["model"], f"the tuned block was not recomputed in backward: {calls}"
     # Every checkpointed call is of the non-reentrant kind (4 blocks per training forward).
@@ -87,6 +103,7 @@ def test_checkpointing_sends_no_gradient_into_frozen_early_layers(checkpointed_s
     not require one, so backward stops at the tuned block and the frozen blocks are not recomputed."""
     seen = checkpointed_stage3
     calls = seen["calls"]
-    assert seen["frozen_input_needs_grad"] and not any(seen["frozen_input_needs_grad"]), \
+    assert seen["frozen_input_needs_grad"] and not any(seen["frozen_input_needs_grad"]), (
         "gradients were forced down into the frozen blocks"
+    )
     assert calls["first"] == calls["model"], f"a frozen block was recomputed in backward: {calls}"

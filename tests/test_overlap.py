@@ -34,7 +34,9 @@ TYPES = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
 
 def _ranking(n_blocks=4, score=None, types=TYPES, lm_head=False, name="tiny", scorer="ila", seed=None):
     """A hand-made ranking; ``score(relative_depth, type_index)`` gives each layer's score."""
-    layers = [Layer(f"model.layers.{b}.{t}", f"model.layers.{b}", b, t) for b in range(n_blocks) for t in types]
+    layers = [
+        Layer(f"model.layers.{b}.{t}", f"model.layers.{b}", b, t) for b in range(n_blocks) for t in types
+    ]
     if lm_head:
         layers.append(Layer("lm_head", None, None, "lm_head"))
     rng = np.random.default_rng(seed)
@@ -86,18 +88,23 @@ def test_expected_random_jaccard_formula_and_monte_carlo():
     assert expected_random_jaccard(2, 1, 1) == pytest.approx(0.5)  # same item with probability 1/2
     rng = np.random.default_rng(0)
     n, k1, k2 = 40, 8, 12
-    draws = [jaccard(set(rng.choice(n, k1, replace=False)), set(rng.choice(n, k2, replace=False)))
-             for _ in range(20000)]
+    draws = [
+        jaccard(set(rng.choice(n, k1, replace=False)), set(rng.choice(n, k2, replace=False)))
+        for _ in range(20000)
+    ]
     assert float(np.mean(draws)) == pytest.approx(expected_random_jaccard(n, k1, k2), abs=0.004)
     with pytest.raises(RankingError):
         expected_random_jaccard(5, 6, 1)
 
 
-@pytest.mark.parametrize("a,b,n", [
-    (set(range(10)), set(range(5, 15)), 50),
-    (set(range(20)), set(range(14, 40)), 60),
-    (set(range(3)), {0, 7}, 12),
-])
+@pytest.mark.parametrize(
+    "a,b,n",
+    [
+        (set(range(10)), set(range(5, 15)), 50),
+        (set(range(20)), set(range(14, 40)), 60),
+        (set(range(3)), {0, 7}, 12),
+    ],
+)
 def test_exact_and_monte_carlo_p_values_agree(a, b, n):
     exact = permutation_p_value(a, b, n)
     mc = permutation_p_value(a, b, n, exact=False, rounds=20000, seed=3)
@@ -107,8 +114,12 @@ def test_exact_and_monte_carlo_p_values_agree(a, b, n):
 def test_p_values_of_random_sets_are_not_small():
     rng = np.random.default_rng(1)
     n, k = 60, 15
-    ps = np.array([permutation_p_value(set(rng.choice(n, k, replace=False)), set(rng.choice(n, k, replace=False)), n)
-                   for _ in range(400)])
+    ps = np.array(
+        [
+            permutation_p_value(set(rng.choice(n, k, replace=False)), set(rng.choice(n, k, replace=False)), n)
+            for _ in range(400)
+        ]
+    )
     assert 0.3 < ps.mean() < 0.7
     assert (ps <= 0.05).mean() <= 0.08  # a valid p-value: small no more often than its level (plus noise)
 
@@ -220,7 +231,9 @@ def test_cross_depth_mapping_overlaps_a_stretched_copy():
 
 def test_cross_depth_needs_common_module_types():
     llama = _ranking(n_blocks=4, score=_shape, lm_head=True)
-    gpt2 = _ranking(n_blocks=6, score=_shape, lm_head=True, types=["attn.c_attn", "attn.c_proj", "mlp.c_proj"])
+    gpt2 = _ranking(
+        n_blocks=6, score=_shape, lm_head=True, types=["attn.c_attn", "attn.c_proj", "mlp.c_proj"]
+    )
     assert type_key_depth([gpt2]) == 2  # c_proj is ambiguous: match by the last two components
     with pytest.raises(RankingError, match="no module type in common"):
         compare_pair(llama, gpt2)
@@ -263,7 +276,9 @@ def _write(tmp_path, name, ranking):
 def test_cli_compare(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     a = _write(tmp_path, "alpaca", _ranking(n_blocks=4, score=_shape, lm_head=True))
-    b = _write(tmp_path, "lima", _ranking(n_blocks=4, score=lambda d, t: _shape(d, t) + 0.05 * t * d, lm_head=True))
+    b = _write(
+        tmp_path, "lima", _ranking(n_blocks=4, score=lambda d, t: _shape(d, t) + 0.05 * t * d, lm_head=True)
+    )
     c = _write(tmp_path, "big", _ranking(n_blocks=6, score=_shape, lm_head=True, name="big"))
     out = tmp_path / "cmp"
     assert main(["compare", a, b, c, "--fractions", "0.2", "0.5", "--out", str(out)]) == 0
@@ -275,23 +290,52 @@ def test_cli_compare(tmp_path, capsys):
     assert [r["label"] for r in data["rankings"]] == ["alpaca", "lima", "big"]
     assert "Spearman" in (out / "compare.md").read_text()
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["heatmap-alpaca.png", "heatmap-big.png", "heatmap-lima.png", "jaccard-top20.png",
-                    "jaccard-top50.png", "overlap-curve.png"]
+    assert pngs == [
+        "heatmap-alpaca.png",
+        "heatmap-big.png",
+        "heatmap-lima.png",
+        "jaccard-top20.png",
+        "jaccard-top50.png",
+        "overlap-curve.png",
+    ]
     assert all((out / p).read_bytes()[:8] == PNG for p in pngs)
     assert set(data["files"]) == set(pngs) | {"compare.json", "compare.md"}
 
     # again, at block level and with other fractions: the figures of the first comparison are removed
-    assert main(["compare", a, b, "--level", "block", "--fractions", "0.25", "--labels", "x", "y",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                a,
+                b,
+                "--level",
+                "block",
+                "--fractions",
+                "0.25",
+                "--labels",
+                "x",
+                "y",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads((out / "compare.json").read_text())
     assert data["level"] == "block" and data["pairs"][0]["num_keys"] == 5  # 4 blocks + lm_head
-    assert sorted(p.name for p in out.glob("*.png")) == ["heatmap-x.png", "heatmap-y.png", "jaccard-top25.png",
-                                                         "overlap-curve.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "heatmap-x.png",
+        "heatmap-y.png",
+        "jaccard-top25.png",
+        "overlap-curve.png",
+    ]
 
     # default folder: beside the first ranking
     assert main(["compare", a, b, "--no-plots"]) == 0
     assert sorted(p.name for p in (tmp_path / "alpaca" / "stage2" / "compare").iterdir()) == [
-        "compare.json", "compare.md"]
+        "compare.json",
+        "compare.md",
+    ]
 
 
 def test_cli_compare_one_ranking_and_errors(tmp_path, capsys):

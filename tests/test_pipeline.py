@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from ila.config import load_config
 from ila.errors import IlaError, ModelError, RankingError
-from ila.pipeline import prepare_run_dir, run_all, stage1, stage2, stage3
+from ila.pipeline import prepare_run_dir, run_all, stage2, stage3
 from ila.ranking import Ranking
 
 
@@ -33,7 +33,9 @@ def test_run_dir_layout(tiny_run):
     for m in milestones:
         meta = json.loads((run_dir / "stage1" / "milestones" / m / "ila_adapter.json").read_text())
         assert meta["step"] == round(int(m) / 100 * 8) and len(meta["layers"]) == 28
-    stability = [json.loads(line) for line in (run_dir / "stage1" / "stability.jsonl").read_text().splitlines()]
+    stability = [
+        json.loads(line) for line in (run_dir / "stage1" / "stability.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in stability] == [4, 6, 8]
     assert all(r["relative_change"] > 0 for r in stability)
     for stage in ("stage1", "stage2", "stage3"):
@@ -71,7 +73,11 @@ def test_stage2_changes_only_the_scores(tiny_run, monkeypatch, tmp_path):
         return result
 
     monkeypatch.setattr(scoring, "train", spy)  # where stage 2 looks it up
-    stage2(load_config(run_dir / "config.yaml", ["stage2.steps=3"]), tmp_path, adapter=run_dir / "stage1" / "final")
+    stage2(
+        load_config(run_dir / "config.yaml", ["stage2.steps=3"]),
+        tmp_path,
+        adapter=run_dir / "stage1" / "final",
+    )
     assert captured["trainable"] == ["ila_gates.scores"]
     changed = [n for n in captured["before"] if not torch.equal(captured["before"][n], captured["after"][n])]
     assert changed == ["ila_gates.scores"]
@@ -95,7 +101,11 @@ def test_stage3_adapts_only_the_selection(tiny_run, tiny_model_dir):
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits
         model = peft.PeftModel.from_pretrained(base, str(adapter))
-        lora_modules = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+        lora_modules = {
+            n.removeprefix("base_model.model.")
+            for n, m in model.named_modules()
+            if hasattr(m, "lora_A") and "default" in m.lora_A
+        }
         assert lora_modules == set(selection["layers"])
         assert not torch.allclose(model(input_ids=ids).logits, base_logits)
 
@@ -114,8 +124,10 @@ def test_stage3_changes_only_selected_lora_weights(tiny_run, monkeypatch):
         return result
 
     monkeypatch.setattr(pipeline, "train", spy)
-    cfg2 = load_config(run_dir / "config.yaml", ["stage3.selection.mode=drop_bottom", "stage3.selection.fraction=0.5",
-                                                 "stage3.train.max_steps=3"])
+    cfg2 = load_config(
+        run_dir / "config.yaml",
+        ["stage3.selection.mode=drop_bottom", "stage3.selection.fraction=0.5", "stage3.train.max_steps=3"],
+    )
     other = run_dir / "drop-bottom"
     prepare_run_dir(cfg2, other)
     (other / "stage2").mkdir()
@@ -146,7 +158,9 @@ def test_stage3_refuses_a_ranking_of_another_model(tiny_run, tmp_path):
 
     cfg, run_dir, _ = tiny_run
     deeper = write_model_dir(tmp_path / "deeper", num_blocks=6)
-    cfg2 = load_config(run_dir / "config.yaml", [f"model.name={deeper}",
-                                                 f"stage3.ranking={run_dir / 'stage2' / 'ranking.json'}"])
+    cfg2 = load_config(
+        run_dir / "config.yaml",
+        [f"model.name={deeper}", f"stage3.ranking={run_dir / 'stage2' / 'ranking.json'}"],
+    )
     with pytest.raises(RankingError, match="another model"):
         stage3(cfg2, tmp_path / "run")

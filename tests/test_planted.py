@@ -22,14 +22,18 @@ SEEDS = (0, 1, 2)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, tiny_data_file):
     """Stage 1 long enough that each layer's update helps (held-out loss 5.73 -> 5.14)."""
-    cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + [
-        "stage1.train.max_steps=40", "stage1.train.learning_rate=2e-3", "lora.dropout=0"])
+    cfg = load_config(
+        None,
+        TINY_OVERRIDES(tiny_model_dir, tiny_data_file)
+        + ["stage1.train.max_steps=40", "stage1.train.learning_rate=2e-3", "lora.dropout=0"],
+    )
     run_dir = tmp_path_factory.mktemp("planted")
     prepare_run_dir(cfg, run_dir)
     out = stage1(cfg, run_dir)
     assert out["heldout_loss"] < out["base_heldout_loss"] - 0.3
-    from ila.data import build_datasets
     from tiny import make_tokenizer
+
+    from ila.data import build_datasets
 
     tokenizer = make_tokenizer()
     return cfg, run_dir / "stage1" / "final", tokenizer, build_datasets(cfg.data, tokenizer)[0]
@@ -73,8 +77,15 @@ def test_kept_updates_rank_above_same_norm_noise_and_zero_updates_stay(trained, 
     aucs = []
     for seed in SEEDS:
         model, kept, noise, zero = _planted(cfg, adapter, seed)
-        ranking = rank_layers(model, scorer=scorer, tokenizer=tokenizer, dataset=dataset, device="cpu", seed=seed,
-                              stage2=Stage2Config(steps=20, batch_size=4))
+        ranking = rank_layers(
+            model,
+            scorer=scorer,
+            tokenizer=tokenizer,
+            dataset=dataset,
+            device="cpu",
+            seed=seed,
+            stage2=Stage2Config(steps=20, batch_size=4),
+        )
         scores = ranking.scores
         aucs.append(_auc([scores[n] for n in kept], [scores[n] for n in noise]))
         if scorer == "ila":  # a zero update gets no gradient: its score ends where it started

@@ -25,7 +25,9 @@ def test_qlora_config_is_checked():
         load_config(None, ["model.quantization=4bit", "model.device=cpu"])
     with pytest.raises(ConfigError, match="stage3.method"):
         load_config(None, ["model.quantization=4bit", "model.device=cuda", "stage3.method=full"])
-    cfg = load_config(None, ["model.quantization=4bit", "model.device=cuda", "stage3.selection.fraction=0.75"])
+    cfg = load_config(
+        None, ["model.quantization=4bit", "model.device=cuda", "stage3.selection.fraction=0.75"]
+    )
     assert cfg.model.quantization == "4bit"
 
 
@@ -38,8 +40,8 @@ def test_qlora_without_cuda_is_a_clear_error(tiny_model_dir):
 @pytest.mark.gpu
 @needs_cuda
 def test_qlora_every_stage_on_cuda(tmp_path, tiny_model_dir, tiny_data_file):
-    """QLoRA for real: the base loads as NF4 bitsandbytes layers, gates at 1 give the plain LoRA model and at 0
-    the base (4-bit weights, bf16 compute), and every stage runs and trains on it."""
+    """QLoRA for real: the base loads as NF4 bitsandbytes layers, gates at 1 give the plain LoRA model and at
+    0 the base (4-bit weights, bf16 compute), and every stage runs and trains on it."""
     bnb = pytest.importorskip("bitsandbytes")
     import json
 
@@ -53,10 +55,21 @@ def test_qlora_every_stage_on_cuda(tmp_path, tiny_model_dir, tiny_data_file):
     from ila.pipeline import run_all
     from ila.ranking import Ranking
 
-    overrides = [o for o in TINY_OVERRIDES(tiny_model_dir, tiny_data_file) if not o.startswith("model.device")]
-    cfg = load_config(None, overrides + ["model.device=cuda", "model.quantization=4bit", "model.dtype=bfloat16",
-                                         "stage1.train.precision=bf16", "stage2.precision=bf16",
-                                         "stage3.train.precision=bf16"])
+    overrides = [
+        o for o in TINY_OVERRIDES(tiny_model_dir, tiny_data_file) if not o.startswith("model.device")
+    ]
+    cfg = load_config(
+        None,
+        overrides
+        + [
+            "model.device=cuda",
+            "model.quantization=4bit",
+            "model.dtype=bfloat16",
+            "stage1.train.precision=bf16",
+            "stage2.precision=bf16",
+            "stage3.train.precision=bf16",
+        ],
+    )
 
     # The base is 4-bit: every adaptable linear layer is a bitsandbytes Linear4bit holding NF4 weights.
     base = load_base_model(cfg.model)
@@ -79,7 +92,9 @@ def test_qlora_every_stage_on_cuda(tmp_path, tiny_model_dir, tiny_data_file):
         plain = model(input_ids=ids).logits
         with model.disable_adapter():
             base_logits = model(input_ids=ids).logits
-        assert not torch.allclose(plain.float(), base_logits.float(), atol=1e-2), "the LoRA update must change the output"
+        assert not torch.allclose(plain.float(), base_logits.float(), atol=1e-2), (
+            "the LoRA update must change the output"
+        )
         gates = LayerGates(names)
         hooks = attach_gates(model, gates)
         gates.set_fixed(1.0)

@@ -13,7 +13,9 @@ from ila.ranking import Ranking
 
 def _ranking(n_blocks=4, include_lm_head=False, scores=None, model_type="llama"):
     types = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
-    layers = [Layer(f"model.layers.{b}.{t}", f"model.layers.{b}", b, t) for b in range(n_blocks) for t in types]
+    layers = [
+        Layer(f"model.layers.{b}.{t}", f"model.layers.{b}", b, t) for b in range(n_blocks) for t in types
+    ]
     if include_lm_head:
         layers.append(Layer("lm_head", None, None, "lm_head"))
     if scores is None:

@@ -7,14 +7,14 @@ import json
 import os
 
 import pytest
-from conftest import TINY_OVERRIDES, write_model_dir
+from conftest import TINY_OVERRIDES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_artifacts import full_disk_on, is_file_or_its_temporary
 
 from ila.config import load_config
 from ila.errors import ConfigError, IlaError, ModelError, RankingError, TrainingError
-from ila.pipeline import prepare_run_dir, run_all, stage1, stage2
+from ila.pipeline import prepare_run_dir, stage1, stage2
 from ila.ranking import Ranking
 
 
@@ -24,8 +24,16 @@ def overrides(tiny_model_dir, tiny_data_file):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, overrides):
-    cfg = load_config(None, overrides + ["stage1.train.learning_rate=1e30", "stage1.train.max_grad_norm=0",
-                                         "stage1.train.save_steps=1", "stage1.train.warmup_ratio=0"])
+    cfg = load_config(
+        None,
+        overrides
+        + [
+            "stage1.train.learning_rate=1e30",
+            "stage1.train.max_grad_norm=0",
+            "stage1.train.save_steps=1",
+            "stage1.train.warmup_ratio=0",
+        ],
+    )
     prepare_run_dir(cfg, tmp_path)
     with pytest.raises(TrainingError, match=r"step \d+") as e:
         stage1(cfg, tmp_path)
@@ -72,12 +80,11 @@ def test_incomplete_stage1_adapter_is_refused(tmp_path, overrides):
 
 
 def test_pickled_weights_load_only_when_allowed(tmp_path):
+    import torch
     from conftest import make_model
 
     from ila.config import ModelConfig
     from ila.models import load_base_model
-
-    import torch
 
     folder = tmp_path / "pickled"
     model = make_model(num_blocks=1)
@@ -91,19 +98,35 @@ def test_pickled_weights_load_only_when_allowed(tmp_path):
 
 
 def test_a_run_writes_only_inside_its_run_dir(tmp_path, overrides):
-    """`ila run` on a local model folder, in a fresh process (libraries read these locations when imported) with
-    HOME, the caches and TMPDIR pointed at empty folders: it writes nothing outside its run directory."""
+    """`ila run` on a local model folder, in a fresh process (libraries read these locations when imported)
+    with HOME, the caches and TMPDIR pointed at empty folders: it writes nothing outside its run directory."""
     import subprocess
     import sys
 
-    places = {name: tmp_path / name.lower() for name in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "ILA_CACHE", "TMPDIR")}
+    places = {
+        name: tmp_path / name.lower() for name in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "ILA_CACHE", "TMPDIR")
+    }
     for folder in places.values():
         folder.mkdir()
     work = tmp_path / "cwd"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in {  # these would take precedence over the ones above
-        "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ASSETS_CACHE", "TRANSFORMERS_CACHE",
-        "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "MPLCONFIGDIR", "TORCH_HOME", "HF_TOKEN_PATH"}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in {  # these would take precedence over the ones above
+            "HF_HUB_CACHE",
+            "HUGGINGFACE_HUB_CACHE",
+            "HF_DATASETS_CACHE",
+            "HF_ASSETS_CACHE",
+            "TRANSFORMERS_CACHE",
+            "TORCHINDUCTOR_CACHE_DIR",
+            "TRITON_CACHE_DIR",
+            "MPLCONFIGDIR",
+            "TORCH_HOME",
+            "HF_TOKEN_PATH",
+        }
+    }
     env.update({k: str(v) for k, v in places.items()}, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     command = [sys.executable, "-m", "ila.cli", "run", "--run-dir", "myrun"]
     for o in overrides:
@@ -117,7 +140,9 @@ def test_a_run_writes_only_inside_its_run_dir(tmp_path, overrides):
         assert not written, f"the run wrote into {name}: {written[:5]}"
     # torch makes an (empty) torchinductor_<user> folder in TMPDIR; nothing else may be left there
     left = [p for p in places["TMPDIR"].iterdir() if not (p.is_dir() and p.name.startswith("torchinductor_"))]
-    assert not left and not [p for p in places["TMPDIR"].rglob("*") if not p.is_dir()], f"left in TMPDIR: {left}"
+    assert not left and not [p for p in places["TMPDIR"].rglob("*") if not p.is_dir()], (
+        f"left in TMPDIR: {left}"
+    )
 
 
 def test_a_hub_id_that_is_not_cached_offline_is_a_model_error_naming_it():
@@ -126,11 +151,16 @@ def test_a_hub_id_that_is_not_cached_offline_is_a_model_error_naming_it():
     from ila.config import ModelConfig
     from ila.models import load_base_model, load_tokenizer
 
-    assert huggingface_hub.constants.HF_HUB_OFFLINE  # set by conftest before any import: the Hub is never reached
+    assert (
+        huggingface_hub.constants.HF_HUB_OFFLINE
+    )  # set by conftest before any import: the Hub is never reached
     cfg = ModelConfig(name="ila-tests/no-such-cached-model")
     for load in (load_tokenizer, load_base_model):
-        with pytest.raises(ModelError, match=r"could not load the (tokenizer|model) 'ila-tests/no-such-cached-model'"
-                                             r".*Pass a local folder"):
+        with pytest.raises(
+            ModelError,
+            match=r"could not load the (tokenizer|model) 'ila-tests/no-such-cached-model'"
+            r".*Pass a local folder",
+        ):
             load(cfg)
 
 
@@ -143,7 +173,9 @@ def test_full_disk_while_writing_the_ranking_leaves_no_file(tmp_path, overrides,
     prepare_run_dir(cfg, tmp_path)
     config_before = (tmp_path / "config.yaml").read_text()
     folder = tmp_path / "stage2"
-    attempts = full_disk_on(monkeypatch, lambda p: is_file_or_its_temporary(p, "stage2", "ranking-random.json"))
+    attempts = full_disk_on(
+        monkeypatch, lambda p: is_file_or_its_temporary(p, "stage2", "ranking-random.json")
+    )
     with pytest.raises(OSError) as e:
         stage2(cfg, tmp_path)
     assert e.value.errno == errno.ENOSPC and "No space left on device" in str(e.value)
@@ -160,12 +192,34 @@ def test_full_disk_while_writing_the_ranking_leaves_no_file(tmp_path, overrides,
 
 # --- property-based: the parsers never fail with anything but their own clear error ---------------------
 
-_keys = st.sampled_from(["seed", "model.name", "model.dtype", "data.max_length", "data.heldout_fraction",
-                         "lora.r", "lora.include_lm_head", "stage1.milestones", "stage2.learning_rate",
-                         "stage2.optimizer", "stage3.selection.mode", "stage3.selection.fraction",
-                         "stage3.selection.layers", "nope", "stage1.train.precision", "stage2"])
-_values = st.one_of(st.integers(-5, 5000), st.floats(allow_nan=True), st.booleans(), st.none(),
-                    st.text(max_size=12), st.lists(st.floats(0, 1.5), max_size=4))
+_keys = st.sampled_from(
+    [
+        "seed",
+        "model.name",
+        "model.dtype",
+        "data.max_length",
+        "data.heldout_fraction",
+        "lora.r",
+        "lora.include_lm_head",
+        "stage1.milestones",
+        "stage2.learning_rate",
+        "stage2.optimizer",
+        "stage3.selection.mode",
+        "stage3.selection.fraction",
+        "stage3.selection.layers",
+        "nope",
+        "stage1.train.precision",
+        "stage2",
+    ]
+)
+_values = st.one_of(
+    st.integers(-5, 5000),
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=12),
+    st.lists(st.floats(0, 1.5), max_size=4),
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -184,19 +238,39 @@ def _ranking_dict():
     from ila.layers import Layer
 
     layers = [Layer(f"model.layers.{b}.mlp.up_proj", f"model.layers.{b}", b, "mlp.up_proj") for b in range(3)]
-    r = Ranking(scores={layer.name: float(i) for i, layer in enumerate(layers)}, layers=layers,
-                base_model={"name": "t"}, include_lm_head=False)
+    r = Ranking(
+        scores={layer.name: float(i) for i, layer in enumerate(layers)},
+        layers=layers,
+        base_model={"name": "t"},
+        include_lm_head=False,
+    )
     return r.to_dict()
 
 
-_json = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5)),
-                     lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=5), c, max_size=3)),
-                     max_leaves=6)
+_json = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5)),
+    lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=5), c, max_size=3)),
+    max_leaves=6,
+)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.sampled_from(["schema_version", "kind", "layers", "base_model", "include_lm_head", "num_layers", "order",
-                        "scorer", "meta"]), _json)
+@given(
+    st.sampled_from(
+        [
+            "schema_version",
+            "kind",
+            "layers",
+            "base_model",
+            "include_lm_head",
+            "num_layers",
+            "order",
+            "scorer",
+            "meta",
+        ]
+    ),
+    _json,
+)
 def test_ranking_reader_fails_only_with_ranking_errors(tmp_path, key, value):
     data = _ranking_dict()
     data[key] = value

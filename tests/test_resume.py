@@ -19,8 +19,14 @@ from ila.config import load_config
 from ila.pipeline import run_all
 from ila.ranking import Ranking
 
-LONG = ["stage1.train.max_steps=60", "stage1.train.save_steps=10", "stage1.stability_window=10",
-        "stage2.steps=60", "stage3.train.max_steps=60", "stage3.train.save_steps=10"]
+LONG = [
+    "stage1.train.max_steps=60",
+    "stage1.train.save_steps=10",
+    "stage1.stability_window=10",
+    "stage2.steps=60",
+    "stage3.train.max_steps=60",
+    "stage3.train.save_steps=10",
+]
 
 
 def _command(run_dir: Path, overrides: list[str]) -> list[str]:
@@ -36,12 +42,19 @@ def _interrupt_when(cmd: list[str], marker: Path, sig: int, timeout: float = 120
     # A process started with SIGINT ignored keeps ignoring it (Python installs its Ctrl-C handler only when
     # SIGINT is not ignored), and the test process may have inherited that: give the command a terminal's
     # default disposition, as a user's shell does.
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     start = time.time()
     while not marker.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"finished before the interruption point: {proc.stderr.read().decode()[-2000:]}")
+            raise AssertionError(
+                f"finished before the interruption point: {proc.stderr.read().decode()[-2000:]}"
+            )
         if time.time() - start > timeout:
             proc.kill()
             raise AssertionError("interruption point never reached")
@@ -76,11 +89,14 @@ def _assert_close(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("stage, marker, sig", [
-    ("stage1", "stage1/checkpoints/checkpoint-20/trainer_state.json", signal.SIGKILL),
-    ("stage2", "stage2/checkpoints/checkpoint-30/trainer_state.json", signal.SIGTERM),
-    ("stage3", "stage3/checkpoints/checkpoint-20/trainer_state.json", signal.SIGINT),
-])
+@pytest.mark.parametrize(
+    "stage, marker, sig",
+    [
+        ("stage1", "stage1/checkpoints/checkpoint-20/trainer_state.json", signal.SIGKILL),
+        ("stage2", "stage2/checkpoints/checkpoint-30/trainer_state.json", signal.SIGTERM),
+        ("stage3", "stage3/checkpoints/checkpoint-20/trainer_state.json", signal.SIGINT),
+    ],
+)
 def test_interrupted_stage_resumes_to_the_same_result(reference, tmp_path, stage, marker, sig):
     overrides, ref_dir = reference
     run_dir = tmp_path / "run"
@@ -95,7 +111,10 @@ def test_interrupted_stage_resumes_to_the_same_result(reference, tmp_path, stage
         assert f"{earlier.replace('stage', 'stage ')} already complete" in log  # completed stages not redone
 
     _assert_close(_weights(run_dir / "stage1" / "final"), _weights(ref_dir / "stage1" / "final"))
-    ranked, ref_ranked = Ranking.load(run_dir / "stage2" / "ranking.json"), Ranking.load(ref_dir / "stage2" / "ranking.json")
+    ranked, ref_ranked = (
+        Ranking.load(run_dir / "stage2" / "ranking.json"),
+        Ranking.load(ref_dir / "stage2" / "ranking.json"),
+    )
     for name, score in ref_ranked.scores.items():
         assert ranked.scores[name] == pytest.approx(score, rel=1e-3, abs=1e-5)
     _assert_close(_weights(run_dir / "stage3" / "adapter"), _weights(ref_dir / "stage3" / "adapter"))

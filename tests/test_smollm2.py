@@ -24,12 +24,22 @@ def test_every_stage_on_smollm2(tmp_path):
     from ila.pipeline import run_all
     from ila.ranking import Ranking
 
-    cfg = load_config(CONFIG, [
-        "data.max_examples=40", "data.max_length=96", "data.max_heldout_examples=4",
-        "stage1.train.max_steps=4", "stage1.train.batch_size=2", "stage1.stability_window=2",
-        "stage2.steps=3", "stage2.batch_size=2", "stage3.train.max_steps=2", "stage3.train.batch_size=2",
-        "stage3.selection.fraction=0.1",
-    ])
+    cfg = load_config(
+        CONFIG,
+        [
+            "data.max_examples=40",
+            "data.max_length=96",
+            "data.max_heldout_examples=4",
+            "stage1.train.max_steps=4",
+            "stage1.train.batch_size=2",
+            "stage1.stability_window=2",
+            "stage2.steps=3",
+            "stage2.batch_size=2",
+            "stage3.train.max_steps=2",
+            "stage3.train.batch_size=2",
+            "stage3.selection.fraction=0.1",
+        ],
+    )
     out = run_all(cfg, tmp_path)
     ranking = Ranking.load(tmp_path / "stage2" / "ranking.json")
     assert ranking.num_layers == 210 and len(ranking.block_aggregates()) == 30

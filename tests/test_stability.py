@@ -10,7 +10,9 @@ from ila.stability import LoraFactors, relative_change, update_norms
 
 def _factors(seed, layers=("a", "b", "c"), scale=2.0):
     g = torch.Generator().manual_seed(seed)
-    return LoraFactors({n: (scale, torch.randn(4, 12, generator=g), torch.randn(9, 4, generator=g)) for n in layers})
+    return LoraFactors(
+        {n: (scale, torch.randn(4, 12, generator=g), torch.randn(9, 4, generator=g)) for n in layers}
+    )
 
 
 def test_matches_dense_frobenius():
@@ -44,10 +46,19 @@ def test_stage1_stops_when_the_ranking_settles(tmp_path, tiny_model_dir, tiny_da
     from ila.config import load_config
     from ila.pipeline import prepare_run_dir, stage1
 
-    cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + [
-        "stage1.train.max_steps=40", "stage1.stability_window=2", "stage1.stop_when_stable=true",
-        "stage1.stability_criterion=ranking", "stage1.stability_epsilon=0.5", "stage1.stability_patience=2",
-        "stage1.train.lr_scheduler=constant"])
+    cfg = load_config(
+        None,
+        TINY_OVERRIDES(tiny_model_dir, tiny_data_file)
+        + [
+            "stage1.train.max_steps=40",
+            "stage1.stability_window=2",
+            "stage1.stop_when_stable=true",
+            "stage1.stability_criterion=ranking",
+            "stage1.stability_epsilon=0.5",
+            "stage1.stability_patience=2",
+            "stage1.train.lr_scheduler=constant",
+        ],
+    )
     prepare_run_dir(cfg, tmp_path)
     out = stage1(cfg, tmp_path)
     records = [json.loads(x) for x in (tmp_path / "stage1" / "stability.jsonl").read_text().splitlines()]
@@ -65,8 +76,9 @@ def _records(run_dir):
     return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in lines]
 
 
-def test_resumed_stage1_tracks_stability_as_an_uninterrupted_run(tmp_path, tiny_model_dir, tiny_data_file,
-                                                                 monkeypatch):
+def test_resumed_stage1_tracks_stability_as_an_uninterrupted_run(
+    tmp_path, tiny_model_dir, tiny_data_file, monkeypatch
+):
     """Window 4, checkpoints every 6 steps, killed at step 7: the resumed run must know the snapshot of step 4
     (its first record is then at step 8 and 12, not a window late) and stop at the same stable step."""
     from conftest import TINY_OVERRIDES, Interrupted, interrupted_train
@@ -76,8 +88,13 @@ def test_resumed_stage1_tracks_stability_as_an_uninterrupted_run(tmp_path, tiny_
     from ila.pipeline import prepare_run_dir, stage1
 
     overrides = TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + [
-        "stage1.train.max_steps=40", "stage1.stability_window=4", "stage1.train.save_steps=6",
-        "stage1.stop_when_stable=true", "stage1.stability_epsilon=0.3", "stage1.train.lr_scheduler=constant"]
+        "stage1.train.max_steps=40",
+        "stage1.stability_window=4",
+        "stage1.train.save_steps=6",
+        "stage1.stop_when_stable=true",
+        "stage1.stability_epsilon=0.3",
+        "stage1.train.lr_scheduler=constant",
+    ]
     cfg = load_config(None, overrides)
     prepare_run_dir(cfg, tmp_path / "whole")
     whole = stage1(cfg, tmp_path / "whole")
@@ -94,7 +111,7 @@ def test_resumed_stage1_tracks_stability_as_an_uninterrupted_run(tmp_path, tiny_
     assert resumed["steps"] == whole["steps"]
     a, b = _records(tmp_path / "whole"), _records(tmp_path / "cut")
     assert [r["step"] for r in b] == [r["step"] for r in a]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert y["relative_change"] == pytest.approx(x["relative_change"], rel=1e-3)
         assert y["stable"] == x["stable"]
     assert [r["step"] for r in resumed["stability"]] == [r["step"] for r in a]

@@ -28,8 +28,10 @@ def adapters(tmp_path_factory, tiny_model_dir, tiny_data_file):
     b = run_dir / "zero-update"
     shutil.copytree(a, b)
     weights = load_file(b / "adapter_model.safetensors")
-    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
-              str(b / "adapter_model.safetensors"))
+    save_file(
+        {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
+        str(b / "adapter_model.safetensors"),
+    )
     return overrides, a, b
 
 
@@ -98,8 +100,14 @@ def _rank(model, scorer="ila"):
     from ila.config import Stage2Config
     from ila.integration import rank_layers
 
-    return rank_layers(model, scorer=scorer, tokenizer=make_tokenizer(), dataset=_dataset(), device="cpu",
-                       stage2=Stage2Config(steps=4, batch_size=4, learning_rate=1.0))
+    return rank_layers(
+        model,
+        scorer=scorer,
+        tokenizer=make_tokenizer(),
+        dataset=_dataset(),
+        device="cpu",
+        stage2=Stage2Config(steps=4, batch_size=4, learning_rate=1.0),
+    )
 
 
 @pytest.mark.parametrize("scorer", ["ila", "taylor", "update-norm"])

@@ -15,24 +15,56 @@ def test_study_on_tiny_models(tmp_path, tiny_model_dir, tiny_data_file, capsys):
     other = tmp_path / "other.jsonl"
     with other.open("w") as f:
         for i in range(40):
-            f.write(json.dumps({"prompt": f"Count to {i % 7}.", "completion": " ".join(map(str, range(i % 7 + 1)))}) + "\n")
+            f.write(
+                json.dumps(
+                    {"prompt": f"Count to {i % 7}.", "completion": " ".join(map(str, range(i % 7 + 1)))}
+                )
+                + "\n"
+            )
     base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump({"model": {"device": "cpu"}, "data": {"max_length": 64, "heldout_fraction": 0.0},
-                                    "stage1": {"train": {"max_steps": 4, "batch_size": 4, "eval_heldout": False},
-                                               "stability_window": 2},
-                                    "stage2": {"steps": 3, "batch_size": 4}}))
+    base.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"device": "cpu"},
+                "data": {"max_length": 64, "heldout_fraction": 0.0},
+                "stage1": {
+                    "train": {"max_steps": 4, "batch_size": 4, "eval_heldout": False},
+                    "stability_window": 2,
+                },
+                "stage2": {"steps": 3, "batch_size": 4},
+            }
+        )
+    )
     study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump({
-        "base": str(base), "models": {str(tiny_model_dir): [], str(deeper): []},
-        "alignment": [str(tiny_data_file), str(other)], "reasoning": [], "seeds": [0, 1],
-        "seed_dataset": str(tiny_data_file), "milestones": [0.5, 1.0],
-        "cross_model_datasets": [str(tiny_data_file)], "fractions": [0.25, 0.5],
-        "scorers": ["update-norm", "snr"]}, sort_keys=False))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(base),
+                "models": {str(tiny_model_dir): [], str(deeper): []},
+                "alignment": [str(tiny_data_file), str(other)],
+                "reasoning": [],
+                "seeds": [0, 1],
+                "seed_dataset": str(tiny_data_file),
+                "milestones": [0.5, 1.0],
+                "cross_model_datasets": [str(tiny_data_file)],
+                "fractions": [0.25, 0.5],
+                "scorers": ["update-norm", "snr"],
+            },
+            sort_keys=False,
+        )
+    )
     out = tmp_path / "out"
     assert main(["study", "--config", str(study), "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    for group in ("alignment datasets", "seeds", "milestone 050% vs 100%", "vs deeper", "update-norm: seeds",
-                  "snr: alignment datasets", "ila vs update-norm on"):
+    for group in (
+        "alignment datasets",
+        "seeds",
+        "milestone 050% vs 100%",
+        "vs deeper",
+        "update-norm: seeds",
+        "snr: alignment datasets",
+        "ila vs update-norm on",
+    ):
         assert group in report
     # the paper's figure stands beside the comparisons it is about, and only those
     rows = [line for line in report.splitlines() if line.startswith("| ")]

@@ -1,4 +1,5 @@
-"""The one Trainer set-up: the output head restricted to response positions changes no loss and no gradient."""
+"""The one Trainer set-up: the output head restricted to response positions changes no loss and no
+gradient."""
 
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ def _batch():
     torch.manual_seed(1)
     ids = torch.randint(0, 256, (3, 20))
     labels = ids.clone()
-    labels[0, :12] = -100        # a prompt, then the response
+    labels[0, :12] = -100  # a prompt, then the response
     labels[1, :5] = -100
-    labels[1, 17:] = -100        # right padding
+    labels[1, 17:] = -100  # right padding
     labels[2, :8] = -100
-    labels[2, 11:14] = -100      # a second user turn inside the conversation
+    labels[2, 11:14] = -100  # a second user turn inside the conversation
     mask = torch.ones_like(ids)
     mask[1, 17:] = 0
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -54,7 +55,9 @@ def test_response_logits_give_the_same_loss_and_gradients(normalise):
     trimmed = model(**batch, **extra, **kwargs)
     trimmed.loss.backward()
     kept = int(kwargs["logits_to_keep"].sum())
-    assert trimmed.logits.shape[0] == kept < batch["input_ids"].numel()  # only response positions were projected
+    assert (
+        trimmed.logits.shape[0] == kept < batch["input_ids"].numel()
+    )  # only response positions were projected
     assert trimmed.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
     for name, p in model.named_parameters():
         if p.grad is not None:
@@ -69,8 +72,9 @@ def test_the_ila_trainer_uses_response_logits_only_where_the_model_can(tmp_path)
 
     model = _lora_model()
     rows = [{k: v[i].tolist() for k, v in _batch().items()} for i in range(3)]
-    plan = TrainingPlan(output_dir=tmp_path / "ck", metrics_path=tmp_path / "m.jsonl", max_steps=1, batch_size=3,
-                        device="cpu")
+    plan = TrainingPlan(
+        output_dir=tmp_path / "ck", metrics_path=tmp_path / "m.jsonl", max_steps=1, batch_size=3, device="cpu"
+    )
     trainer = make_trainer(model, plan, make_tokenizer(), Dataset.from_list(rows))
     assert trainer.response_logits_only
     model.train()
@@ -107,10 +111,17 @@ def test_every_stage_plans_its_training_from_one_translation_of_its_config(tmp_p
     from ila.config import Stage2Config, TrainConfig
     from ila.training import plan_for
 
-    plan = plan_for(TrainConfig(max_steps=40, save_steps=0, learning_rate=1e-3), tmp_path, seed=3, device="cpu")
+    plan = plan_for(
+        TrainConfig(max_steps=40, save_steps=0, learning_rate=1e-3), tmp_path, seed=3, device="cpu"
+    )
     assert plan.save_steps == 10 and plan.max_steps == 40 and plan.learning_rate == 1e-3 and plan.seed == 3
     assert plan.output_dir == tmp_path / "checkpoints" and plan.metrics_path == tmp_path / "metrics.jsonl"
     assert plan_for(TrainConfig(max_steps=40, save_steps=7), tmp_path, seed=0, device="cpu").save_steps == 7
     s2 = plan_for(Stage2Config(steps=8, learning_rate=0.1).as_train_config(), tmp_path, seed=0, device="cpu")
-    assert (s2.max_steps, s2.learning_rate, s2.lr_scheduler, s2.max_grad_norm, s2.warmup_ratio) == \
-        (8, 0.1, "constant", 0.0, 0.0)
+    assert (s2.max_steps, s2.learning_rate, s2.lr_scheduler, s2.max_grad_norm, s2.warmup_ratio) == (
+        8,
+        0.1,
+        "constant",
+        0.0,
+        0.0,
+    )

@@ -8,7 +8,7 @@ name; a *block* is one decoder layer; the *gate* of layer i is sigmoid(s_i), whe
 
 Python API (the command line only wraps these)::
 
-    from ila import load_config, run_all, stage1, stage2, stage3, Ranking, rank_layers, select, apply_selection
+    from ila import load_config, run_all, Ranking, rank_layers, select, apply_selection
     cfg = load_config("configs/tiny.yaml", ["stage2.steps=20"])
     run_all(cfg, "runs/example")
     ranking = Ranking.load("runs/example/stage2/ranking.json")
@@ -40,6 +40,23 @@ def __getattr__(name: str):  # the training stack is imported lazily so that `il
 
 
 __all__ = [
-    "__version__", "RunConfig", "load_config", "Ranking", "run_all", "stage1", "stage2", "stage3",
-    "prepare_run_dir", "rank_layers", "select", "apply_selection", "IlaCallback", "IlaError", "ConfigError", "DataError", "ModelError", "RankingError", "TrainingError",
+    "__version__",
+    "RunConfig",
+    "load_config",
+    "Ranking",
+    "run_all",
+    "stage1",
+    "stage2",
+    "stage3",
+    "prepare_run_dir",
+    "rank_layers",
+    "select",
+    "apply_selection",
+    "IlaCallback",
+    "IlaError",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "RankingError",
+    "TrainingError",
 ]

@@ -55,7 +55,7 @@ class AdapterMeta:
         return None if self.fraction is None else f"{self.fraction * 100:.0f}%"
 
     @classmethod
-    def read(cls, folder: Path) -> "AdapterMeta":
+    def read(cls, folder: Path) -> AdapterMeta:
         """The metadata of ``folder``; fields that older writers left out get their defaults, and ``layers``
         missing entirely is read from the PEFT config's target modules."""
         raw = read_json(Path(folder) / ADAPTER_META, "adapter metadata")
@@ -74,8 +74,10 @@ def _peft_target_layers(folder: Path) -> list[str]:
     config = folder / "adapter_config.json"
     targets = read_json(config, "PEFT adapter config").get("target_modules") if config.is_file() else None
     if not isinstance(targets, list) or not targets:
-        raise ModelError(f"{folder} does not say which layers its update is on ({ADAPTER_META} has no layers, and "
-                         "adapter_config.json no list of target_modules)")
+        raise ModelError(
+            f"{folder} does not say which layers its update is on ({ADAPTER_META} has no layers, and "
+            "adapter_config.json no list of target_modules)"
+        )
     return sorted(targets)
 
 
@@ -145,8 +147,8 @@ def load_full_updates(folder: Path, base_model: Any, layer_names: list[str]) -> 
 
 
 def load_result(model_cfg: Any, folder: Path) -> Any:
-    """The model that a result folder describes: the base model of ``model_cfg`` with a PEFT adapter, or a full
-    model folder (stage 3 with ``method: full``) loaded with the same dtype and device settings."""
+    """The model that a result folder describes: the base model of ``model_cfg`` with a PEFT adapter, or a
+    full model folder (stage 3 with ``method: full``) loaded with the same dtype and device settings."""
     from dataclasses import replace
 
     from .models import load_base_model, load_lora
@@ -160,7 +162,10 @@ def load_result(model_cfg: Any, folder: Path) -> Any:
 
 
 def lm_eval_source(base_source: str, folder: Path | None) -> tuple[str, str | None]:
-    """(``pretrained``, ``peft``) for lm-eval's HFLM: the base model and the adapter, or the full model folder."""
+    """(``pretrained``, ``peft``) for lm-eval's HFLM.
+
+    The base model and the adapter, or the full model folder.
+    """
     if folder is None:
         return base_source, None
     folder = Path(folder)
@@ -170,14 +175,16 @@ def lm_eval_source(base_source: str, folder: Path | None) -> tuple[str, str | No
 
 
 def frozen_adapter_model(model: Any, adapter_dir: Path) -> Any:
-    """The base model with a stage-1 LoRA adapter, every parameter frozen, LoRA dropout off: the gates (and the
-    other scorers) must see the update the adapter actually learned (ila-method.md, stage 2)."""
+    """The base model with a stage-1 LoRA adapter, every parameter frozen, LoRA dropout off: the gates (and
+    the other scorers) must see the update the adapter actually learned (ila-method.md, stage 2)."""
     import peft
 
     adapter_cfg = peft.PeftConfig.from_pretrained(str(adapter_dir))
     adapter_cfg.lora_dropout = 0.0
     adapter_cfg.inference_mode = True
-    peft_model = peft.PeftModel.from_pretrained(model, str(adapter_dir), config=adapter_cfg, is_trainable=False)
+    peft_model = peft.PeftModel.from_pretrained(
+        model, str(adapter_dir), config=adapter_cfg, is_trainable=False
+    )
     for p in peft_model.parameters():
         p.requires_grad_(False)
     return peft_model

@@ -28,8 +28,12 @@ def envelope(kind: str, schema_version: int = 1) -> dict[str, Any]:
     """The fields every JSON artefact starts with: what it is, its schema, which ila wrote it and when."""
     import datetime as _dt
 
-    return {"schema_version": schema_version, "kind": kind, "ila_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "schema_version": schema_version,
+        "kind": kind,
+        "ila_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def is_main_process() -> bool:
@@ -99,7 +103,9 @@ def read_json(path: str | Path, what: str = "file") -> Any:
     except UnicodeDecodeError:
         raise IlaError(f"{what} {path} is not UTF-8 text; is it the right file?") from None
     except json.JSONDecodeError as e:
-        raise IlaError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+        raise IlaError(
+            f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -40,8 +40,13 @@ def milestone_steps(fractions: list[float], planned_steps: int) -> dict[int, flo
 class MilestoneSaver(TrainerCallback):
     """Saves the stage-1 adapter at fixed fractions of the planned steps (default 25/50/75/100 %)."""
 
-    def __init__(self, folder: Path, fractions: list[float], planned_steps: int,
-                 meta: Callable[[int, float], AdapterMeta]):
+    def __init__(
+        self,
+        folder: Path,
+        fractions: list[float],
+        planned_steps: int,
+        meta: Callable[[int, float], AdapterMeta],
+    ):
         self.folder = folder
         self.steps = milestone_steps(fractions, planned_steps)
         self.meta = meta
@@ -57,9 +62,18 @@ class MilestoneSaver(TrainerCallback):
 class StabilityTracker(TrainerCallback):
     """Records the epsilon-stability figure r_t every ``window`` steps and can stop training once stable."""
 
-    def __init__(self, layer_names: list[str], window: int, epsilon: float, path: Path, stop_when_stable: bool,
-                 base_weights: dict[str, Any] | None = None, criterion: str = "update", fraction: float = 0.3,
-                 patience: int = 2):
+    def __init__(
+        self,
+        layer_names: list[str],
+        window: int,
+        epsilon: float,
+        path: Path,
+        stop_when_stable: bool,
+        base_weights: dict[str, Any] | None = None,
+        criterion: str = "update",
+        fraction: float = 0.3,
+        patience: int = 2,
+    ):
         self.layer_names = layer_names
         self.criterion = criterion
         self.fraction = fraction
@@ -95,22 +109,37 @@ class StabilityTracker(TrainerCallback):
                 r = relative_change_full(self.base_weights, self.previous, current)
             else:
                 r, _ = relative_change(self.previous, current)
-            overlap = len(top & self.previous_top) / len(top | self.previous_top) if self.previous_top else 0.0
+            overlap = (
+                len(top & self.previous_top) / len(top | self.previous_top) if self.previous_top else 0.0
+            )
             if self.criterion == "ranking":
                 self.calm_windows = self.calm_windows + 1 if overlap >= 1 - self.epsilon else 0
                 stable = self.calm_windows >= self.patience
             else:
                 stable = r <= self.epsilon
-            record = {"step": state.global_step, "window": self.window, "relative_change": r,
-                      "top_overlap": overlap, "criterion": self.criterion,
-                      "epsilon": self.epsilon, "stable": stable, "time": time.time()}
+            record = {
+                "step": state.global_step,
+                "window": self.window,
+                "relative_change": r,
+                "top_overlap": overlap,
+                "criterion": self.criterion,
+                "epsilon": self.epsilon,
+                "stable": stable,
+                "time": time.time(),
+            }
             self.history.append(record)
             if state.is_world_process_zero:
                 append_jsonl(self.path, record)
             if stable and self.stable_at is None:
                 self.stable_at = state.global_step
-                log.info("epsilon-stable at step %d (%s criterion: r=%.4f, top-%.0f%% overlap %.3f)", state.global_step,
-                         self.criterion, r, self.fraction * 100, overlap)
+                log.info(
+                    "epsilon-stable at step %d (%s criterion: r=%.4f, top-%.0f%% overlap %.3f)",
+                    state.global_step,
+                    self.criterion,
+                    r,
+                    self.fraction * 100,
+                    overlap,
+                )
                 # r is computed from replicated weights, so every process takes the same decision.
                 if self.stop_when_stable:
                     control.should_training_stop = True
@@ -132,13 +161,19 @@ class StabilityTracker(TrainerCallback):
             tensors = {name: w.contiguous() for name, w in self.previous.items()}
         if tensors:
             save_file(tensors, str(checkpoint / STABILITY_TENSORS))
-        write_json_atomic(checkpoint / STABILITY_STATE, {
-            "schema_version": 1, "kind": "ila.stability_state",
-            "previous": None if self.previous is None else ("lora" if scaling else "full"),
-            "scaling": scaling, "previous_top": sorted(self.previous_top or []),
-            "calm_windows": self.calm_windows, "stable_at": self.stable_at,
-            "history": [finite_or_null(r) for r in self.history],
-        })
+        write_json_atomic(
+            checkpoint / STABILITY_STATE,
+            {
+                "schema_version": 1,
+                "kind": "ila.stability_state",
+                "previous": None if self.previous is None else ("lora" if scaling else "full"),
+                "scaling": scaling,
+                "previous_top": sorted(self.previous_top or []),
+                "calm_windows": self.calm_windows,
+                "stable_at": self.stable_at,
+                "history": [finite_or_null(r) for r in self.history],
+            },
+        )
 
     def restore(self, checkpoint: Path, step: int) -> None:
         """Continue from the state saved in ``checkpoint`` (the step a resumed run starts after), so that the
@@ -147,8 +182,11 @@ class StabilityTracker(TrainerCallback):
 
         path = checkpoint / STABILITY_STATE
         if not path.is_file():
-            log.warning("%s holds no epsilon-stability state; stability is tracked afresh from step %d",
-                        checkpoint, step)
+            log.warning(
+                "%s holds no epsilon-stability state; stability is tracked afresh from step %d",
+                checkpoint,
+                step,
+            )
             return
         saved = read_json(path, "epsilon-stability state")
         self.history = [r for r in saved["history"] if r["step"] <= step]
@@ -156,8 +194,9 @@ class StabilityTracker(TrainerCallback):
         self.previous_top = set(saved["previous_top"]) if saved["previous"] is not None else None
         if saved["previous"] == "lora":
             tensors = load_file(str(checkpoint / STABILITY_TENSORS))
-            self.previous = LoraFactors({n: (scale, tensors[f"{n}.A"], tensors[f"{n}.B"])
-                                         for n, scale in saved["scaling"].items()})
+            self.previous = LoraFactors(
+                {n: (scale, tensors[f"{n}.A"], tensors[f"{n}.B"]) for n, scale in saved["scaling"].items()}
+            )
         elif saved["previous"] == "full":
             self.previous = load_file(str(checkpoint / STABILITY_TENSORS))
         truncate_jsonl(self.path, step)  # the records of the steps after the checkpoint come again
@@ -188,6 +227,13 @@ class ScoreTrajectory(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
         if state.global_step % self.every == 0 and state.is_world_process_zero:
             g = self.gates.gates().detach()
-            append_jsonl(self.path, {"step": state.global_step, "mean_gate": float(g.mean()),
-                                     "min_gate": float(g.min()), "max_gate": float(g.max()),
-                                     "scores": self.gates.as_dict()})
+            append_jsonl(
+                self.path,
+                {
+                    "step": state.global_step,
+                    "mean_gate": float(g.mean()),
+                    "min_gate": float(g.min()),
+                    "max_gate": float(g.max()),
+                    "scores": self.gates.as_dict(),
+                },
+            )

@@ -7,8 +7,9 @@ Benchmarks run through lm-evaluation-harness itself (``lm_eval.simple_evaluate``
 which loads the base model and a PEFT adapter). These machines cannot reach the Hub, so ila writes task
 definitions that point lm-eval at local data (:func:`write_offline_tasks`):
 
-- ``ila_mmlu_dev``: the MMLU dev questions of 57 subjects shipped inside the ``lm-eval`` package (281 of 282 parse)
-  (``tasks/mmlu/flan_cot_fewshot/_cot_prompts.json``), as four-way multiple choice scored by log-likelihood.
+- ``ila_mmlu_dev``: the MMLU dev questions of 57 subjects shipped inside the ``lm-eval`` package
+  (``tasks/mmlu/flan_cot_fewshot/_cot_prompts.json``; 281 of 282 parse), as four-way multiple choice scored
+  by log-likelihood.
 - ``ila_gsm8k_heldout``: the GSM8K problems of ila's held-out split (``data.split: test`` of the builtin,
   never trained on), generated greedily and scored by exact match of the final number.
 - ``ila_hhh``: BIG-bench ``hhh_alignment`` (helpful / honest / harmless / other choices). The ``bigbench``
@@ -46,7 +47,9 @@ OFFLINE_TASKS = ("ila_mmlu_dev", "ila_gsm8k_heldout", "ila_hhh")
 
 
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, tokenizer: Any, dataset: Any, *, batch_size: int = 4) -> dict[str, float]:
+def heldout_loss(
+    model: torch.nn.Module, tokenizer: Any, dataset: Any, *, batch_size: int = 4
+) -> dict[str, float]:
     """Token-weighted response-token loss and perplexity of ``model`` on ``dataset`` (rows with input_ids,
     attention_mask and labels, IGNORE_INDEX on prompt tokens)."""
     if dataset is None or len(dataset) == 0:
@@ -62,8 +65,12 @@ def heldout_loss(model: torch.nn.Module, tokenizer: Any, dataset: Any, *, batch_
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]  # position t predicts token t+1
         logits = logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
         total += float(loss)
         tokens += int((labels != IGNORE_INDEX).sum())
     model.train(was_training)
@@ -95,13 +102,19 @@ def _mmlu_dev_rows() -> list[dict[str, Any]]:
             opts_at = lines.rfind("\n(A)")
             if match is None or opts_at < 0:
                 continue
-            question, options_line = lines[:opts_at].strip(), lines[opts_at + 1:]
+            question, options_line = lines[:opts_at].strip(), lines[opts_at + 1 :]
             parts = option.split(options_line)[1:]  # [A, text, B, text, ...]
             choices = {parts[i]: parts[i + 1].strip() for i in range(0, len(parts) - 1, 2)}
             if sorted(choices) != ["A", "B", "C", "D"]:
                 continue
-            rows.append({"subject": subject, "question": question, "choices": [choices[c] for c in "ABCD"],
-                         "answer": "ABCD".index(match.group(1))})
+            rows.append(
+                {
+                    "subject": subject,
+                    "question": question,
+                    "choices": [choices[c] for c in "ABCD"],
+                    "answer": "ABCD".index(match.group(1)),
+                }
+            )
     return rows
 
 
@@ -127,8 +140,22 @@ def fetch_bigbench(cache: Path) -> Path:
     archives = list(archive_dir.glob("bigbench-*.tar.gz"))
     if not archives:
         log.info("downloading the bigbench source archive (358 MB, once) into %s", archive_dir)
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                               "bigbench==1.0.0", "-d", str(archive_dir)], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "bigbench==1.0.0",
+                "-d",
+                str(archive_dir),
+            ],
+            capture_output=True,
+            text=True,
+        )
         archives = list(archive_dir.glob("bigbench-*.tar.gz"))
         if done.returncode != 0 or not archives:
             raise IlaError(f"could not download bigbench==1.0.0 for hhh_alignment: {done.stderr[-500:]}")
@@ -164,25 +191,39 @@ metadata:
 
 
 def write_offline_tasks(folder: Path, tasks: Sequence[str], cache: Path) -> Path:
-    """Task YAMLs and JSONL data for the offline tasks in ``tasks``, under ``folder`` (lm-eval include path)."""
+    """Task YAMLs and JSONL data for the offline tasks in ``tasks``.
+
+    They go under ``folder`` (the lm-eval include path).
+    """
     folder.mkdir(parents=True, exist_ok=True)
 
     def dump(name: str, rows: list[dict[str, Any]], body: str) -> None:
         # Every offline task reads a local JSON-lines file; only the prompt, the answer and the metric differ.
         data = folder / f"{name}.jsonl"
         write_text_atomic(data, "".join(json.dumps(r) + "\n" for r in rows))
-        header = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {data}}}\n"
-                  "test_split: test\n")
+        header = (
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {data}}}\n"
+            "test_split: test\n"
+        )
         write_text_atomic(folder / f"{name}.yaml", header + body)
 
     if "ila_mmlu_dev" in tasks:
-        dump("ila_mmlu_dev", _mmlu_dev_rows(), """output_type: multiple_choice
-doc_to_text: "{{question}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\nD. {{choices[3]}}\\nAnswer:"
+        dump(
+            "ila_mmlu_dev",
+            _mmlu_dev_rows(),
+            """output_type: multiple_choice
+doc_to_text: "{{question}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\nD. {{choices[3]}}\
+\\nAnswer:"
 doc_to_choice: ["A", "B", "C", "D"]
 doc_to_target: answer
-""" + _ACCURACY)
+"""
+            + _ACCURACY,
+        )
     if "ila_gsm8k_heldout" in tasks:
-        dump("ila_gsm8k_heldout", _gsm8k_rows(), """output_type: generate_until
+        dump(
+            "ila_gsm8k_heldout",
+            _gsm8k_rows(),
+            """output_type: generate_until
 doc_to_text: "Question: {{question}}\\nAnswer:"
 doc_to_target: "{{target}}"
 generation_kwargs:
@@ -203,19 +244,33 @@ metric_list:
     regexes_to_ignore: [",", "\\\\.$", "\\\\.0+$"]
 metadata:
   version: 1.0
-""")
+""",
+        )
     if "ila_hhh" in tasks:
-        dump("ila_hhh", _hhh_rows(cache), """output_type: multiple_choice
+        dump(
+            "ila_hhh",
+            _hhh_rows(cache),
+            """output_type: multiple_choice
 doc_to_text: "{{input}}\\nAnswer:"
 doc_to_choice: "{{choices}}"
 doc_to_target: answer
-""" + _ACCURACY)
+"""
+            + _ACCURACY,
+        )
     return folder
 
 
-def lm_eval_scores(model_path: str, tasks: Sequence[str], *, adapter: str | Path | None = None, limit: int | None = None,
-                   batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
-                   cache: Path | None = None) -> dict[str, dict[str, float]]:
+def lm_eval_scores(
+    model_path: str,
+    tasks: Sequence[str],
+    *,
+    adapter: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str = "float32",
+    cache: Path | None = None,
+) -> dict[str, dict[str, float]]:
     """Accuracy of the base model (plus a PEFT adapter) on lm-eval tasks; offline ``ila_*`` tasks are written
     first. Returns ``{task: {metric: value}}`` (stderr entries dropped)."""
     try:
@@ -229,16 +284,27 @@ def lm_eval_scores(model_path: str, tasks: Sequence[str], *, adapter: str | Path
     cache = cache or cache_root()
     offline = [t for t in tasks if t in OFFLINE_TASKS]
     folder = write_offline_tasks(cache / "lm_eval_tasks", offline, cache) if offline else None
-    lm = HFLM(pretrained=model_path, peft=str(adapter) if adapter else None, batch_size=batch_size, device=device,
-              dtype=dtype, trust_remote_code=False)
+    lm = HFLM(
+        pretrained=model_path,
+        peft=str(adapter) if adapter else None,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=False,
+    )
     manager = TaskManager(include_path=str(folder)) if folder else TaskManager()
     out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
     scores: dict[str, dict[str, float]] = {}
     for task, metrics in out["results"].items():
-        scores[task] = {k.split(",")[0] + ("" if "," not in k else "/" + k.split(",")[1]): float(v)
-                        for k, v in metrics.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k
-                        and k != "sample_len" and math.isfinite(float(v))}
+        scores[task] = {
+            k.split(",")[0] + ("" if "," not in k else "/" + k.split(",")[1]): float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and "stderr" not in k
+            and k != "sample_len"
+            and math.isfinite(float(v))
+        }
     return scores
 
 
@@ -247,8 +313,14 @@ def lm_eval_scores(model_path: str, tasks: Sequence[str], *, adapter: str | Path
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer: Any, conversations: Sequence[list[dict[str, str]]], *,
-             max_new_tokens: int = 128, template: str = "auto") -> list[str]:
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    conversations: Sequence[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 128,
+    template: str = "auto",
+) -> list[str]:
     """Greedy answers to the last user turn of each conversation, formatted as in training."""
     from .data import render_prompt
 
@@ -259,15 +331,21 @@ def generate(model: torch.nn.Module, tokenizer: Any, conversations: Sequence[lis
     for conv in conversations:
         prompt = render_prompt(conv, tokenizer, template)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     model.train(was_training)
     return answers
 
 
-def write_generations(cfg: Any, adapters: dict[str, Any], n: int, path: Path, *,
-                      max_new_tokens: int = 128) -> dict[str, list[str]]:
+def write_generations(
+    cfg: Any, adapters: dict[str, Any], n: int, path: Path, *, max_new_tokens: int = 128
+) -> dict[str, list[str]]:
     """Greedy answers of the base model and of each adapter (``{label: folder}``) to the first turns of the
     first ``n`` MT-Bench questions, written side by side as Markdown so that a person can read them."""
     from .adapters import load_result
@@ -279,8 +357,9 @@ def write_generations(cfg: Any, adapters: dict[str, Any], n: int, path: Path, *,
     answers: dict[str, list[str]] = {}
     for label, folder in [("base", None), *adapters.items()]:
         model = load_base_model(cfg.model) if folder is None else load_result(cfg.model, Path(folder))
-        answers[label] = generate(model, tokenizer, questions, max_new_tokens=max_new_tokens,
-                                  template=cfg.data.template)
+        answers[label] = generate(
+            model, tokenizer, questions, max_new_tokens=max_new_tokens, template=cfg.data.template
+        )
     md = ["# Generations (MT-Bench, first turns, greedy)", ""]
     for i, q in enumerate(questions):
         md += [f"## {i + 1}. {q[0]['content']}", ""]
@@ -293,8 +372,15 @@ def write_generations(cfg: Any, adapters: dict[str, Any], n: int, path: Path, *,
 # a run's results
 
 
-def evaluate_run(cfg: Any, run_dir: str | Path, results: dict[str, str | Path] | None = None, *,
-                 tasks: Sequence[str] = (), limit: int | None = None, generate: int = 0) -> dict[str, Any]:
+def evaluate_run(
+    cfg: Any,
+    run_dir: str | Path,
+    results: dict[str, str | Path] | None = None,
+    *,
+    tasks: Sequence[str] = (),
+    limit: int | None = None,
+    generate: int = 0,
+) -> dict[str, Any]:
     """Held-out loss (and lm-eval scores, generations) of the base model and of each result folder.
 
     ``results`` maps labels to adapter or model folders; by default the run's stage-3 result (adapter or
@@ -324,7 +410,9 @@ def evaluate_run(cfg: Any, run_dir: str | Path, results: dict[str, str | Path] |
         if heldout is not None:
             entry["heldout"] = heldout_loss(model, tokenizer, heldout)
         if tasks:
-            pretrained, peft = lm_eval_source(resolve_model_source(cfg.model), None if path is None else Path(path))
+            pretrained, peft = lm_eval_source(
+                resolve_model_source(cfg.model), None if path is None else Path(path)
+            )
             entry["benchmarks"] = lm_eval_scores(pretrained, tasks, adapter=peft, limit=limit, device="cpu")
         out[label] = entry
     path = write_json_atomic(rd.eval / "evaluation.json", {**envelope("ila.evaluation"), "results": out})

@@ -27,7 +27,9 @@ from .layers import PEFT_PREFIX, lora_adapter_name
 class LayerGates(nn.Module):
     """The N scores s, keyed by layer name; ``gates()`` is sigmoid(s)."""
 
-    def __init__(self, layer_names: Sequence[str], *, init_mean: float = 0.0, init_std: float = 0.01, seed: int = 0):
+    def __init__(
+        self, layer_names: Sequence[str], *, init_mean: float = 0.0, init_std: float = 0.01, seed: int = 0
+    ):
         super().__init__()
         if len(set(layer_names)) != len(layer_names):
             raise ValueError("layer names must be unique")
@@ -64,7 +66,9 @@ class LayerGates(nn.Module):
         return torch.clamp(self.gates().mean() - budget_fraction, min=0.0)
 
     def as_dict(self) -> dict[str, float]:
-        return {n: float(s) for n, s in zip(self.layer_names, self.scores.detach().cpu().tolist())}
+        return {
+            n: float(s) for n, s in zip(self.layer_names, self.scores.detach().cpu().tolist(), strict=True)
+        }
 
 
 class ScoreSGD(torch.optim.Optimizer):
@@ -75,9 +79,9 @@ class ScoreSGD(torch.optim.Optimizer):
     and a tiny model's to |s| = 48 in 5, where the gates saturate, sigmoid' vanishes and the first batches
     freeze the ranking. Dividing by one constant G = max_i |g_1,i| makes ``lr`` the largest score move of the
     first step on every model, and keeps what plain SGD has and Adam lacks: each score still moves by its own
-    cumulative gradient (one constant for every layer, so their order is plain SGD's), and a zero update gets a
-    zero gradient and stays where it started. G lives in the optimiser state, so a resumed run uses the same G.
-    With ``normalise=False`` this is plain SGD.
+    cumulative gradient (one constant for every layer, so their order is plain SGD's), and a zero update gets
+    a zero gradient and stays where it started. G lives in the optimiser state, so a resumed run uses the same
+    G. With ``normalise=False`` this is plain SGD.
     """
 
     def __init__(self, params, lr: float, normalise: bool = True):  # noqa: ANN001
@@ -106,7 +110,9 @@ class ScoreSGD(torch.optim.Optimizer):
 class GateHooks:
     """The forward hooks that apply the gates; ``remove()`` restores the plain peft model."""
 
-    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle], buffers: list[nn.Module] | None = None):
+    def __init__(
+        self, handles: list[torch.utils.hooks.RemovableHandle], buffers: list[nn.Module] | None = None
+    ):
         self.handles = handles
         self.buffers = buffers or []
 
@@ -158,8 +164,8 @@ def attach_gates(peft_model: nn.Module, gates: LayerGates, adapter_name: str | N
 
 
 def attach_update_gates(model: nn.Module, gates: LayerGates, deltas: dict[str, torch.Tensor]) -> GateHooks:
-    """Gate full-weight updates: layer i computes ``W_0 x + b_0 + sigmoid(s_i) * (Delta_i x + delta_b_i)`` with
-    Delta_i = W_T - W_0 under the layer's name in ``deltas`` and the bias update b_T - b_0 under
+    """Gate full-weight updates: layer i computes ``W_0 x + b_0 + sigmoid(s_i) * (Delta_i x + delta_b_i)``
+    with Delta_i = W_T - W_0 under the layer's name in ``deltas`` and the bias update b_T - b_0 under
     :func:`ila.stability.bias_key` (the full fine-tuning form of ILA, which trains biases too); ``model``
     holds W_0. A gate of 0 gives the base model exactly, a gate of 1 the fine-tuned model up to float
     rounding of the split product."""
@@ -177,15 +183,22 @@ def attach_update_gates(model: nn.Module, gates: LayerGates, deltas: dict[str, t
             raise ModelError(f"no full-weight update for layer {name}")
         delta = deltas[name].to(device=module.weight.device, dtype=module.weight.dtype)
         if tuple(delta.shape) != tuple(module.weight.shape):
-            raise ModelError(f"{name}: update of shape {tuple(delta.shape)} for a weight of {tuple(module.weight.shape)}")
+            raise ModelError(
+                f"{name}: update of shape {tuple(delta.shape)} for a weight of {tuple(module.weight.shape)}"
+            )
         module.register_buffer("ila_delta", delta, persistent=False)
         bias_delta = deltas.get(bias_key(name))
         if bias_delta is not None:
-            module.register_buffer("ila_delta_bias", bias_delta.to(device=module.weight.device,
-                                                                   dtype=module.weight.dtype), persistent=False)
+            module.register_buffer(
+                "ila_delta_bias",
+                bias_delta.to(device=module.weight.device, dtype=module.weight.dtype),
+                persistent=False,
+            )
         transposed = type(module).__name__ == "Conv1D"  # GPT-2 stores (d_in, d_out)
 
-        def hook(mod: nn.Module, inp: tuple, out: torch.Tensor, i: int = i, transposed: bool = transposed) -> torch.Tensor:
+        def hook(
+            mod: nn.Module, inp: tuple, out: torch.Tensor, i: int = i, transposed: bool = transposed
+        ) -> torch.Tensor:
             x = inp[0]
             update = x @ mod.ila_delta if transposed else nn.functional.linear(x, mod.ila_delta)
             if getattr(mod, "ila_delta_bias", None) is not None:

@@ -1,6 +1,6 @@
 """ila inside someone else's code: score an in-memory model (:func:`rank_layers`), or let a Trainer of one's
-own save milestones and rank the layers when it ends (:class:`IlaCallback`, for transformers' Trainer and trl's
-SFTTrainer). Both go through the same scorers as stage 2 (:func:`ila.scoring.score`)."""
+own save milestones and rank the layers when it ends (:class:`IlaCallback`, for transformers' Trainer and
+trl's SFTTrainer). Both go through the same scorers as stage 2 (:func:`ila.scoring.score`)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,18 @@ def lora_layers(model: nn.Module) -> list[Layer]:
     return [layer for layer in layers if layer.block is not None]
 
 
-def rank_layers(model: nn.Module, *, scorer: str = "ila", tokenizer: Any = None, dataset: Any = None,
-                stage2: Any = None, seed: int = 0, device: str = "auto", output_dir: str | Path | None = None,
-                model_name: str | None = None) -> "Ranking":
+def rank_layers(
+    model: nn.Module,
+    *,
+    scorer: str = "ila",
+    tokenizer: Any = None,
+    dataset: Any = None,
+    stage2: Any = None,
+    seed: int = 0,
+    device: str = "auto",
+    output_dir: str | Path | None = None,
+    model_name: str | None = None,
+) -> Ranking:
     """Score the layers of an in-memory model and return the :class:`~ila.ranking.Ranking`.
 
     ``model`` is a peft LoRA model (stage 1 already trained) for ``ila``, ``taylor`` and ``update-norm``,
@@ -48,15 +57,32 @@ def rank_layers(model: nn.Module, *, scorer: str = "ila", tokenizer: Any = None,
     entry = scorer_of(scorer)
     s2 = stage2 or Stage2Config()
     layers = lora_layers(model)
-    if entry.needs_adapter and not hasattr(dict(model.named_modules()).get(PEFT_PREFIX + layers[0].name), "lora_A"):
+    if entry.needs_adapter and not hasattr(
+        dict(model.named_modules()).get(PEFT_PREFIX + layers[0].name), "lora_A"
+    ):
         raise IlaError(f"the {scorer} scorer needs a model with a trained LoRA adapter on its layers")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(output_dir) if output_dir is not None else Path(tmp)
-        scores, meta = score(scorer, model, layers, s2=s2, seed=seed, tokenizer=tokenizer, dataset=dataset,
-                             device=device, folder=folder)
+        scores, meta = score(
+            scorer,
+            model,
+            layers,
+            s2=s2,
+            seed=seed,
+            tokenizer=tokenizer,
+            dataset=dataset,
+            device=device,
+            folder=folder,
+        )
     include_head = any(layer.block is None for layer in layers)
-    return Ranking(scores=scores, layers=layers, base_model=_identity(model, model_name),
-                   include_lm_head=include_head, scorer=scorer, meta=meta)
+    return Ranking(
+        scores=scores,
+        layers=layers,
+        base_model=_identity(model, model_name),
+        include_lm_head=include_head,
+        scorer=scorer,
+        meta=meta,
+    )
 
 
 class IlaCallback(TrainerCallback):
@@ -74,8 +100,16 @@ class IlaCallback(TrainerCallback):
     Only the main process writes files.
     """
 
-    def __init__(self, output_dir: str | Path, *, milestones: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
-                 scorer: str = "ila", stage2: Any = None, dataset: Any = None, seed: int = 0):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        milestones: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
+        scorer: str = "ila",
+        stage2: Any = None,
+        dataset: Any = None,
+        seed: int = 0,
+    ):
         self.output_dir = Path(output_dir)
         self.fractions = list(milestones)
         self.scorer = scorer
@@ -92,20 +126,43 @@ class IlaCallback(TrainerCallback):
         fraction = self.steps.get(state.global_step)
         if fraction is not None and state.is_world_process_zero:
             layers = lora_layers(model)
-            save_adapter(model, self.output_dir / "milestones" / milestone_name(fraction), AdapterMeta(
-                kind="ila.stage1_adapter", layers=[layer.name for layer in layers],
-                include_lm_head=any(layer.block is None for layer in layers), step=state.global_step,
-                planned_steps=state.max_steps, fraction=fraction, base_model=_identity(model),
-            ))
+            save_adapter(
+                model,
+                self.output_dir / "milestones" / milestone_name(fraction),
+                AdapterMeta(
+                    kind="ila.stage1_adapter",
+                    layers=[layer.name for layer in layers],
+                    include_lm_head=any(layer.block is None for layer in layers),
+                    step=state.global_step,
+                    planned_steps=state.max_steps,
+                    fraction=fraction,
+                    base_model=_identity(model),
+                ),
+            )
 
-    def on_train_end(self, args, state, control, model=None, processing_class=None, train_dataloader=None,  # noqa: ANN001
-                     **kwargs):
+    def on_train_end(
+        self,
+        args,
+        state,
+        control,
+        model=None,
+        processing_class=None,
+        train_dataloader=None,  # noqa: ANN001
+        **kwargs,
+    ):
         dataset = self.dataset
         if dataset is None and self.scorer in NEEDS_DATA and train_dataloader is not None:
             dataset = labelled_rows(train_dataloader.dataset)
-        ranking = rank_layers(model, scorer=self.scorer, tokenizer=processing_class, dataset=dataset,
-                              stage2=self.stage2, seed=self.seed,
-                              device="cpu" if args.use_cpu else "auto", output_dir=self.output_dir / "scoring")
+        ranking = rank_layers(
+            model,
+            scorer=self.scorer,
+            tokenizer=processing_class,
+            dataset=dataset,
+            stage2=self.stage2,
+            seed=self.seed,
+            device="cpu" if args.use_cpu else "auto",
+            output_dir=self.output_dir / "scoring",
+        )
         ranking.milestone = f"step {state.global_step}"
         self.ranking = ranking
         if state.is_world_process_zero:
@@ -118,15 +175,22 @@ def labelled_rows(dataset: Any) -> Any:
     trl marks the trained tokens with ``completion_mask`` or ``assistant_masks``; without either, every
     token counts, as in trl's default.
     """
+
     def convert(row: dict[str, Any]) -> dict[str, Any]:
         ids = list(row["input_ids"])
         if "labels" in row and row["labels"] is not None:
             labels = list(row["labels"])
         else:
             mask = row.get("completion_mask") or row.get("assistant_masks")
-            labels = [t if (mask is None or m) else IGNORE_INDEX for t, m in zip(ids, mask or [1] * len(ids))]
-        return {"input_ids": ids, "attention_mask": list(row.get("attention_mask") or [1] * len(ids)),
-                "labels": labels}
+            labels = [
+                t if (mask is None or m) else IGNORE_INDEX
+                for t, m in zip(ids, mask or [1] * len(ids), strict=True)
+            ]
+        return {
+            "input_ids": ids,
+            "attention_mask": list(row.get("attention_mask") or [1] * len(ids)),
+            "labels": labels,
+        }
 
     keep = [c for c in dataset.column_names]
     return dataset.map(convert, remove_columns=keep)
@@ -134,4 +198,6 @@ def labelled_rows(dataset: Any) -> Any:
 
 def _identity(model: nn.Module, name: str | None = None) -> dict[str, object]:
     inner = unwrap(model)
-    return model_identity(inner, name or getattr(getattr(inner, "config", None), "name_or_path", None) or "model")
+    return model_identity(
+        inner, name or getattr(getattr(inner, "config", None), "name_or_path", None) or "model"
+    )

@@ -47,29 +47,37 @@ def lora_adapter_name(model: nn.Module, layer_names: list[str]) -> str:
     modules = dict(model.named_modules())
     missing = [n for n in layer_names if not hasattr(modules.get(PEFT_PREFIX + n), "lora_A")]
     if missing:
-        raise ModelError(f"{len(missing)} of {len(layer_names)} layers carry no LoRA adapter, e.g. {missing[0]}; "
-                         "the adapter does not match the layers being scored")
+        raise ModelError(
+            f"{len(missing)} of {len(layer_names)} layers carry no LoRA adapter, e.g. {missing[0]}; "
+            "the adapter does not match the layers being scored"
+        )
     names: set[str] = set()
     for layer in layer_names:
         module = modules[PEFT_PREFIX + layer]
         active = [a for a in _as_list(getattr(module, "active_adapters", [])) if a in module.lora_A]
         if getattr(module, "merged", False):
             raise ModelError(
-                f"the LoRA adapter on {layer} is merged into the base weights, so its update cannot be gated; "
+                f"the LoRA adapter on {layer} is merged into the base weights, "
+                "so its update cannot be gated; "
                 "call model.unmerge_adapter() (or load the adapter unmerged) before scoring"
             )
         if getattr(module, "disable_adapters", False) or not active:
-            raise ModelError(f"no LoRA adapter is active on {layer}; activate the one to score with "
-                             "model.set_adapter(name)")
+            raise ModelError(
+                f"no LoRA adapter is active on {layer}; activate the one to score with "
+                "model.set_adapter(name)"
+            )
         if len(active) > 1:
             raise ModelError(
-                f"{len(active)} LoRA adapters are active on {layer} ({', '.join(active)}); ILA scores one update "
-                "per layer: activate exactly one with model.set_adapter(name), or merge them into one adapter first"
+                f"{len(active)} LoRA adapters are active on {layer} ({', '.join(active)}); "
+                "ILA scores one update per layer: activate exactly one with model.set_adapter(name), "
+                "or merge them into one adapter first"
             )
         names.add(active[0])
     if len(names) > 1:
-        raise ModelError(f"the layers carry different active LoRA adapters ({', '.join(sorted(names))}); "
-                         "activate one adapter on every layer")
+        raise ModelError(
+            f"the layers carry different active LoRA adapters ({', '.join(sorted(names))}); "
+            "activate one adapter on every layer"
+        )
     if not names:
         raise ModelError("no layer to score")
     return names.pop()
@@ -132,9 +140,13 @@ def adaptable_layers(
         if ".lora_" in name or ".base_layer." in name:
             continue
         name = name.removesuffix(".base_layer")
-        index_str, _, inner = name[len(prefix):].partition(".")
+        index_str, _, inner = name[len(prefix) :].partition(".")
         module_type = inner
-        if module_types is not None and module_type not in module_types and module_type.rsplit(".", 1)[-1] not in module_types:
+        if (
+            module_types is not None
+            and module_type not in module_types
+            and module_type.rsplit(".", 1)[-1] not in module_types
+        ):
             continue
         layers.append(Layer(name, f"{blocks_name}.{index_str}", int(index_str), module_type))
     if include_lm_head:

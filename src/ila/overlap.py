@@ -105,14 +105,17 @@ def type_key_depth(rankings: Sequence[Ranking]) -> int:
     return depth
 
 
-def depth_keys(rankings: Sequence[Ranking], *, level: Level = "layer", buckets: int | None = None
-               ) -> tuple[list[Keyed], dict[str, Any]]:
+def depth_keys(
+    rankings: Sequence[Ranking], *, level: Level = "layer", buckets: int | None = None
+) -> tuple[list[Keyed], dict[str, Any]]:
     """Map rankings of possibly different models onto common (depth bucket, module type) keys (see the module
     docstring). Returns each ranking's keyed scores over the keys all of them hold, and a description of the
     mapping. Raises :class:`RankingError` when the rankings share no module type."""
     depth = type_key_depth(rankings)
-    type_sets = [{_type_suffix(layer.module_type, depth) for layer in r.layers if layer.block is not None}
-                 for r in rankings]
+    type_sets = [
+        {_type_suffix(layer.module_type, depth) for layer in r.layers if layer.block is not None}
+        for r in rankings
+    ]
     common_types = set.intersection(*type_sets) if type_sets else set()
     if not common_types:
         raise RankingError(
@@ -140,16 +143,25 @@ def depth_keys(rankings: Sequence[Ranking], *, level: Level = "layer", buckets: 
                 b = depth_bucket(int(layer.block_index), blocks, n_buckets)
                 key = f"depth{b}/{n_buckets}" if level == "block" else f"depth{b}/{n_buckets}.{t}"
             groups.setdefault(key, []).append(float(r.scores[layer.name]))
-        keyed.append(Keyed({k: sum(v) / len(v) for k, v in groups.items()}, list(groups),
-                           sum(len(v) for v in groups.values())))
+        keyed.append(
+            Keyed(
+                {k: sum(v) / len(v) for k, v in groups.items()},
+                list(groups),
+                sum(len(v) for v in groups.values()),
+            )
+        )
     common = set.intersection(*(set(k.scores) for k in keyed))
     if not common:
         raise RankingError("the rankings have no depth bucket and module type in common")
     for k in keyed:
         k.scores = {key: s for key, s in k.scores.items() if key in common}
         k.order_hint = [key for key in k.order_hint if key in common]
-    info = {"buckets": n_buckets, "type_key": "last component" if depth == 1 else f"last {depth} components",
-            "module_types": sorted(common_types), "lm_head": with_head}
+    info = {
+        "buckets": n_buckets,
+        "type_key": "last component" if depth == 1 else f"last {depth} components",
+        "module_types": sorted(common_types),
+        "lm_head": with_head,
+    }
     return keyed, info
 
 
@@ -174,8 +186,11 @@ def name_keys(rankings: Sequence[Ranking], *, level: Level = "layer") -> tuple[l
         if len(common) < len(k.scores):
             k.scores = {key: s for key, s in k.scores.items() if key in common}
             k.order_hint = [key for key in k.order_hint if key in common]
-            k.num_layers = sum(1 for layer in r.layers if (layer.name if level == "layer"
-                                                           else layer.block or layer.module_type) in common)
+            k.num_layers = sum(
+                1
+                for layer in r.layers
+                if (layer.name if level == "layer" else layer.block or layer.module_type) in common
+            )
     return keyed, {}
 
 
@@ -184,8 +199,13 @@ def _same_layer_sets(rankings: Sequence[Ranking]) -> bool:
     return all({layer.name for layer in r.layers} == first for r in rankings[1:])
 
 
-def map_rankings(rankings: Sequence[Ranking], *, level: Level = "layer", mapping: MappingMode = "auto",
-                 buckets: int | None = None) -> tuple[str, list[Keyed], dict[str, Any]]:
+def map_rankings(
+    rankings: Sequence[Ranking],
+    *,
+    level: Level = "layer",
+    mapping: MappingMode = "auto",
+    buckets: int | None = None,
+) -> tuple[str, list[Keyed], dict[str, Any]]:
     """(mapping used, keyed scores, mapping description). ``auto`` is ``name`` when every ranking has the same
     layer names, else ``depth``."""
     if level not in ("layer", "block"):
@@ -209,13 +229,27 @@ def _overlap(ka: Keyed, kb: Keyed, fraction: float) -> dict[str, Any]:
     n = len(ka.scores)
     k = top_count(fraction, n)
     ta, tb = set(ka.top(k)), set(kb.top(k))
-    return {"fraction": fraction, "k": k, "n": n, "intersection": len(ta & tb), "jaccard": jaccard(ta, tb),
-            "expected_random": expected_random_jaccard(n, k, k), "p_value": permutation_p_value(ta, tb, n)}
+    return {
+        "fraction": fraction,
+        "k": k,
+        "n": n,
+        "intersection": len(ta & tb),
+        "jaccard": jaccard(ta, tb),
+        "expected_random": expected_random_jaccard(n, k, k),
+        "p_value": permutation_p_value(ta, tb, n),
+    }
 
 
-def compare_pair(r1: Ranking, r2: Ranking, fractions: Iterable[float] = DEFAULT_FRACTIONS, *,
-                 level: Level = "layer", mapping: MappingMode = "auto", buckets: int | None = None,
-                 curve_fractions: Iterable[float] | None = CURVE_FRACTIONS) -> dict[str, Any]:
+def compare_pair(
+    r1: Ranking,
+    r2: Ranking,
+    fractions: Iterable[float] = DEFAULT_FRACTIONS,
+    *,
+    level: Level = "layer",
+    mapping: MappingMode = "auto",
+    buckets: int | None = None,
+    curve_fractions: Iterable[float] | None = CURVE_FRACTIONS,
+) -> dict[str, Any]:
     """Overlap of the top-k at each fraction, Spearman and Kendall of the full scores, for two rankings."""
     fr = check_fractions(fractions)
     used, (ka, kb), info = map_rankings([r1, r2], level=level, mapping=mapping, buckets=buckets)
@@ -229,19 +263,29 @@ def compare_pair(r1: Ranking, r2: Ranking, fractions: Iterable[float] = DEFAULT_
         "fractions": [_overlap(ka, kb, f) for f in fr],
     }
     if curve_fractions is not None:
-        out["curve"] = [[o["fraction"], o["jaccard"], o["expected_random"]]
-                        for o in (_overlap(ka, kb, f) for f in check_fractions(curve_fractions))]
+        out["curve"] = [
+            [o["fraction"], o["jaccard"], o["expected_random"]]
+            for o in (_overlap(ka, kb, f) for f in check_fractions(curve_fractions))
+        ]
     return out
 
 
-def overlap_curve(r1: Ranking, r2: Ranking, fractions: Iterable[float] = CURVE_FRACTIONS, *,
-                  level: Level = "layer", mapping: MappingMode = "auto", buckets: int | None = None
-                  ) -> list[tuple[float, float, float]]:
+def overlap_curve(
+    r1: Ranking,
+    r2: Ranking,
+    fractions: Iterable[float] = CURVE_FRACTIONS,
+    *,
+    level: Level = "layer",
+    mapping: MappingMode = "auto",
+    buckets: int | None = None,
+) -> list[tuple[float, float, float]]:
     """``[(fraction, jaccard of the top fraction, expected jaccard of random sets)]``, for a plot of
     overlap against fraction."""
     used, (ka, kb), _ = map_rankings([r1, r2], level=level, mapping=mapping, buckets=buckets)
-    return [(o["fraction"], o["jaccard"], o["expected_random"])
-            for o in (_overlap(ka, kb, f) for f in check_fractions(fractions))]
+    return [
+        (o["fraction"], o["jaccard"], o["expected_random"])
+        for o in (_overlap(ka, kb, f) for f in check_fractions(fractions))
+    ]
 
 
 def describe(ranking: Ranking, label: str) -> dict[str, Any]:
@@ -269,10 +313,16 @@ def _labels(rankings: Sequence[Ranking], labels: Sequence[str] | None) -> list[s
     return labels
 
 
-def compare_rankings(rankings: Sequence[Ranking], labels: Sequence[str] | None = None,
-                     fractions: Iterable[float] = DEFAULT_FRACTIONS, *, level: Level = "layer",
-                     mapping: MappingMode = "auto", buckets: int | None = None,
-                     curve_fractions: Iterable[float] | None = CURVE_FRACTIONS) -> dict[str, Any]:
+def compare_rankings(
+    rankings: Sequence[Ranking],
+    labels: Sequence[str] | None = None,
+    fractions: Iterable[float] = DEFAULT_FRACTIONS,
+    *,
+    level: Level = "layer",
+    mapping: MappingMode = "auto",
+    buckets: int | None = None,
+    curve_fractions: Iterable[float] | None = CURVE_FRACTIONS,
+) -> dict[str, Any]:
     """Every pair of rankings at every fraction: Jaccard of the top-k, its random expectation and p-value,
     plus Spearman and Kendall of the full scores. JSON-ready (strict: undefined values are None).
 
@@ -290,8 +340,15 @@ def compare_rankings(rankings: Sequence[Ranking], labels: Sequence[str] | None =
     pairs = []
     for i in range(len(rankings)):
         for j in range(i + 1, len(rankings)):
-            pair = compare_pair(rankings[i], rankings[j], fr, level=level, mapping=mapping, buckets=buckets,
-                                curve_fractions=curve_fractions)
+            pair = compare_pair(
+                rankings[i],
+                rankings[j],
+                fr,
+                level=level,
+                mapping=mapping,
+                buckets=buckets,
+                curve_fractions=curve_fractions,
+            )
             pairs.append({"a": labels[i], "b": labels[j], **pair})
     result: dict[str, Any] = {
         **envelope(KIND, SCHEMA_VERSION),
@@ -330,18 +387,24 @@ def _p(p: float) -> str:
 def render_markdown(result: Mapping[str, Any]) -> str:
     """The comparison as Markdown: the rankings, then one row per pair with, per fraction, the Jaccard of the
     top sets, (the random expectation) and the p-value, then Spearman and Kendall."""
-    lines = [f"# Ranking comparison ({result['level']} level)", "",
-             "| label | model | scorer | milestone | layers | blocks |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Ranking comparison ({result['level']} level)",
+        "",
+        "| label | model | scorer | milestone | layers | blocks |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["rankings"]:
-        lines.append(f"| {r['label']} | {r['base_model'].get('name')} | {r['scorer']} "
-                     f"| {r['milestone'] or '-'} "
-                     f"| {r['num_layers']} | {r['num_blocks']} |")
+        lines.append(
+            f"| {r['label']} | {r['base_model'].get('name')} | {r['scorer']} "
+            f"| {r['milestone'] or '-'} "
+            f"| {r['num_layers']} | {r['num_blocks']} |"
+        )
     if not result["pairs"]:
         return "\n".join(lines) + "\n"
     fr = result["fractions"]
-    head = (["pair", "mapping", "n"] + [f"top {f * 100:g} %: J (random), p" for f in fr]
-            + ["Spearman", "Kendall"])
+    head = (
+        ["pair", "mapping", "n"] + [f"top {f * 100:g} %: J (random), p" for f in fr] + ["Spearman", "Kendall"]
+    )
     lines += ["", "| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for p in result["pairs"]:
         by_f = {o["fraction"]: o for o in p["fractions"]}
@@ -351,17 +414,22 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             cells.append(f"{o['jaccard']:.3f} ({o['expected_random']:.3f}), p {_p(o['p_value'])}")
         cells += [_num(p["spearman"]), _num(p["kendall_tau"])]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "J: Jaccard index of the two top-k sets (k = round(fraction x n), n compared "
-              f"{'blocks' if result['level'] == 'block' else 'layers'} or depth keys); "
-              "random: its expectation "
-              "for random sets of the same size; p: chance of a random pair overlapping at least as much "
-              "(hypergeometric tail). Spearman / Kendall tau-b: of the full scores."]
+    lines += [
+        "",
+        "J: Jaccard index of the two top-k sets (k = round(fraction x n), n compared "
+        f"{'blocks' if result['level'] == 'block' else 'layers'} or depth keys); "
+        "random: its expectation "
+        "for random sets of the same size; p: chance of a random pair overlapping at least as much "
+        "(hypergeometric tail). Spearman / Kendall tau-b: of the full scores.",
+    ]
     depth_pairs = [p for p in result["pairs"] if p["mapping"] == "depth"]
     if depth_pairs:
         p = depth_pairs[0]
-        lines.append(f"Depth mapping (pairs marked depth): layers matched by relative depth ({p['buckets']} "
-                     f"buckets) and module type ({p['type_key']} of the name); module types compared: "
-                     f"{', '.join(p['module_types'])}; a key's score is the mean of its layers'.")
+        lines.append(
+            f"Depth mapping (pairs marked depth): layers matched by relative depth ({p['buckets']} "
+            f"buckets) and module type ({p['type_key']} of the name); module types compared: "
+            f"{', '.join(p['module_types'])}; a key's score is the mean of its layers'."
+        )
     if result.get("consensus"):
         lines += ["", "In the top fraction of every ranking:", ""]
         for f, keys in result["consensus"].items():
@@ -388,8 +456,9 @@ class WrittenComparison:
 def path_labels(paths: Sequence[str | Path]) -> list[str]:
     """The part of each path that differs from the others (runs/a/stage2/ranking.json, runs/b/... -> a, b)."""
     paths = [str(p) for p in paths]
-    parts = [list(Path(p).with_suffix("").parts) if p.endswith(".json") else list(Path(p).parts)
-             for p in paths]
+    parts = [
+        list(Path(p).with_suffix("").parts) if p.endswith(".json") else list(Path(p).parts) for p in paths
+    ]
     shortest = min(len(x) for x in parts)
     pre = 0
     while pre < shortest - 1 and all(x[pre] == parts[0][pre] for x in parts):
@@ -397,7 +466,7 @@ def path_labels(paths: Sequence[str | Path]) -> list[str]:
     suf = 0
     while suf < shortest - pre - 1 and all(x[-1 - suf] == parts[0][-1 - suf] for x in parts):
         suf += 1
-    labels = ["/".join(x[pre:len(x) - suf]) for x in parts]
+    labels = ["/".join(x[pre : len(x) - suf]) for x in parts]
     if len(set(labels)) < len(labels) or not all(labels):
         labels = [f"{i + 1}:{Path(p).stem}" for i, p in enumerate(paths)]
     return labels
@@ -424,14 +493,25 @@ def _stale_figures(out: Path, files: Sequence[str]) -> list[str]:
         return []
     if not isinstance(previous, dict) or previous.get("kind") != KIND:
         return []  # not a comparison: its files are not ours to remove
-    return [f for f in previous.get("files", []) if isinstance(f, str) and f not in files
-            and f == Path(f).name and f.endswith(".png")]
+    return [
+        f
+        for f in previous.get("files", [])
+        if isinstance(f, str) and f not in files and f == Path(f).name and f.endswith(".png")
+    ]
 
 
-def write_comparison(paths: Sequence[str | Path], out: str | Path | None = None,
-                     labels: Sequence[str] | None = None, fractions: Iterable[float] = DEFAULT_FRACTIONS, *,
-                     level: Level = "layer", mapping: MappingMode = "auto", buckets: int | None = None,
-                     plots: bool = True, warn: Callable[[str], None] | None = None) -> WrittenComparison:
+def write_comparison(
+    paths: Sequence[str | Path],
+    out: str | Path | None = None,
+    labels: Sequence[str] | None = None,
+    fractions: Iterable[float] = DEFAULT_FRACTIONS,
+    *,
+    level: Level = "layer",
+    mapping: MappingMode = "auto",
+    buckets: int | None = None,
+    plots: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> WrittenComparison:
     """Compare the ranking files ``paths`` (:func:`compare_rankings`) and write compare.json, compare.md and,
     with matplotlib and ``plots``, a heat map per ranking, a Jaccard matrix per fraction and the overlap
     curve into ``out`` (default: ``compare`` beside the first ranking). Figures that an earlier comparison
@@ -452,8 +532,10 @@ def write_comparison(paths: Sequence[str | Path], out: str | Path | None = None,
 
     if len(rankings) == 1:
         if figures is None:
-            raise IlaError("one ranking gives only its heat map, which needs matplotlib; pass two or more "
-                           "rankings to compare them")
+            raise IlaError(
+                "one ranking gives only its heat map, which needs matplotlib; pass two or more "
+                "rankings to compare them"
+            )
         return WrittenComparison(folder, figures.plot_comparison(rankings, labels, None, folder))
 
     result = compare_rankings(rankings, labels, fractions, level=level, mapping=mapping, buckets=buckets)
@@ -474,9 +556,34 @@ def write_comparison(paths: Sequence[str | Path], out: str | Path | None = None,
 
 
 __all__ = [
-    "CURVE_FRACTIONS", "DEFAULT_FRACTIONS", "KIND", "SCHEMA_VERSION", "Keyed", "Level", "MappingMode",
-    "WrittenComparison", "average_ranks", "check_fractions", "compare_pair", "compare_rankings",
-    "depth_bucket", "depth_keys", "describe", "expected_random_jaccard", "jaccard", "jaccard_matrix",
-    "kendall_tau", "map_rankings", "name_keys", "num_blocks", "overlap_curve", "path_labels",
-    "permutation_p_value", "render_markdown", "spearman", "top_count", "type_key_depth", "write_comparison",
+    "CURVE_FRACTIONS",
+    "DEFAULT_FRACTIONS",
+    "KIND",
+    "SCHEMA_VERSION",
+    "Keyed",
+    "Level",
+    "MappingMode",
+    "WrittenComparison",
+    "average_ranks",
+    "check_fractions",
+    "compare_pair",
+    "compare_rankings",
+    "depth_bucket",
+    "depth_keys",
+    "describe",
+    "expected_random_jaccard",
+    "jaccard",
+    "jaccard_matrix",
+    "kendall_tau",
+    "map_rankings",
+    "name_keys",
+    "num_blocks",
+    "overlap_curve",
+    "path_labels",
+    "permutation_p_value",
+    "render_markdown",
+    "spearman",
+    "top_count",
+    "type_key_depth",
+    "write_comparison",
 ]

@@ -72,8 +72,9 @@ def _save(fig: Any, path: str | Path) -> Path:
     return _write_bytes_atomic(path, buf.getvalue())
 
 
-def plot_ranking_heatmap(ranking: Ranking, path: str | Path, *, label: str | None = None,
-                         value: Literal["score", "gate"] = "score") -> Path:
+def plot_ranking_heatmap(
+    ranking: Ranking, path: str | Path, *, label: str | None = None, value: Literal["score", "gate"] = "score"
+) -> Path:
     """One row per block (in model order), one column per module type; the colour is the layer's score (or
     gate). ``lm_head`` gets a row and a column of its own. Small grids are annotated with each layer's rank
     (1 = most important)."""
@@ -133,8 +134,15 @@ def plot_ranking_heatmap(ranking: Ranking, path: str | Path, *, label: str | Non
         for i in range(len(rows)):
             for j in range(len(cols)):
                 if np.isfinite(grid[i, j]):
-                    ax.text(j, i, str(ranks[i, j]), ha="center", va="center", fontsize=7,
-                            color="black" if grid[i, j] > mid else "white")
+                    ax.text(
+                        j,
+                        i,
+                        str(ranks[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if grid[i, j] > mid else "white",
+                    )
     parts = [p for p in (label, ranking.scorer, ranking.milestone and f"milestone {ranking.milestone}") if p]
     model = ranking.base_model.get("name")
     ax.set_title(" / ".join(str(p) for p in parts) + (f"\n{model}" if model else ""), fontsize=10)
@@ -148,8 +156,14 @@ def plot_jaccard_matrix(result: Mapping[str, Any], fraction: float, path: str | 
 
     labels, m = jaccard_matrix(result, fraction)
     grid = np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float)
-    expected = sorted({round(o["expected_random"], 3) for p in result["pairs"] for o in p["fractions"]
-                       if math.isclose(o["fraction"], fraction)})
+    expected = sorted(
+        {
+            round(o["expected_random"], 3)
+            for p in result["pairs"]
+            for o in p["fractions"]
+            if math.isclose(o["fraction"], fraction)
+        }
+    )
     n = len(labels)
     fig = _figure(2.2 + 0.8 * n, 1.8 + 0.7 * n)
     ax = fig.add_subplot(1, 1, 1)
@@ -162,16 +176,24 @@ def plot_jaccard_matrix(result: Mapping[str, Any], fraction: float, path: str | 
     for i in range(n):
         for j in range(n):
             v = grid[i, j]
-            ax.text(j, i, "n/a" if not np.isfinite(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                    color="black" if np.isfinite(v) and v > 0.6 else "white")
+            ax.text(
+                j,
+                i,
+                "n/a" if not np.isfinite(v) else f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black" if np.isfinite(v) and v > 0.6 else "white",
+            )
     if not expected:
         chance = ""
     elif len(expected) == 1:
         chance = f"\nrandom sets: {expected[0]:.3f}"
     else:
         chance = f"\nrandom sets: {expected[0]:.3f} to {expected[-1]:.3f}"
-    ax.set_title(f"Jaccard of the top {fraction * 100:g} % ({result.get('level', 'layer')} level){chance}",
-                 fontsize=10)
+    ax.set_title(
+        f"Jaccard of the top {fraction * 100:g} % ({result.get('level', 'layer')} level){chance}", fontsize=10
+    )
     return _save(fig, path)
 
 
@@ -182,8 +204,9 @@ def _curves(source: Any) -> dict[str, Curve]:
     if isinstance(source, Mapping) and "pairs" in source:
         out = {}
         for p in source["pairs"]:
-            pts = p.get("curve") or [[o["fraction"], o["jaccard"], o["expected_random"]]
-                                     for o in p["fractions"]]
+            pts = p.get("curve") or [
+                [o["fraction"], o["jaccard"], o["expected_random"]] for o in p["fractions"]
+            ]
             out[f"{p['a']} vs {p['b']}"] = pts
         return out
     if isinstance(source, Mapping):
@@ -192,8 +215,9 @@ def _curves(source: Any) -> dict[str, Curve]:
 
 
 def _close(a: tuple[tuple[float, float], ...], b: tuple[tuple[float, float], ...]) -> bool:
-    return len(a) == len(b) and all(abs(x[0] - y[0]) < 1e-9 and abs(x[1] - y[1]) < 0.01
-                                    for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(
+        abs(x[0] - y[0]) < 1e-9 and abs(x[1] - y[1]) < 0.01 for x, y in zip(a, b, strict=True)
+    )
 
 
 def plot_overlap_curve(result_or_curves: Any, path: str | Path) -> Path:
@@ -209,16 +233,27 @@ def plot_overlap_curve(result_or_curves: Any, path: str | Path) -> Path:
     for i, (label, pts) in enumerate(curves.items()):
         pts = sorted((float(f), float(j), float(e)) for f, j, e in pts)
         colour = f"C{i % 10}"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, color=colour,
-                label=label or None)
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o",
+            markersize=3,
+            color=colour,
+            label=label or None,
+        )
         key = tuple((p[0], p[2]) for p in pts)
         # pairs of equally many layers share one baseline
         if not any(_close(key, seen) for seen in baselines):
             baselines[key] = colour
     for j, (key, colour) in enumerate(baselines.items()):
-        ax.plot([k[0] for k in key], [k[1] for k in key], linestyle="--", linewidth=1,
-                color="grey" if len(baselines) == 1 else colour,
-                label="random sets" if j == 0 else None)
+        ax.plot(
+            [k[0] for k in key],
+            [k[1] for k in key],
+            linestyle="--",
+            linewidth=1,
+            color="grey" if len(baselines) == 1 else colour,
+            label="random sets" if j == 0 else None,
+        )
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("fraction of layers in the top set")
@@ -245,14 +280,17 @@ def _file_slugs(labels: Sequence[str]) -> list[str]:
     return out
 
 
-def plot_comparison(rankings: Sequence[Ranking], labels: Sequence[str], result: Mapping[str, Any] | None,
-                    out: str | Path) -> list[str]:
+def plot_comparison(
+    rankings: Sequence[Ranking], labels: Sequence[str], result: Mapping[str, Any] | None, out: str | Path
+) -> list[str]:
     """The figures of ``ila compare`` in ``out``: a heat map per ranking (``heatmap-<label>.png``) and, given
     the :func:`ila.overlap.compare_rankings` ``result``, a Jaccard matrix per fraction
     (``jaccard-top<percent>.png``) and the overlap curve (``overlap-curve.png``). Returns the file names."""
     out = Path(out)
-    files = [plot_ranking_heatmap(r, out / f"heatmap-{slug}.png", label=label).name
-             for r, label, slug in zip(rankings, labels, _file_slugs(labels), strict=True)]
+    files = [
+        plot_ranking_heatmap(r, out / f"heatmap-{slug}.png", label=label).name
+        for r, label, slug in zip(rankings, labels, _file_slugs(labels), strict=True)
+    ]
     if result is not None:
         for f in result["fractions"]:
             files.append(plot_jaccard_matrix(result, f, out / f"jaccard-top{f * 100:g}.png").name)

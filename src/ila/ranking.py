@@ -11,8 +11,6 @@ ranking, the *bottom-k* the last ``round(fraction * N)``.
 from __future__ import annotations
 
 import difflib
-
-import datetime as _dt
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -82,7 +80,7 @@ class Ranking:
         return self.order[: self.count(fraction)]
 
     def bottom(self, fraction: float) -> list[str]:
-        return self.order[-self.count(fraction):]
+        return self.order[-self.count(fraction) :]
 
     def drop_bottom(self, fraction: float) -> list[str]:
         """Every layer except the bottom-k: freeze the unimportant."""
@@ -93,8 +91,12 @@ class Ranking:
             raise RankingError(f"dropping the bottom {fraction:.0%} leaves no layer to tune")
         return kept
 
-    def select(self, mode: Literal["top", "drop_bottom", "list"], fraction: float | None = 0.3,
-               layers: Sequence[str] = ()) -> list[str]:
+    def select(
+        self,
+        mode: Literal["top", "drop_bottom", "list"],
+        fraction: float | None = 0.3,
+        layers: Sequence[str] = (),
+    ) -> list[str]:
         """The selected layer names, in ranking order: the one place where a selection is chosen (stage 3,
         ``ila select`` / ``export`` / ``finetune``, :func:`ila.select`). ``top``: the top ``fraction``;
         ``drop_bottom``: all but the bottom ``fraction``; ``list``: exactly ``layers``, misspelt names refused
@@ -114,12 +116,14 @@ class Ranking:
                 raise RankingError(f"--top fraction must be in (0, 1], got {fraction}")
             return self.top(float(fraction))
         if not 0.0 < fraction < 1.0:
-            raise RankingError(f"--drop-bottom fraction must be in (0, 1), got {fraction} (1 would tune nothing)")
+            raise RankingError(
+                f"--drop-bottom fraction must be in (0, 1), got {fraction} (1 would tune nothing)"
+            )
         return self.drop_bottom(float(fraction))
 
     def check_names(self, names: Sequence[str]) -> None:
-        """Raise :class:`RankingError` naming every name that is no layer of this ranking, with the closest real
-        names."""
+        """Raise :class:`RankingError` naming every name that is no layer of this ranking, with the closest
+        real names."""
         known = [layer.name for layer in self.layers]
         known_set = set(known)
         unknown = [n for n in dict.fromkeys(names) if n not in known_set]
@@ -128,16 +132,22 @@ class Ranking:
         lines = []
         for name in unknown[:5]:
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-            lines.append(f"{name!r}" + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
+            lines.append(
+                f"{name!r}" + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else "")
+            )
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise RankingError(
             f"{len(unknown)} name(s) match no layer of this ranking: {'; '.join(lines)}{more}. "
             f"Layer names are full module names such as {known[0]!r}"
         )
 
-    def selection_record(self, names: Sequence[str], *, mode: str, fraction: float | None,
-                         ranking_path: str | Path | None) -> dict[str, Any]:
-        """The one layout of ``selection.json`` (stage 3 and ``ila export`` write it, adding their own fields)."""
+    def selection_record(
+        self, names: Sequence[str], *, mode: str, fraction: float | None, ranking_path: str | Path | None
+    ) -> dict[str, Any]:
+        """The one layout of ``selection.json``.
+
+        Stage 3 and ``ila export`` write it, adding their own fields.
+        """
         return {
             **envelope("ila.selection"),
             "mode": mode,
@@ -151,7 +161,8 @@ class Ranking:
         }
 
     def block_aggregates(self) -> dict[str, dict[str, float]]:
-        """Per block: mean score, mean gate (ILA only), and the block's rank by mean score (1 = most important)."""
+        """Per block: mean score, mean gate (ILA only), and the block's rank by mean score
+        (1 = most important)."""
         gates = self.gates()
         groups: dict[str, list[str]] = {}
         for layer in self.layers:
@@ -179,8 +190,10 @@ class Ranking:
                 a, b = self.base_model.get(key), base_model.get(key)
                 if a is not None and b is not None and a != b:
                     raise RankingError(
-                        f"this ranking is of another model ({key} {a} vs {b} for {base_model.get('name')}); "
-                        "rank the layers of this model first (ila score), or use `ila compare` to relate the two"
+                        f"this ranking is of another model ({key} {a} vs {b} "
+                        f"for {base_model.get('name')}); "
+                        "rank the layers of this model first (ila score), "
+                        "or use `ila compare` to relate the two"
                     )
         if mine != theirs:
             only_mine = sorted(mine - theirs)
@@ -230,7 +243,7 @@ class Ranking:
             raise RankingError(f"refusing to write ranking: {e}") from None
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "ranking") -> "Ranking":
+    def from_dict(cls, data: Any, source: str = "ranking") -> Ranking:
         if not isinstance(data, dict):
             raise RankingError(f"{source}: expected a JSON object")
         version = data.get("schema_version")
@@ -255,16 +268,27 @@ class Ranking:
         if not isinstance(include_lm_head, bool) or not isinstance(base_model, dict):
             raise RankingError(f"{source}: malformed ranking (include_lm_head / base_model)")
         if data.get("num_layers") != len(layers):
-            raise RankingError(f"{source}: num_layers {data.get('num_layers')} but {len(layers)} layers listed")
-        ranking = cls(scores=scores, layers=layers, base_model=base_model, include_lm_head=include_lm_head,
-                      scorer=data.get("scorer", "ila"), milestone=data.get("milestone"),
-                      config_sha256=data.get("config_sha256"), meta=data.get("meta") or {})
+            raise RankingError(
+                f"{source}: num_layers {data.get('num_layers')} but {len(layers)} layers listed"
+            )
+        ranking = cls(
+            scores=scores,
+            layers=layers,
+            base_model=base_model,
+            include_lm_head=include_lm_head,
+            scorer=data.get("scorer", "ila"),
+            milestone=data.get("milestone"),
+            config_sha256=data.get("config_sha256"),
+            meta=data.get("meta") or {},
+        )
         if "order" in data and data["order"] != ranking.order:
-            raise RankingError(f"{source}: 'order' disagrees with the scores; the file was edited or corrupted")
+            raise RankingError(
+                f"{source}: 'order' disagrees with the scores; the file was edited or corrupted"
+            )
         return ranking
 
     @classmethod
-    def load(cls, path: str | Path) -> "Ranking":
+    def load(cls, path: str | Path) -> Ranking:
         try:
             data = read_json(path, "ranking")
         except IlaError as e:

@@ -36,15 +36,25 @@ class Scorer:
         return getattr(importlib.import_module(module), attribute)
 
 
-SCORERS: dict[str, Scorer] = {s.name: s for s in (
-    Scorer("ila", needs_adapter=True, needs_data=True, function="ila.scoring:ila_scores"),
-    Scorer("taylor", needs_adapter=True, needs_data=True, function="ila.scoring:taylor_scores"),
-    Scorer("update-norm", needs_adapter=True, needs_data=False, function="ila.scoring:update_norm_scores"),
-    Scorer("block-influence", needs_adapter=False, needs_data=True, function="ila.scoring:block_influence_scores"),
-    Scorer("snr", needs_adapter=False, needs_data=False, function="ila.scoring:snr_scores"),
-    Scorer("random", needs_adapter=False, needs_data=False, function="ila.scoring:random_scores"),
-    Scorer("position", needs_adapter=False, needs_data=False, function="ila.scoring:position_scores"),
-)}
+SCORERS: dict[str, Scorer] = {
+    s.name: s
+    for s in (
+        Scorer("ila", needs_adapter=True, needs_data=True, function="ila.scoring:ila_scores"),
+        Scorer("taylor", needs_adapter=True, needs_data=True, function="ila.scoring:taylor_scores"),
+        Scorer(
+            "update-norm", needs_adapter=True, needs_data=False, function="ila.scoring:update_norm_scores"
+        ),
+        Scorer(
+            "block-influence",
+            needs_adapter=False,
+            needs_data=True,
+            function="ila.scoring:block_influence_scores",
+        ),
+        Scorer("snr", needs_adapter=False, needs_data=False, function="ila.scoring:snr_scores"),
+        Scorer("random", needs_adapter=False, needs_data=False, function="ila.scoring:random_scores"),
+        Scorer("position", needs_adapter=False, needs_data=False, function="ila.scoring:position_scores"),
+    )
+}
 SCORER_NAMES = tuple(SCORERS)
 NEEDS_ADAPTER = frozenset(s.name for s in SCORERS.values() if s.needs_adapter)
 NEEDS_DATA = frozenset(s.name for s in SCORERS.values() if s.needs_data)

@@ -19,17 +19,16 @@ from torch import nn
 
 from .callbacks import ScoreTrajectory
 from .data import collator
-from .scorers import NEEDS_ADAPTER, NEEDS_DATA, SCORER_NAMES
-from .scorers import scorer as scorer_entry
 from .errors import IlaError
 from .gates import LayerGates, ScoreSGD, attach_gates, attach_update_gates
 from .layers import Layer, find_blocks, unwrap
 from .models import resolve_device
+from .scorers import NEEDS_ADAPTER, NEEDS_DATA, SCORER_NAMES
+from .scorers import scorer as scorer_entry
 from .stability import LoraFactors, full_update_norm, update_norms
 from .training import plan_for, train
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -41,7 +40,8 @@ class ScoringInputs:
     layers: list[Layer]
     seed: int = 0
     batches: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
-    """Yields batches (input_ids, attention_mask, labels) on the model's device, for scorers that need data."""
+    """Yields batches (input_ids, attention_mask, labels) on the model's device, for scorers that need
+    data."""
     options: dict[str, Any] = field(default_factory=dict)
     deltas: dict[str, torch.Tensor] | None = None
     """Full fine-tuning: Delta_i = W_T - W_0 per layer, and the bias updates (see
@@ -65,9 +65,18 @@ def score_layers(scorer: str, inputs: ScoringInputs) -> tuple[dict[str, float], 
 def ila_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
     """ILA's own scores: learn the gates (stage 2 of the method, :func:`learn_gates`)."""
     t = inputs.training
-    return learn_gates(inputs.model, inputs.layers, tokenizer=t["tokenizer"], train_dataset=t["dataset"],
-                       s2=t["s2"], seed=inputs.seed, device=t["device"], folder=t["folder"],
-                       resume=t.get("resume", False), deltas=inputs.deltas)
+    return learn_gates(
+        inputs.model,
+        inputs.layers,
+        tokenizer=t["tokenizer"],
+        train_dataset=t["dataset"],
+        s2=t["s2"],
+        seed=inputs.seed,
+        device=t["device"],
+        folder=t["folder"],
+        resume=t.get("resume", False),
+        deltas=inputs.deltas,
+    )
 
 
 def random_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
@@ -127,7 +136,7 @@ def taylor_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, An
     if n == 0:
         raise IlaError("the taylor scorer got no batch of data")
     scores = (-total / n).cpu().tolist()
-    return dict(zip(names, scores)), {"batches": n}
+    return dict(zip(names, scores, strict=True)), {"batches": n}
 
 
 def snr_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]:
@@ -176,6 +185,7 @@ def block_influence_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dic
             x_out = out[0] if isinstance(out, (tuple, list)) else out
             cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # (B, T)
             sums[i] += float((cos * mask_holder["mask"]).sum())
+
         return fn
 
     handles = [blocks[i].register_forward_hook(hook(i), with_kwargs=True) for i in range(n_blocks)]
@@ -200,8 +210,11 @@ def block_influence_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dic
         layer.name: influence[layer.block_index] if layer.block_index is not None else median
         for layer in inputs.layers
     }
-    return scores, {"batches": n, "granularity": "block",
-                    "block_influence": {f"{blocks_name}.{i}": v for i, v in enumerate(influence)}}
+    return scores, {
+        "batches": n,
+        "granularity": "block",
+        "block_influence": {f"{blocks_name}.{i}": v for i, v in enumerate(influence)},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,9 +226,19 @@ def _attach(model: nn.Module, gates: LayerGates, deltas: dict[str, torch.Tensor]
     return attach_gates(model, gates) if deltas is None else attach_update_gates(model, gates, deltas)
 
 
-def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, train_dataset: Any, s2: Any,
-                seed: int, device: str, folder: Path, resume: bool = False,
-                deltas: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+def learn_gates(
+    peft_model: nn.Module,
+    layers: list[Layer],
+    *,
+    tokenizer: Any,
+    train_dataset: Any,
+    s2: Any,
+    seed: int,
+    device: str,
+    folder: Path,
+    resume: bool = False,
+    deltas: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Stage 2 of ILA on a frozen peft model: only the N scores train (ila-method.md, stage 2).
 
     The loss is the response-token loss plus ``budget_lambda * max(0, mean(sigmoid(s)) - budget_fraction)``.
@@ -230,12 +253,17 @@ def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, t
         return s2.budget_lambda * gates.budget_penalty(s2.budget_fraction)
 
     plan = plan_for(
-        s2.as_train_config(), folder, seed=seed, device=device,
+        s2.as_train_config(),
+        folder,
+        seed=seed,
+        device=device,
         callbacks=[ScoreTrajectory(gates, folder / "scores.jsonl", s2.logging_steps)],
         optimizer="adamw_torch",  # with zero weight decay, AdamW is Adam
         optimizer_cls_and_kwargs=(ScoreSGD, {"lr": s2.learning_rate, "normalise": s2.normalise_step})
-        if s2.optimizer == "sgd" else None,
-        # Checkpoints (scores + optimiser state only) let an interrupted stage 2 resume; rank_layers needs none.
+        if s2.optimizer == "sgd"
+        else None,
+        # Checkpoints (scores + optimiser state only) let an interrupted stage 2 resume; rank_layers needs
+        # none.
         save_steps=max(1, s2.steps // 4) if resume else 0,
         save_trainable_only=True,
         penalty=penalty if s2.budget_lambda > 0 else None,
@@ -249,19 +277,27 @@ def learn_gates(peft_model: nn.Module, layers: list[Layer], *, tokenizer: Any, t
     scores = gates.as_dict()
     del peft_model._modules["ila_gates"]
     meta = {
-        "steps": result.steps, "optimizer": s2.optimizer, "learning_rate": s2.learning_rate,
+        "steps": result.steps,
+        "optimizer": s2.optimizer,
+        "learning_rate": s2.learning_rate,
         "normalise_step": s2.normalise_step and s2.optimizer == "sgd",
-        "budget_fraction": s2.budget_fraction, "budget_lambda": s2.budget_lambda, "init_mean": s2.init_mean,
-        "init_std": s2.init_std, "seed": seed, "train_loss": result.train_loss,
-        "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
+        "budget_fraction": s2.budget_fraction,
+        "budget_lambda": s2.budget_lambda,
+        "init_mean": s2.init_mean,
+        "init_std": s2.init_std,
+        "seed": seed,
+        "train_loss": result.train_loss,
+        "seconds": result.seconds,
+        "seconds_per_step": result.seconds_per_step,
         "peak_memory_mb": result.peak_memory_mb,
         "mean_gate": float(torch.sigmoid(torch.tensor(list(scores.values()))).mean()),
     }
     return scores, meta
 
 
-def data_batches(dataset: Any, tokenizer: Any, *, batch_size: int, max_batches: int, device: torch.device,
-                 seed: int) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
+def data_batches(
+    dataset: Any, tokenizer: Any, *, batch_size: int, max_batches: int, device: torch.device, seed: int
+) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
     """A re-iterable sample of ``max_batches`` padded batches (the same ones every time)."""
     collate = collator(tokenizer)
     order = list(range(len(dataset)))
@@ -270,9 +306,11 @@ def data_batches(dataset: Any, tokenizer: Any, *, batch_size: int, max_batches: 
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         for start in range(0, len(order), batch_size):
-            rows = [dataset[i] for i in order[start:start + batch_size]]
+            rows = [dataset[i] for i in order[start : start + batch_size]]
             batch = collate(rows)
-            yield {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+            yield {
+                k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")
+            }
 
     return batches
 
@@ -299,15 +337,26 @@ def scoring_mode(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flags.get(n, False))
 
 
-def score(scorer: str, model: nn.Module, layers: list[Layer], *, s2: Any, seed: int, folder: Path,
-          tokenizer: Any = None, dataset: Any = None, device: str = "auto", resume: bool = False,
-          deltas: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
-    """(score of every layer, facts about the scoring) with ``scorer``: the one way into the scorers, for stage 2
-    (:func:`ila.pipeline.stage2`) and for :func:`ila.integration.rank_layers`.
+def score(
+    scorer: str,
+    model: nn.Module,
+    layers: list[Layer],
+    *,
+    s2: Any,
+    seed: int,
+    folder: Path,
+    tokenizer: Any = None,
+    dataset: Any = None,
+    device: str = "auto",
+    resume: bool = False,
+    deltas: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """(score of every layer, facts about the scoring) with ``scorer``: the one way into the scorers, for
+    stage 2 (:func:`ila.pipeline.stage2`) and for :func:`ila.integration.rank_layers`.
 
     ``model`` carries the update to score (a peft LoRA model, or with ``deltas`` the base model of a full
-    fine-tuning run) for the scorers in NEEDS_ADAPTER. It is frozen with LoRA dropout off while scoring and left
-    as it was; ``ila`` trains the gates in eval mode (no dropout of the base model either) and writes its
+    fine-tuning run) for the scorers in NEEDS_ADAPTER. It is frozen with LoRA dropout off while scoring and
+    left as it was; ``ila`` trains the gates in eval mode (no dropout of the base model either) and writes its
     checkpoints and score trajectories into ``folder``.
     """
     entry = scorer_entry(scorer)
@@ -317,16 +366,44 @@ def score(scorer: str, model: nn.Module, layers: list[Layer], *, s2: Any, seed: 
         training: dict[str, Any] = {}
         batches = None
         if scorer == "ila":  # it trains through the Trainer, which batches and places the data itself
-            training = {"tokenizer": tokenizer, "dataset": dataset, "s2": s2, "device": device, "folder": folder,
-                        "resume": resume}
+            training = {
+                "tokenizer": tokenizer,
+                "dataset": dataset,
+                "s2": s2,
+                "device": device,
+                "folder": folder,
+                "resume": resume,
+            }
         elif dataset is not None and tokenizer is not None:
             dev = next(model.parameters()).device if device == "auto" else resolve_device(device)
-            batches = data_batches(dataset, tokenizer, batch_size=s2.batch_size, max_batches=s2.sample_batches,
-                                   device=dev, seed=seed)
-        inputs = ScoringInputs(model=model, layers=layers, seed=seed, batches=batches,
-                               options={"position_from": s2.position_from}, deltas=deltas, training=training)
+            batches = data_batches(
+                dataset,
+                tokenizer,
+                batch_size=s2.batch_size,
+                max_batches=s2.sample_batches,
+                device=dev,
+                seed=seed,
+            )
+        inputs = ScoringInputs(
+            model=model,
+            layers=layers,
+            seed=seed,
+            batches=batches,
+            options={"position_from": s2.position_from},
+            deltas=deltas,
+            training=training,
+        )
         return score_layers(scorer, inputs)
 
 
-__all__ = ["SCORER_NAMES", "NEEDS_ADAPTER", "NEEDS_DATA", "ScoringInputs", "score", "score_layers", "learn_gates",
-           "data_batches", "scoring_mode"]  # the names of ila.scorers are re-exported for existing imports
+__all__ = [
+    "SCORER_NAMES",
+    "NEEDS_ADAPTER",
+    "NEEDS_DATA",
+    "ScoringInputs",
+    "score",
+    "score_layers",
+    "learn_gates",
+    "data_batches",
+    "scoring_mode",
+]  # the names of ila.scorers are re-exported for existing imports

@@ -1,9 +1,9 @@
 """Selections in the user's own code: pick layers from a ranking and make only those trainable.
 
-    from ila import Ranking, select, apply_selection
-    names = select(Ranking.load("ranking.json"), top=0.3)
-    model = apply_selection(model, names, method="lora", lora=LoraConfig(r=16))   # a peft model
-    model = apply_selection(model, names, method="full")   # same model, only those weights trainable
+from ila import Ranking, select, apply_selection
+names = select(Ranking.load("ranking.json"), top=0.3)
+model = apply_selection(model, names, method="lora", lora=LoraConfig(r=16))   # a peft model
+model = apply_selection(model, names, method="full")   # same model, only those weights trainable
 """
 
 from __future__ import annotations
@@ -20,8 +20,13 @@ from .models import attach_lora
 from .ranking import Ranking
 
 
-def select(ranking: Ranking, *, top: float | None = None, drop_bottom: float | None = None,
-           layers: Sequence[str] | None = None) -> list[str]:
+def select(
+    ranking: Ranking,
+    *,
+    top: float | None = None,
+    drop_bottom: float | None = None,
+    layers: Sequence[str] | None = None,
+) -> list[str]:
     """The selected layer names, most important first: exactly one of ``top`` (tune only the important),
     ``drop_bottom`` (freeze the unimportant) or ``layers`` (an explicit list, checked against the ranking)."""
     given = [x is not None for x in (top, drop_bottom, layers)]
@@ -34,8 +39,13 @@ def select(ranking: Ranking, *, top: float | None = None, drop_bottom: float | N
     return ranking.select("list", None, list(layers or []))
 
 
-def apply_selection(model: nn.Module, layer_names: Sequence[str], *, method: Literal["lora", "full"] = "lora",
-                    lora: LoraConfig | None = None) -> Any:
+def apply_selection(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    *,
+    method: Literal["lora", "full"] = "lora",
+    lora: LoraConfig | None = None,
+) -> Any:
     """Make only the selected layers trainable.
 
     ``lora``: returns a peft model with a fresh LoRA adapter on exactly ``layer_names``.

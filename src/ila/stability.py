@@ -30,8 +30,11 @@ class LoraFactors:
     factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def snapshot(cls, peft_model: nn.Module, layer_names: list[str], adapter: str | None = None) -> "LoraFactors":
-        """``adapter`` defaults to the one active adapter of the layers (:func:`ila.layers.lora_adapter_name`)."""
+    def snapshot(
+        cls, peft_model: nn.Module, layer_names: list[str], adapter: str | None = None
+    ) -> LoraFactors:
+        """``adapter`` defaults to the one active adapter of the layers
+        (:func:`ila.layers.lora_adapter_name`)."""
         if adapter is None:
             adapter = lora_adapter_name(peft_model, layer_names)
         modules = dict(peft_model.named_modules())
@@ -44,7 +47,9 @@ class LoraFactors:
         return cls(out)
 
 
-def _inner(s1: float, a1: torch.Tensor, b1: torch.Tensor, s2: float, a2: torch.Tensor, b2: torch.Tensor) -> float:
+def _inner(
+    s1: float, a1: torch.Tensor, b1: torch.Tensor, s2: float, a2: torch.Tensor, b2: torch.Tensor
+) -> float:
     """<s1 B1 A1, s2 B2 A2>_F = s1 s2 tr((B1^T B2)(A2 A1^T))."""
     return s1 * s2 * float(torch.trace((b1.T @ b2) @ (a2 @ a1.T)))
 
@@ -72,7 +77,8 @@ def relative_change(prev: LoraFactors, cur: LoraFactors) -> tuple[float, dict[st
 
 
 def bias_key(layer_name: str) -> str:
-    """The key of a layer's bias in a full-weight snapshot or update (its weight is keyed by the layer name)."""
+    """The key of a layer's bias in a full-weight snapshot or update (its weight is keyed by the layer
+    name)."""
     return f"{layer_name}.bias"
 
 
@@ -96,11 +102,12 @@ def full_update_norm(update: dict[str, torch.Tensor], layer_name: str) -> float:
     total = float(update[layer_name].float().pow(2).sum())
     if bias_key(layer_name) in update:
         total += float(update[bias_key(layer_name)].float().pow(2).sum())
-    return total ** 0.5
+    return total**0.5
 
 
-def relative_change_full(base: dict[str, torch.Tensor], prev: dict[str, torch.Tensor],
-                         cur: dict[str, torch.Tensor]) -> float:
+def relative_change_full(
+    base: dict[str, torch.Tensor], prev: dict[str, torch.Tensor], cur: dict[str, torch.Tensor]
+) -> float:
     """r_t for full fine-tuning: ||W_t - W_{t-w}||_F / ||W_t - W_0||_F over all layers stacked."""
     diff = sum(float((cur[n] - prev[n]).pow(2).sum()) for n in cur)
     total = sum(float((cur[n] - base[n]).pow(2).sum()) for n in cur)

@@ -112,8 +112,9 @@ def _hypergeom_sf(n: int, k1: int, k2: int, i_obs: int) -> float:
     return tail / math.comb(n, k2)
 
 
-def permutation_p_value(a: Collection[Any], b: Collection[Any], n: int, *, exact: bool = True,
-                        rounds: int = 10000, seed: int = 0) -> float:
+def permutation_p_value(
+    a: Collection[Any], b: Collection[Any], n: int, *, exact: bool = True, rounds: int = 10000, seed: int = 0
+) -> float:
     """One-sided p-value ``P(J(A', B') >= J(a, b))`` for independent uniformly random sets ``A'``, ``B'`` of
     sizes ``|a|`` and ``|b|`` from the same ``n`` items: how surprising an overlap this large is by chance.
 
@@ -164,10 +165,14 @@ def _common(r1: Scores, r2: Scores) -> tuple[np.ndarray, np.ndarray]:
     s1, s2 = _scores_of(r1), _scores_of(r2)
     keys = sorted(set(s1) & set(s2))
     if not keys:
-        raise RankingError("the two rankings have no layer (key) in common; compare rankings of different "
-                           "models with mapping='depth'")
-    return (np.array([float(s1[k]) for k in keys], dtype=np.float64),
-            np.array([float(s2[k]) for k in keys], dtype=np.float64))
+        raise RankingError(
+            "the two rankings have no layer (key) in common; compare rankings of different "
+            "models with mapping='depth'"
+        )
+    return (
+        np.array([float(s1[k]) for k in keys], dtype=np.float64),
+        np.array([float(s2[k]) for k in keys], dtype=np.float64),
+    )
 
 
 def average_ranks(x: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -215,8 +220,8 @@ def kendall_tau(r1: Scores, r2: Scores) -> float | None:
     tx = ty = 0  # untied ordered pairs in x, in y
     step = max(1, 4_000_000 // n)
     for lo in range(0, n, step):
-        dx = np.sign(x[lo:lo + step, None] - x[None, :])
-        dy = np.sign(y[lo:lo + step, None] - y[None, :])
+        dx = np.sign(x[lo : lo + step, None] - x[None, :])
+        dy = np.sign(y[lo : lo + step, None] - y[None, :])
         s += int((dx * dy).sum())
         tx += int(np.count_nonzero(dx))
         ty += int(np.count_nonzero(dy))
@@ -225,9 +230,19 @@ def kendall_tau(r1: Scores, r2: Scores) -> float | None:
     return float(np.clip(s / math.sqrt(tx * ty), -1.0, 1.0))
 
 
-__all__ = ["HasScores", "Scores", "average_ranks", "check_fractions", "depth_bucket",
-           "expected_random_jaccard", "jaccard", "kendall_tau", "permutation_p_value", "spearman",
-           "top_count"]
+__all__ = [
+    "HasScores",
+    "Scores",
+    "average_ranks",
+    "check_fractions",
+    "depth_bucket",
+    "expected_random_jaccard",
+    "jaccard",
+    "kendall_tau",
+    "permutation_p_value",
+    "spearman",
+    "top_count",
+]
 
 
 def jaccard_matrix(result: Mapping[str, Any], fraction: float) -> tuple[list[str], list[list[float | None]]]:

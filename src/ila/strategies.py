@@ -56,19 +56,27 @@ class Strategy:
     seed: int | None = None
 
 
-def plan_strategies(ranking: Ranking, *, fractions: tuple[float, ...] = (0.1, 0.2, 0.3), drop_bottom: float = 0.25,
-                    random_seeds: tuple[int, ...] = (0, 1, 2), sweep: tuple[float, ...] = (0.5, 0.75),
-                    others: dict[str, Ranking] | None = None,
-                    other_fractions: tuple[float, ...] = (0.3,)) -> list[Strategy]:
+def plan_strategies(
+    ranking: Ranking,
+    *,
+    fractions: tuple[float, ...] = (0.1, 0.2, 0.3),
+    drop_bottom: float = 0.25,
+    random_seeds: tuple[int, ...] = (0, 1, 2),
+    sweep: tuple[float, ...] = (0.5, 0.75),
+    others: dict[str, Ranking] | None = None,
+    other_fractions: tuple[float, ...] = (0.3,),
+) -> list[Strategy]:
     """The selections to fine-tune. ``others`` maps a scorer name to its ranking (``taylor``, ``update-norm``
-    ...): each adds ``<scorer>-top-F`` for the ``other_fractions``, so cheap rankings face the learnt one on the
-    same budget."""
+    ...): each adds ``<scorer>-top-F`` for the ``other_fractions``, so cheap rankings face the learnt one on
+    the same budget."""
     order = ranking.order
     n = ranking.num_layers
     model_order = [layer.name for layer in ranking.layers if layer.block is not None]
     out = [Strategy("all", "all", 1.0, tuple(order))]
     kept = ranking.drop_bottom(drop_bottom)
-    out.append(Strategy(f"ila-drop-bottom-{round(drop_bottom * 100)}", "ila-drop-bottom", len(kept) / n, tuple(kept)))
+    out.append(
+        Strategy(f"ila-drop-bottom-{round(drop_bottom * 100)}", "ila-drop-bottom", len(kept) / n, tuple(kept))
+    )
     for f in fractions:
         k = ranking.count(f)
         pct = round(f * 100)
@@ -96,8 +104,11 @@ def _finetune(rc: RunConfig, folder: Path, isolated: bool = True) -> dict[str, A
     summary = stage3(rc, folder)
     if summary.get("peak_memory_mb") is None:
         summary["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        summary["peak_memory_kind"] = ("process resident set size" if isolated
-                                       else "resident set size of the process so far (not isolated)")
+        summary["peak_memory_kind"] = (
+            "process resident set size"
+            if isolated
+            else "resident set size of the process so far (not isolated)"
+        )
     return summary
 
 
@@ -108,24 +119,34 @@ def _finetune_isolated(rc: RunConfig, folder: Path) -> dict[str, Any]:
         return pool.submit(_finetune, rc, folder).result()
 
 
-def run_strategies(cfg: RunConfig, ranking_path: Path, out: Path, *, tasks: tuple[str, ...] = (),
-                   limit: int | None = None, strategies: list[Strategy] | None = None,
-                   isolate: bool | None = None, others: dict[str, Ranking] | None = None,
-                   generate: int = 0) -> dict[str, Any]:
+def run_strategies(
+    cfg: RunConfig,
+    ranking_path: Path,
+    out: Path,
+    *,
+    tasks: tuple[str, ...] = (),
+    limit: int | None = None,
+    strategies: list[Strategy] | None = None,
+    isolate: bool | None = None,
+    others: dict[str, Ranking] | None = None,
+    generate: int = 0,
+) -> dict[str, Any]:
     """Fine-tune and evaluate every strategy; completed ones (their ``result.json``) are reused.
 
     ``isolate`` (default: on unless the model runs on CUDA) fine-tunes each strategy in its own process so
     that peak memory is measured per strategy. ``generate`` > 0 also answers the first ``generate`` MT-Bench
     questions with the base model, ``all`` and the ILA selections (``generations.md``)."""
-    from .evaluation import heldout_loss, lm_eval_scores
     from .adapters import lm_eval_source, load_result
+    from .evaluation import heldout_loss, lm_eval_scores
     from .models import load_base_model, load_tokenizer, resolve_model_source
     from .pipeline import _datasets, prepare_run_dir
 
     if isolate is None:
         import torch
 
-        isolate = not (cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available()))
+        isolate = not (
+            cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
+        )
     ranking = Ranking.load(ranking_path)
     strategies = strategies or plan_strategies(ranking, others=others)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,29 +177,55 @@ def run_strategies(cfg: RunConfig, ranking_path: Path, out: Path, *, tasks: tupl
         bench = {}
         if tasks:
             pretrained, peft = lm_eval_source(resolve_model_source(rc.model), result_dir)
-            bench = lm_eval_scores(pretrained, tasks, adapter=peft, limit=limit, batch_size=8, device="cpu" if rc.model.device in ("cpu", "auto") else rc.model.device)
-        result = {"name": strat.name, "family": strat.family, "fraction": strat.fraction, "seed": strat.seed,
-                  "num_layers": len(strat.layers), "heldout_loss": quality["loss"],
-                  "heldout_perplexity": quality["perplexity"], "benchmarks": bench,
-                  "trainable_parameters": summary["trainable_parameters"], "steps": summary["steps"],
-                  "seconds_per_step": summary["seconds_per_step"], "peak_memory_mb": summary["peak_memory_mb"],
-                  "peak_memory_kind": summary.get("peak_memory_kind", "CUDA max allocated"),
-                  "train_seconds": seconds}
+            bench = lm_eval_scores(
+                pretrained,
+                tasks,
+                adapter=peft,
+                limit=limit,
+                batch_size=8,
+                device="cpu" if rc.model.device in ("cpu", "auto") else rc.model.device,
+            )
+        result = {
+            "name": strat.name,
+            "family": strat.family,
+            "fraction": strat.fraction,
+            "seed": strat.seed,
+            "num_layers": len(strat.layers),
+            "heldout_loss": quality["loss"],
+            "heldout_perplexity": quality["perplexity"],
+            "benchmarks": bench,
+            "trainable_parameters": summary["trainable_parameters"],
+            "steps": summary["steps"],
+            "seconds_per_step": summary["seconds_per_step"],
+            "peak_memory_mb": summary["peak_memory_mb"],
+            "peak_memory_kind": summary.get("peak_memory_kind", "CUDA max allocated"),
+            "train_seconds": seconds,
+        }
         write_json_atomic(done, result)
         results.append(result)
     if generate > 0:
         from .evaluation import write_generations
 
         # The base model, plain LoRA and the ILA selections: enough for a person to read the difference.
-        adapters = {s.name: RunDir(out / s.name).stage3_output(cfg.stage3.method) for s in strategies
-                    if s.family in ("all", "ila-drop-bottom", "ila-top")}
+        adapters = {
+            s.name: RunDir(out / s.name).stage3_output(cfg.stage3.method)
+            for s in strategies
+            if s.family in ("all", "ila-drop-bottom", "ila-top")
+        }
         write_generations(cfg, adapters, generate, out / "generations.md")
     if heldout is None:
         heldout = _datasets(cfg, tokenizer, out / ".data")[1]
     # The untuned base model on the same held-out split: how much each strategy's training bought.
-    base = heldout_loss(load_base_model(cfg.model), tokenizer, heldout, batch_size=cfg.stage3.train.batch_size)
-    return {"schema_version": 1, "kind": "ila.strategies", "ranking": str(ranking_path),
-            "base_heldout_loss": base["loss"], "results": results}
+    base = heldout_loss(
+        load_base_model(cfg.model), tokenizer, heldout, batch_size=cfg.stage3.train.batch_size
+    )
+    return {
+        "schema_version": 1,
+        "kind": "ila.strategies",
+        "ranking": str(ranking_path),
+        "base_heldout_loss": base["loss"],
+        "results": results,
+    }
 
 
 def _spread(values: list[float]) -> tuple[float, float]:
@@ -192,11 +239,17 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
     lines = [f"Command: `{command}`", ""]
     base = report.get("base_heldout_loss")
     if base is not None:
-        lines += [f"Held-out loss of the base model, untuned: {base:.4f}; `all` brings it to {ref['heldout_loss']:.4f} "
-                  f"({ref['heldout_loss'] - base:+.4f}).", ""]
-    lines += ["| strategy | layers | trainable params | held-out loss | vs all | step (s) | peak memory (MB) | "
-              + " | ".join(bench_names) + (" |" if bench_names else "|"),
-              "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(bench_names)]
+        lines += [
+            f"Held-out loss of the base model, untuned: {base:.4f}; "
+            f"`all` brings it to {ref['heldout_loss']:.4f} ({ref['heldout_loss'] - base:+.4f}).",
+            "",
+        ]
+    lines += [
+        "| strategy | layers | trainable params | held-out loss | vs all | step (s) | peak memory (MB) | "
+        + " | ".join(bench_names)
+        + (" |" if bench_names else "|"),
+        "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(bench_names),
+    ]
     grouped: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         key = r["name"].rsplit("-seed", 1)[0] if r["family"] == "random" else r["name"]
@@ -216,8 +269,12 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
                 cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}")
             else:
                 cells.append(f"{vals[0]:.3f}" if vals else "-")
-        lines.append(f"| {key} | {rs[0]['num_layers']} | {rs[0]['trainable_parameters']:,} | {loss} | "
-                     f"{loss_m - ref['heldout_loss']:+.4f} | {step_m:.2f} | {peak} | " + " | ".join(cells) + (" |" if cells else "|"))
+        lines.append(
+            f"| {key} | {rs[0]['num_layers']} | {rs[0]['trainable_parameters']:,} | {loss} | "
+            f"{loss_m - ref['heldout_loss']:+.4f} | {step_m:.2f} | {peak} | "
+            + " | ".join(cells)
+            + (" |" if cells else "|")
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -227,13 +284,17 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
 
     rows = report["results"]
     paths = []
-    for xkey, name, xlabel in (("fraction", "quality-vs-fraction.png", "fraction of layers tuned"),
-                               ("trainable_parameters", "quality-vs-cost.png", "trainable parameters")):
+    for xkey, name, xlabel in (
+        ("fraction", "quality-vs-fraction.png", "fraction of layers tuned"),
+        ("trainable_parameters", "quality-vs-cost.png", "trainable parameters"),
+    ):
         fig = _figure(6.4, 4.2)
         ax = fig.add_subplot(1, 1, 1)
         for family, style in (("ila-top", "o-"), ("first", "s--"), ("last", "^--")):
             pts = sorted((r[xkey], r["heldout_loss"]) for r in rows if r["family"] == family)
-            pts += [(r[xkey], r["heldout_loss"]) for r in rows if r["family"] == "all" and family == "ila-top"]
+            pts += [
+                (r[xkey], r["heldout_loss"]) for r in rows if r["family"] == "all" and family == "ila-top"
+            ]
             if pts:
                 pts.sort()
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=family)
@@ -244,12 +305,20 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
         if by_size:
             xs = sorted(by_size)
             means = [statistics.mean(r["heldout_loss"] for r in by_size[x]) for x in xs]
-            errs = [statistics.stdev([r["heldout_loss"] for r in by_size[x]]) if len(by_size[x]) > 1 else 0 for x in xs]
+            errs = [
+                statistics.stdev([r["heldout_loss"] for r in by_size[x]]) if len(by_size[x]) > 1 else 0
+                for x in xs
+            ]
             ax.errorbar(xs, means, yerr=errs, fmt="x:", capsize=3, label="random (mean ± sd)")
         for r in rows:
             if r["family"] not in ("all", "ila-top", "first", "last", "random"):  # drop-bottom, other scorers
-                ax.plot([r[xkey]], [r["heldout_loss"]], "D" if r["family"] == "ila-drop-bottom" else "*",
-                        markersize=8, label=r["name"])
+                ax.plot(
+                    [r[xkey]],
+                    [r["heldout_loss"]],
+                    "D" if r["family"] == "ila-drop-bottom" else "*",
+                    markersize=8,
+                    label=r["name"],
+                )
         ax.set_xlabel(xlabel)
         if report.get("base_heldout_loss") is not None:
             ax.axhline(report["base_heldout_loss"], ls=":", color="grey", label="base model, untuned")
@@ -260,9 +329,18 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def compare_strategies(cfg: RunConfig, run_dir: Path, out: Path, *, tasks: tuple[str, ...] = (),
-                       limit: int | None = None, command: str = "ila compare-strategies",
-                       isolate: bool | None = None, scorers: tuple[str, ...] = (), generate: int = 0) -> Path:
+def compare_strategies(
+    cfg: RunConfig,
+    run_dir: Path,
+    out: Path,
+    *,
+    tasks: tuple[str, ...] = (),
+    limit: int | None = None,
+    command: str = "ila compare-strategies",
+    isolate: bool | None = None,
+    scorers: tuple[str, ...] = (),
+    generate: int = 0,
+) -> Path:
     """Every strategy of :func:`plan_strategies` on the run's stage-3 budget; ``scorers`` adds the top 30 % of
     other scorers' rankings (``stage2/ranking-<scorer>.json``, computed first where missing)."""
     from .pipeline import stage2
@@ -279,8 +357,9 @@ def compare_strategies(cfg: RunConfig, run_dir: Path, out: Path, *, tasks: tuple
             log.info("scoring the layers with %s for the comparison", scorer)
             stage2(cfg, run_dir, scorer=scorer)
         others[scorer] = Ranking.load(path)
-    report = run_strategies(cfg, ranking_path, out, tasks=tasks, limit=limit, isolate=isolate, others=others,
-                            generate=generate)
+    report = run_strategies(
+        cfg, ranking_path, out, tasks=tasks, limit=limit, isolate=isolate, others=others, generate=generate
+    )
     report["command"] = command
     write_json_atomic(out / "strategies.json", report)
     md = render_markdown(report, command)

@@ -93,8 +93,9 @@ class TrainingResult:
     resumed_from: str | None
 
 
-def plan_for(train: TrainConfig, folder: Path, *, seed: int, device: str, callbacks: list | None = None,
-             **extra: Any) -> TrainingPlan:
+def plan_for(
+    train: TrainConfig, folder: Path, *, seed: int, device: str, callbacks: list | None = None, **extra: Any
+) -> TrainingPlan:
     """The one translation of a stage's :class:`~ila.config.TrainConfig` into a :class:`TrainingPlan`, with
     Trainer checkpoints and metrics inside the stage's ``folder``; ``extra`` sets the plan's other fields.
 
@@ -147,12 +148,14 @@ def response_logits_kwargs(labels: torch.Tensor) -> dict[str, torch.Tensor]:
 
     The loss of a causal LM at position t is the cross-entropy of the logits there against token t+1, and only
     response tokens carry a label, so the logits (and their softmax over the whole vocabulary) at every other
-    position are computed and thrown away. With the boolean mask ``logits_to_keep`` the model projects only the
-    kept hidden states, and ``shift_labels`` hands the loss the matching targets; the loss, its normalisation
-    by ``num_items_in_batch`` and every gradient are those of the full computation (tested), at a fraction of the
-    output head's cost on chat data, where prompts are a large part of every sequence.
+    position are computed and thrown away. With the boolean mask ``logits_to_keep`` the model projects only
+    the kept hidden states, and ``shift_labels`` hands the loss the matching targets; the loss, its
+    normalisation by ``num_items_in_batch`` and every gradient are those of the full computation (tested), at
+    a fraction of the output head's cost on chat data, where prompts are a large part of every sequence.
     """
-    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # target of position t: token t+1
+    shifted = torch.nn.functional.pad(
+        labels[:, 1:], (0, 1), value=IGNORE_INDEX
+    )  # target of position t: token t+1
     keep = shifted != IGNORE_INDEX  # (B, T)
     return {"logits_to_keep": keep, "shift_labels": shifted[keep]}
 
@@ -161,9 +164,15 @@ class IlaTrainer(Trainer):
     """Trainer with an optional penalty term, a hard stop on a non-finite loss, the output head restricted to
     response positions, and (for stage 2) checkpoints that hold only the trainable parameters."""
 
-    def __init__(self, *args: Any, penalty: Callable[[], torch.Tensor] | None = None,
-                 save_trainable_only: bool = False, response_logits_only: bool = True, deterministic: bool = False,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        penalty: Callable[[], torch.Tensor] | None = None,
+        save_trainable_only: bool = False,
+        response_logits_only: bool = True,
+        deterministic: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.deterministic = deterministic
         self.penalty = penalty
@@ -185,14 +194,16 @@ class IlaTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.save_trainable_only:
             return super()._save(output_dir, state_dict)
-        # Stage 2 trains N scores on a frozen model: a checkpoint needs only those. Saved as model.safetensors,
-        # the Trainer's own resume path loads them back with load_state_dict(strict=False).
+        # Stage 2 trains N scores on a frozen model: a checkpoint needs only those. Saved as
+        # model.safetensors, the Trainer's own resume path loads them back with load_state_dict(strict=False).
         from safetensors.torch import save_file
 
         if self.args.should_save:
             out = Path(output_dir or self.args.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            trainable = {
+                n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad
+            }
             save_file(trainable, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
@@ -202,14 +213,22 @@ class IlaTrainer(Trainer):
             # deterministic model (stage 2: no dropout anywhere, the base model's own included) undoes it.
             # Gradients flow the same in eval mode.
             model.eval()
-        if self.response_logits_only and training and inputs.get("labels") is not None \
-                and self.label_smoother is None and self.compute_loss_func is None:
+        if (
+            self.response_logits_only
+            and training
+            and inputs.get("labels") is not None
+            and self.label_smoother is None
+            and self.compute_loss_func is None
+        ):
             inputs = {**inputs, **response_logits_kwargs(inputs["labels"])}
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         loss, outputs = result if return_outputs else (result, None)
         if not torch.isfinite(loss.detach()).all():
             raise TrainingError(
-                f"the loss became {loss.item()} at step {self.state.global_step + 1}; stopping. The last good "
+                f"the loss became {loss.item()} at step {self.state.global_step + 1}; stopping. "
+                "The last good "
                 f"checkpoint (if any) is in {self.args.output_dir}. Lower the learning rate or use fp32/bf16."
             )
         if self.penalty is not None and training:
@@ -343,8 +362,9 @@ def _restore_callbacks(plan: TrainingPlan, checkpoint: Path) -> None:
             restore(checkpoint, step)
 
 
-def make_trainer(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_dataset: Any,
-                 eval_dataset: Any = None) -> IlaTrainer:
+def make_trainer(
+    model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_dataset: Any, eval_dataset: Any = None
+) -> IlaTrainer:
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError("nothing to train: no parameter requires a gradient")
     collate = collator(tokenizer)
@@ -356,8 +376,11 @@ def make_trainer(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, tra
         eval_dataset=eval_dataset if eval_dataset is not None and len(eval_dataset) > 0 else None,
         data_collator=collate,
         processing_class=tokenizer,
-        callbacks=[JsonlMetrics(plan.metrics_path, ref), *plan.callbacks,
-                   *([NoInputGradients()] if plan.gradient_checkpointing else [])],
+        callbacks=[
+            JsonlMetrics(plan.metrics_path, ref),
+            *plan.callbacks,
+            *([NoInputGradients()] if plan.gradient_checkpointing else []),
+        ],
         penalty=plan.penalty,
         save_trainable_only=plan.save_trainable_only,
         response_logits_only=plan.response_logits_only,
@@ -368,9 +391,11 @@ def make_trainer(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, tra
     return trainer
 
 
-def train(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_dataset: Any,
-          eval_dataset: Any = None) -> TrainingResult:
-    """Train whatever in ``model`` requires a gradient, as the plan says; evaluate held-out loss at the end."""
+def train(
+    model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_dataset: Any, eval_dataset: Any = None
+) -> TrainingResult:
+    """Train whatever in ``model`` requires a gradient, as the plan says; evaluate held-out loss at the
+    end."""
     trainer = make_trainer(model, plan, tokenizer, train_dataset, eval_dataset)
     checkpoint = None
     if plan.resume and plan.output_dir.is_dir():
@@ -382,7 +407,8 @@ def train(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_data
     if checkpoint is None and trainer.eval_dataset is not None and plan.eval_before:
         before = float(trainer.evaluate()["eval_loss"])
         # evaluate() prepares the model for evaluation only (no DDP wrapper) but marks it prepared, and
-        # train() would then skip wrapping it: each process would train on its own shard, no gradient averaged.
+        # train() would then skip wrapping it: each process would train on its own shard, no gradient
+        # averaged.
         trainer.model.__dict__.pop("_is_accelerate_prepared", None)
     device = trainer.args.device
     if device.type == "cuda":
@@ -406,4 +432,3 @@ def train(model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_data
         stopped_early=steps < plan.max_steps,
         resumed_from=checkpoint,
     )
-

@@ -45,9 +45,25 @@ if TYPE_CHECKING:  # datasets and transformers are imported lazily: they are slo
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
-    "collator", "BUILTIN_DATASETS", "FORMATS", "IGNORE_INDEX", "PLAIN_TEMPLATE", "TEMPLATES", "Conversation", "DataStats",
-    "Message", "build_datasets", "detect_format", "gsm8k_final_answer", "mtbench_questions", "read_records",
-    "render_prompt", "resolve_template", "split_conversations", "to_conversation", "tokenize_conversation",
+    "collator",
+    "BUILTIN_DATASETS",
+    "FORMATS",
+    "IGNORE_INDEX",
+    "PLAIN_TEMPLATE",
+    "TEMPLATES",
+    "Conversation",
+    "DataStats",
+    "Message",
+    "build_datasets",
+    "detect_format",
+    "gsm8k_final_answer",
+    "mtbench_questions",
+    "read_records",
+    "render_prompt",
+    "resolve_template",
+    "split_conversations",
+    "to_conversation",
+    "tokenize_conversation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,7 +101,9 @@ def collator(tokenizer: Any) -> Any:
     labels padded with IGNORE_INDEX: the one collator of training, scoring and the held-out loss."""
     from transformers import DataCollatorForSeq2Seq  # transformers is slow to import: only when batching
 
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
+    return DataCollatorForSeq2Seq(
+        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
+    )
 
 
 def build_datasets(
@@ -138,13 +156,23 @@ def build_datasets(
     logger.info(
         "data %s (%s, %s template): %d records read, %d bad skipped, %d dropped by truncation to %d tokens; "
         "%d train and %d held-out examples, %.1f tokens on average, %.1f%% of them response tokens",
-        cfg.name, fmt, template, n_read, n_bad, n_trunc, cfg.max_length, len(train), len(heldout),
-        stats.mean_tokens, 100 * stats.response_token_fraction,
+        cfg.name,
+        fmt,
+        template,
+        n_read,
+        n_bad,
+        n_trunc,
+        cfg.max_length,
+        len(train),
+        len(heldout),
+        stats.mean_tokens,
+        100 * stats.response_token_fraction,
     )
     if n_trunc:
         logger.warning(
             "%d conversations lost every response token to truncation at max_length=%d and were dropped",
-            n_trunc, cfg.max_length,
+            n_trunc,
+            cfg.max_length,
         )
     return _to_dataset(train), _to_dataset(heldout), stats
 

@@ -53,8 +53,10 @@ def _builtin_file(key: str) -> Path:
         ) from err
     path = Path(str(dist.locate_file(relpath)))
     if not path.is_file():
-        raise DataError(f"{dist_name} is installed but {relpath} is missing; reinstall it with: {install} "
-                        "--force-reinstall")
+        raise DataError(
+            f"{dist_name} is installed but {relpath} is missing; reinstall it with: {install} "
+            "--force-reinstall"
+        )
     return path
 
 
@@ -104,8 +106,11 @@ def _sharegpt(split: str) -> list[Conversation]:
             break
         turns = record.get("conversations") if isinstance(record, dict) else None
         try:
-            convs.append(messages_of(turns, "conversations", role_key="from", content_key="value")
-                         if isinstance(turns, list) else [])
+            convs.append(
+                messages_of(turns, "conversations", role_key="from", content_key="value")
+                if isinstance(turns, list)
+                else []
+            )
         except DataError:
             convs.append([])  # counted as bad by tidy
     return convs

@@ -40,8 +40,19 @@ from .common import KIND, SCHEMA_VERSION, Writer, export_context, selection_summ
 from .dry_run import dry_run, render_dry_run
 
 __all__ = [
-    "EXPORT_FILES", "KIND", "SCHEMA_VERSION", "WRITERS", "Mode", "Writer", "check_layer_names",
-    "default_export_dir", "dry_run", "export_selection", "render_dry_run", "render_export", "select_layers",
+    "EXPORT_FILES",
+    "KIND",
+    "SCHEMA_VERSION",
+    "WRITERS",
+    "Mode",
+    "Writer",
+    "check_layer_names",
+    "default_export_dir",
+    "dry_run",
+    "export_selection",
+    "render_dry_run",
+    "render_export",
+    "select_layers",
     "whole_blocks",
 ]
 
@@ -63,8 +74,9 @@ WRITERS: tuple[Writer, ...] = (
 EXPORT_FILES = (*(w.name for w in WRITERS), "selection.json")
 
 
-def _check_export_args(ranking: Ranking, mode: Mode, fraction: float | None, r: int, alpha: float,
-                       dropout: float) -> None:
+def _check_export_args(
+    ranking: Ranking, mode: Mode, fraction: float | None, r: int, alpha: float, dropout: float
+) -> None:
     if mode != "list":  # the mode and fraction the files are labelled with must be a valid selection
         ranking.select(mode, fraction)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -75,9 +87,18 @@ def _check_export_args(ranking: Ranking, mode: Mode, fraction: float | None, r: 
         raise IlaError(f"LoRA dropout must be in [0, 1), got {dropout}")
 
 
-def export_selection(ranking: Ranking, names: Sequence[str], out_dir: str | Path, *, r: int = 8,
-                     alpha: float = 16.0, dropout: float = 0.05, mode: Mode = "list",
-                     fraction: float | None = None, ranking_path: str | Path | None = None) -> dict[str, Any]:
+def export_selection(
+    ranking: Ranking,
+    names: Sequence[str],
+    out_dir: str | Path,
+    *,
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.05,
+    mode: Mode = "list",
+    fraction: float | None = None,
+    ranking_path: str | Path | None = None,
+) -> dict[str, Any]:
     """Write the selection ``names`` of ``ranking`` as PEFT, axolotl, LLaMA-Factory and ms-swift
     configurations into ``out_dir``; return the summary that is also written as ``selection.json``."""
     if mode not in ("top", "drop_bottom", "list"):
@@ -88,8 +109,17 @@ def export_selection(ranking: Ranking, names: Sequence[str], out_dir: str | Path
     if out.exists() and not out.is_dir():
         raise IlaError(f"export folder {out} exists and is not a folder")
 
-    ctx = export_context(ranking, in_ranking_order, chosen, r=r, alpha=alpha, dropout=dropout, mode=mode,
-                         fraction=fraction, ranking_path=ranking_path)
+    ctx = export_context(
+        ranking,
+        in_ranking_order,
+        chosen,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        mode=mode,
+        fraction=fraction,
+        ranking_path=ranking_path,
+    )
     files: dict[str, Any] = {}
     formats: dict[str, dict[str, Any]] = {}
     for writer in WRITERS:
@@ -118,14 +148,18 @@ def _write_files(out: Path, files: dict[str, Any], summary: dict[str, Any]) -> N
 def render_export(summary: dict[str, Any]) -> str:
     """The exported files and whether each expresses the selection exactly."""
     sel = "explicit list" if summary["mode"] == "list" else f"{summary['mode']} {summary['fraction']:g}"
-    lines = [f"exported {sel}: {summary['num_selected']} of {summary['num_layers']} layers -> {summary['out_dir']}"]
+    lines = [
+        f"exported {sel}: {summary['num_selected']} of {summary['num_layers']} layers -> {summary['out_dir']}"
+    ]
     formats = summary["formats"]
     w = max(len(n) for n in formats)
     lines.append(f"{'file'.ljust(w)}  {'method':6}  {'status':11}  reason")
     for name, f in formats.items():
         status = f["status"] if name in summary["written"] else "not written"
         lines.append(f"{name.ljust(w)}  {f['method']:6}  {status:11}  {f.get('reason') or ''}".rstrip())
-    lines.append(f"{'selection.json'.ljust(w)}  {'':6}  {'summary':11}  this table, the layers and the base model")
+    lines.append(
+        f"{'selection.json'.ljust(w)}  {'':6}  {'summary':11}  this table, the layers and the base model"
+    )
     for note in summary.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -22,7 +22,8 @@ _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
 def _axolotl_unfrozen(patterns: Sequence[str], params: Sequence[str]) -> set[str]:
-    """axolotl ``utils/freeze.py``: LayerNamePattern escapes every ``.`` not followed by ``+``, then re.match."""
+    """axolotl ``utils/freeze.py``: LayerNamePattern escapes every ``.`` not followed by ``+``, then
+    re.match."""
     compiled = [re.compile(re.sub(r"\.(?!\+)", "\\.", p)) for p in patterns]
     return {p for p in params if any(c.match(p) for c in compiled)}
 
@@ -31,8 +32,14 @@ def _write_lora(ctx: ExportContext) -> tuple[dict[str, Any], str]:
     axo: dict[str, Any] = {}
     if ctx.base_path:
         axo["base_model"] = ctx.base_path
-    axo.update(adapter="lora", lora_r=ctx.r, lora_alpha=ctx.int_alpha, lora_dropout=ctx.dropout,
-               lora_target_linear=False, lora_target_modules=ctx.model_order)
+    axo.update(
+        adapter="lora",
+        lora_r=ctx.r,
+        lora_alpha=ctx.int_alpha,
+        lora_dropout=ctx.dropout,
+        lora_target_linear=False,
+        lora_target_modules=ctx.model_order,
+    )
     text = _comment(
         f"""axolotl LoRA fragment: merge into an axolotl config (datasets, optimiser, ... are yours).
 {ctx.header}
@@ -42,9 +49,13 @@ lora_target_modules: axolotl hands this list to peft.LoraConfig(target_modules=.
 lora_target_linear: must stay false; true would add every linear module of the model.
 lora_r / lora_alpha / lora_dropout: rank, scaling numerator (scale = alpha / r) and dropout of LoRA.
 For full fine-tuning of the same layers use axolotl.full.yaml instead (not together with adapter: lora).
-""" + (f"{ctx.builtin_note}\n" if ctx.builtin_note else "")) + _yaml(axo)
-    entry = {"method": "lora", **_status(ctx.selected, _peft_list_matches(ctx.model_order, ctx.all_names),
-                                         "lora_target_modules")}
+"""
+        + (f"{ctx.builtin_note}\n" if ctx.builtin_note else "")
+    ) + _yaml(axo)
+    entry = {
+        "method": "lora",
+        **_status(ctx.selected, _peft_list_matches(ctx.model_order, ctx.all_names), "lora_target_modules"),
+    }
     if ctx.alpha_note:
         entry = _approx(entry, ctx.alpha_note)
     return entry, text
@@ -59,17 +70,26 @@ def _write_full(ctx: ExportContext) -> tuple[dict[str, Any], str]:
         axo_full["base_model"] = ctx.base_path
     axo_full["unfrozen_parameters"] = unfrozen
     text = _comment(
-        f"""axolotl full fine-tuning fragment: no adapter; every parameter is frozen except the selected weights.
+        "axolotl full fine-tuning fragment: no adapter; "
+        f"""every parameter is frozen except the selected weights.
 {ctx.header}
 unfrozen_parameters: regexes of parameter names (model.named_parameters()) to keep trainable; axolotl
   (src/axolotl/utils/freeze.py, freeze_layers_except) rewrites every '.' not followed by '+' to a literal
   '\\.' and applies re.match, so the dots below are deliberately unescaped and ^...$ anchors each name.
-""" + (f"{ctx.tied_note}\n" if ctx.tied_note else "")) + _yaml(axo_full)
+""" + (f"{ctx.tied_note}\n" if ctx.tied_note else "")
+    ) + _yaml(axo_full)
     if plain:
-        entry = _status(ctx.selected_params, _axolotl_unfrozen(unfrozen, ctx.all_params), "unfrozen_parameters")
+        entry = _status(
+            ctx.selected_params, _axolotl_unfrozen(unfrozen, ctx.all_params), "unfrozen_parameters"
+        )
     else:
-        entry = {"status": "none", "reason": "module names with characters other than letters, digits, _ and . "
-                                             "cannot be written as axolotl patterns", "trains": 0, "extra": 0}
+        entry = {
+            "status": "none",
+            "reason": "module names with characters other than letters, digits, _ and . "
+            "cannot be written as axolotl patterns",
+            "trains": 0,
+            "extra": 0,
+        }
     entry = {"method": "full", **entry}
     if ctx.tied_note:
         entry = _approx(entry, ctx.tied_note)

@@ -19,14 +19,18 @@ def check_layer_names(ranking: Ranking, names: Sequence[str]) -> None:
     ranking.check_names(names)
 
 
-def select_layers(ranking: Ranking, mode: Mode, fraction: float | None = None,
-                  layers: Sequence[str] = ()) -> list[str]:
+def select_layers(
+    ranking: Ranking, mode: Mode, fraction: float | None = None, layers: Sequence[str] = ()
+) -> list[str]:
     """The selected layer names in ranking order (:meth:`ila.ranking.Ranking.select`)."""
     return ranking.select(mode, fraction, layers)
 
 
-def default_export_dir(ranking_path: str | Path, mode: str, fraction: float | None, names: Sequence[str]) -> Path:
-    """``<ranking dir>/export-<mode>-<fraction>``; an explicit list gets a short digest of its names instead."""
+def default_export_dir(
+    ranking_path: str | Path, mode: str, fraction: float | None, names: Sequence[str]
+) -> Path:
+    """``<ranking dir>/export-<mode>-<fraction>``; an explicit list gets a short digest of its names
+    instead."""
     if mode == "list":
         tag = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:8]
         return Path(ranking_path).parent / f"export-list-{len(names)}-{tag}"

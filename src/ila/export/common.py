@@ -34,24 +34,24 @@ class ExportContext:
     mode: str
     fraction: float | None
     ranking_path: str | Path | None
-    layers: list[str]                 # the selected names in ranking order
-    chosen: list[Layer]               # the selected layers in model order
-    model_order: list[str]            # their names
+    layers: list[str]  # the selected names in ranking order
+    chosen: list[Layer]  # the selected layers in model order
+    model_order: list[str]  # their names
     selected: set[str]
-    all_names: list[str]              # every ranked layer: the universe each file is checked over
-    all_params: list[str]             # their weights' parameter names
-    weights: list[str]                # the selected layers' weights, in model order
+    all_names: list[str]  # every ranked layer: the universe each file is checked over
+    all_params: list[str]  # their weights' parameter names
+    weights: list[str]  # the selected layers' weights, in model order
     selected_params: set[str]
     n_blocks: int
     r: int
     alpha: float
     dropout: float
-    int_alpha: int                    # alpha for tools that take an integer, and the note if it was rounded
+    int_alpha: int  # alpha for tools that take an integer, and the note if it was rounded
     alpha_note: str | None
-    base_path: str | None             # what the tools load as the base model; None when they cannot
+    base_path: str | None  # what the tools load as the base model; None when they cannot
     builtin_note: str | None
     tied_note: str | None
-    header: str                       # the provenance lines every file's comment starts with
+    header: str  # the provenance lines every file's comment starts with
 
     @property
     def notes(self) -> list[str]:
@@ -71,9 +71,18 @@ class Writer:
     write: WriteFn
 
 
-def export_context(ranking: Ranking, layers: list[str], chosen: list[Layer], *, r: int, alpha: float,
-                   dropout: float, mode: str, fraction: float | None,
-                   ranking_path: str | Path | None) -> ExportContext:
+def export_context(
+    ranking: Ranking,
+    layers: list[str],
+    chosen: list[Layer],
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    mode: str,
+    fraction: float | None,
+    ranking_path: str | Path | None,
+) -> ExportContext:
     """The facts of exporting ``chosen`` (``layers`` in ranking order, as ``_normalise`` returns them)."""
     model_order = [layer.name for layer in chosen]
     all_names = [layer.name for layer in ranking.layers]
@@ -85,34 +94,60 @@ def export_context(ranking: Ranking, layers: list[str], chosen: list[Layer], *, 
     base_path = None if builtin or not base_name else str(base_name)
     builtin_note = None
     if builtin:
-        builtin_note = (f"the base model is the builtin {base_name!r}, which other tools cannot load by that name: "
-                        f"base_model_name_or_path is left empty; point the tools at the converted folder "
-                        f"(~/.cache/ila/models/{base_name}, or $ILA_CACHE/models/{base_name})")
+        builtin_note = (
+            f"the base model is the builtin {base_name!r}, which other tools cannot load by that name: "
+            f"base_model_name_or_path is left empty; point the tools at the converted folder "
+            f"(~/.cache/ila/models/{base_name}, or $ILA_CACHE/models/{base_name})"
+        )
     lm_head = [layer.name for layer in chosen if layer.block is None]
     tied_note = None
     if lm_head:
-        tied_note = (f"{lm_head[0]}.weight may be tied to the input embeddings; named_parameters() then lists it "
-                     f"under the embedding's name only, so a parameter pattern for {lm_head[0]}.weight matches nothing")
-    selection_text = (f"{'explicit list' if mode == 'list' else f'{mode} {fraction:g}'}: "
-                      f"{len(chosen)} of {ranking.num_layers} layers")
+        tied_note = (
+            f"{lm_head[0]}.weight may be tied to the input embeddings; named_parameters() then lists it "
+            f"under the embedding's name only, so a parameter pattern for {lm_head[0]}.weight matches nothing"
+        )
+    selection_text = (
+        f"{'explicit list' if mode == 'list' else f'{mode} {fraction:g}'}: "
+        f"{len(chosen)} of {ranking.num_layers} layers"
+    )
     source_text = f"ranking {ranking_path}" if ranking_path else "an ila ranking"
-    header = (f"Written by ila {__version__} (ila export) from {source_text}.\n"
-              f"Selection ({selection_text}) of base model {base_name or 'unknown'}.")
+    header = (
+        f"Written by ila {__version__} (ila export) from {source_text}.\n"
+        f"Selection ({selection_text}) of base model {base_name or 'unknown'}."
+    )
     int_alpha, alpha_note = _int_alpha(alpha)
     return ExportContext(
-        ranking=ranking, mode=mode, fraction=fraction, ranking_path=ranking_path, layers=layers, chosen=chosen,
-        model_order=model_order, selected=set(model_order), all_names=all_names,
-        all_params=[f"{n}.weight" for n in all_names], weights=weights, selected_params=set(weights),
-        n_blocks=n_blocks, r=r, alpha=alpha, dropout=dropout, int_alpha=int_alpha, alpha_note=alpha_note,
-        base_path=base_path, builtin_note=builtin_note, tied_note=tied_note, header=header,
+        ranking=ranking,
+        mode=mode,
+        fraction=fraction,
+        ranking_path=ranking_path,
+        layers=layers,
+        chosen=chosen,
+        model_order=model_order,
+        selected=set(model_order),
+        all_names=all_names,
+        all_params=[f"{n}.weight" for n in all_names],
+        weights=weights,
+        selected_params=set(weights),
+        n_blocks=n_blocks,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        int_alpha=int_alpha,
+        alpha_note=alpha_note,
+        base_path=base_path,
+        builtin_note=builtin_note,
+        tied_note=tied_note,
+        header=header,
     )
 
 
 def selection_summary(ctx: ExportContext, formats: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The ``selection.json`` envelope: the selection, the base model, and each file's status."""
     return {
-        **ctx.ranking.selection_record(ctx.layers, mode=ctx.mode, fraction=ctx.fraction,
-                                       ranking_path=ctx.ranking_path),
+        **ctx.ranking.selection_record(
+            ctx.layers, mode=ctx.mode, fraction=ctx.fraction, ranking_path=ctx.ranking_path
+        ),
         "num_selected": len(ctx.chosen),
         "lora": {"r": ctx.r, "alpha": ctx.alpha, "dropout": ctx.dropout},
         "formats": formats,
@@ -120,7 +155,7 @@ def selection_summary(ctx: ExportContext, formats: dict[str, dict[str, Any]]) ->
     }
 
 
-# -- what a file trains, compared with the selection ----------------------------------------------------------
+# -- what a file trains, compared with the selection -----------------------------------------------------
 
 
 def _peft_matches(config: Any, names: Sequence[str]) -> set[str]:
@@ -149,11 +184,18 @@ def _status(selected: set[str], trained: set[str], what: str) -> dict[str, Any]:
     missing = sorted(selected - trained)
     extra = sorted(trained - selected)
     if missing:
-        return {"status": "none", "reason": f"{what} would miss {len(missing)} selected layers, e.g. {missing[0]}",
-                "trains": len(trained & selected), "extra": len(extra)}
-    return {"status": "approximate",
-            "reason": f"{what} trains a superset: {len(extra)} unselected layers too, e.g. {extra[0]}",
-            "trains": len(trained), "extra": len(extra)}
+        return {
+            "status": "none",
+            "reason": f"{what} would miss {len(missing)} selected layers, e.g. {missing[0]}",
+            "trains": len(trained & selected),
+            "extra": len(extra),
+        }
+    return {
+        "status": "approximate",
+        "reason": f"{what} trains a superset: {len(extra)} unselected layers too, e.g. {extra[0]}",
+        "trains": len(trained),
+        "extra": len(extra),
+    }
 
 
 def _approx(entry: dict[str, Any], reason: str) -> dict[str, Any]:
@@ -165,7 +207,7 @@ def _approx(entry: dict[str, Any], reason: str) -> dict[str, Any]:
     return entry
 
 
-# -- formatting ------------------------------------------------------------------------------------------------
+# -- formatting ------------------------------------------------------------------------------------------
 
 
 def _yaml(data: dict[str, Any]) -> str:
@@ -176,8 +218,9 @@ def _comment(text: str, width: int = 110) -> str:
     """``text`` as ``#`` comment lines, long lines wrapped (continuations indented by two spaces)."""
     lines: list[str] = []
     for line in text.strip("\n").splitlines():
-        lines += textwrap.wrap(line, width=width, subsequent_indent="  ", break_long_words=False,
-                               break_on_hyphens=False) or [""]
+        lines += textwrap.wrap(
+            line, width=width, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False
+        ) or [""]
     return "".join(f"# {line}".rstrip() + "\n" for line in lines)
 
 

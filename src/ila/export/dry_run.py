@@ -29,7 +29,10 @@ def _model_layers(ranking: Ranking, model: nn.Module) -> list[Layer]:
 
 
 def _lora_count(model: nn.Module, names: list[str], r: int) -> tuple[int, int]:
-    """(trainable, total) as peft reports them for LoRA of rank ``r`` on ``names``; leaves ``model`` as it was."""
+    """(trainable, total) as peft reports them for LoRA of rank ``r`` on ``names``.
+
+    Leaves ``model`` as it was.
+    """
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation chatter from transformers/peft internals
@@ -57,8 +60,15 @@ def _full_count(model: nn.Module, names: list[str]) -> tuple[int, int]:
     return trainable, total
 
 
-def dry_run(ranking: Ranking, names: Sequence[str], model: nn.Module, method: Literal["lora", "full"] = "lora",
-            r: int = 8, *, model_name: str | None = None) -> dict[str, Any]:
+def dry_run(
+    ranking: Ranking,
+    names: Sequence[str],
+    model: nn.Module,
+    method: Literal["lora", "full"] = "lora",
+    r: int = 8,
+    *,
+    model_name: str | None = None,
+) -> dict[str, Any]:
     """Check that ``ranking`` is of ``model``, put the selection on it and count what would train.
 
     ``method="lora"``: LoRA of rank ``r`` on the selected modules (counted by peft, then removed again);
@@ -90,8 +100,17 @@ def dry_run(ranking: Ranking, names: Sequence[str], model: nn.Module, method: Li
     blocks: dict[str, dict[str, Any]] = {}
     for x in ranking.layers:
         key = x.block or x.name
-        b = blocks.setdefault(key, {"block": key, "index": x.block_index, "types": [], "selected": [],
-                                    "num_layers": 0, "num_selected": 0})
+        b = blocks.setdefault(
+            key,
+            {
+                "block": key,
+                "index": x.block_index,
+                "types": [],
+                "selected": [],
+                "num_layers": 0,
+                "num_selected": 0,
+            },
+        )
         b["types"].append(x.module_type)
         b["num_layers"] += 1
         per_type[x.module_type]["total"] += 1
@@ -128,20 +147,31 @@ def render_dry_run(result: dict[str, Any], selection_text: str) -> str:
     rows = result["blocks"]
     labels = [str(b["index"]) if b["index"] is not None else b["block"] for b in rows]
     label_w = max(len(x) for x in ["block", *labels])
-    out = [f"model      {result['model']}",
-           f"selection  {selection_text}: {result['num_selected']} of {result['num_layers']} layers",
-           "",
-           "block".rjust(label_w) + "  " + "  ".join(h.rjust(w) for h, w in zip(heads, width)) + "  selected"]
-    for b, label in zip(rows, labels):
+    out = [
+        f"model      {result['model']}",
+        f"selection  {selection_text}: {result['num_selected']} of {result['num_layers']} layers",
+        "",
+        "block".rjust(label_w)
+        + "  "
+        + "  ".join(h.rjust(w) for h, w in zip(heads, width, strict=True))
+        + "  selected",
+    ]
+    for b, label in zip(rows, labels, strict=True):
         cells = []
-        for t, w in zip(types, width):
+        for t, w in zip(types, width, strict=True):
             cell = ("x" if t in b["selected"] else ".") if t in b["types"] else " "
             cells.append(cell.rjust(w))
-        out.append(label.rjust(label_w) + "  " + "  ".join(cells) + f"  {b['num_selected']}/{b['num_layers']}")
+        out.append(
+            label.rjust(label_w) + "  " + "  ".join(cells) + f"  {b['num_selected']}/{b['num_layers']}"
+        )
     out.append("")
-    out.append("per module type: " + ", ".join(
-        f"{t} {c['selected']}/{c['total']}" for t, c in result["per_module_type"].items()))
-    what = f"LoRA r={result['r']}" if result["method"] == "lora" else "full fine-tuning of the selected weights"
+    out.append(
+        "per module type: "
+        + ", ".join(f"{t} {c['selected']}/{c['total']}" for t, c in result["per_module_type"].items())
+    )
+    what = (
+        f"LoRA r={result['r']}" if result["method"] == "lora" else "full fine-tuning of the selected weights"
+    )
     sel, every = result["selection"], result["all_layers"]
     out.append(f"trainable parameters ({what}):")
     out.append(f"  selection   {sel['trainable']:>14,}  {sel['percent']:7.3f} % of {sel['total']:,}")

@@ -21,7 +21,8 @@ from .common import ExportContext, Writer, _approx, _comment, _peft_list_matches
 
 
 def _llamafactory_freeze(trainable_layers: Sequence[str], params: Sequence[str]) -> set[str]:
-    """LLaMA-Factory ``_setup_freeze_tuning``: a parameter trains when any entry is a substring of its name."""
+    """LLaMA-Factory ``_setup_freeze_tuning``: a parameter trains when any entry is a substring of its
+    name."""
     return {p for p in params if any(t in p for t in trainable_layers)}
 
 
@@ -29,10 +30,16 @@ def _write_lora(ctx: ExportContext) -> tuple[dict[str, Any], str]:
     lf: dict[str, Any] = {}
     if ctx.base_path:
         lf["model_name_or_path"] = ctx.base_path
-    lf.update(finetuning_type="lora", lora_rank=ctx.r, lora_alpha=ctx.int_alpha, lora_dropout=ctx.dropout,
-              lora_target=",".join(ctx.model_order))
+    lf.update(
+        finetuning_type="lora",
+        lora_rank=ctx.r,
+        lora_alpha=ctx.int_alpha,
+        lora_dropout=ctx.dropout,
+        lora_target=",".join(ctx.model_order),
+    )
     text = _comment(
-        f"""LLaMA-Factory LoRA arguments: merge into a training YAML (stage, dataset, template, ... are yours).
+        "LLaMA-Factory LoRA arguments: merge into a training YAML "
+        f"""(stage, dataset, template, ... are yours).
 {ctx.header}
 lora_target: comma-separated module names. LLaMA-Factory splits it on commas and passes the list to
   peft.LoraConfig(target_modules=...) (src/llamafactory/model/adapter.py, _setup_lora_tuning); for text-only
@@ -40,10 +47,13 @@ lora_target: comma-separated module names. LLaMA-Factory splits it on commas and
   name equals an entry: these full names adapt exactly the selected layers. (For a registered multimodal
   model LLaMA-Factory instead adapts every module whose name contains an entry as a substring.)
 lora_rank / lora_alpha / lora_dropout: rank, scaling numerator and dropout of LoRA.
-""" + (f"{ctx.builtin_note}\n" if ctx.builtin_note else "")) + _yaml(lf)
-    entry = {"method": "lora", **_status(ctx.selected, _peft_list_matches(ctx.model_order, ctx.all_names),
-                                         "lora_target"),
-             "note": "exact for text-only models; multimodal models substring-match lora_target"}
+""" + (f"{ctx.builtin_note}\n" if ctx.builtin_note else "")
+    ) + _yaml(lf)
+    entry = {
+        "method": "lora",
+        **_status(ctx.selected, _peft_list_matches(ctx.model_order, ctx.all_names), "lora_target"),
+        "note": "exact for text-only models; multimodal models substring-match lora_target",
+    }
     if ctx.alpha_note:
         entry = _approx(entry, ctx.alpha_note)
     return entry, text
@@ -63,9 +73,16 @@ freeze_trainable_modules: comma-separated direct children of a block (e.g. self_
   _setup_freeze_tuning), i.e. every parameter of that child, biases and norms inside it included.
 freeze_extra_modules: modules outside the blocks to train too (e.g. lm_head)."""
     if not in_blocks:
-        entry = {"method": "freeze", "status": "none", "trains": 0, "extra": 0,
-                 "reason": "the selection has no layer inside a block; freeze tuning always trains >= 1 block"}
-        text = _comment(f"{intro}\nNOT EXPRESSIBLE: {entry['reason']}.\n") + _yaml({"finetuning_type": "freeze"})
+        entry = {
+            "method": "freeze",
+            "status": "none",
+            "trains": 0,
+            "extra": 0,
+            "reason": "the selection has no layer inside a block; freeze tuning always trains >= 1 block",
+        }
+        text = _comment(f"{intro}\nNOT EXPRESSIBLE: {entry['reason']}.\n") + _yaml(
+            {"finetuning_type": "freeze"}
+        )
         return entry, text
     indices = sorted({x.block_index for x in in_blocks})  # type: ignore[type-var]
     last_n = n_blocks - indices[0]
@@ -76,28 +93,37 @@ freeze_extra_modules: modules outside the blocks to train too (e.g. lm_head)."""
     trainable_layers = [f".{i}.{c}" for c in children for i in ids] + extra_modules
     trained = _llamafactory_freeze(trainable_layers, ctx.all_params)
     entry = {"method": "freeze", **_status(ctx.selected_params, trained, "freeze tuning")}
-    why_whole = (f"it trains every parameter of {', '.join(children)}, any bias or norm inside included "
-                 "(Llama-style blocks have none)")
+    why_whole = (
+        f"it trains every parameter of {', '.join(children)}, any bias or norm inside included "
+        "(Llama-style blocks have none)"
+    )
     if entry["status"] == "exact":
         entry = _approx(entry, why_whole)
-        verdict = ("SAME LAYERS: these arguments train exactly the selected layers' weights, but " + why_whole + ".")
+        verdict = (
+            "SAME LAYERS: these arguments train exactly the selected layers' weights, but " + why_whole + "."
+        )
     else:
         entry["reason"] = f"{entry['reason']}; {why_whole}"
         sel_blocks = ", ".join(str(i) for i in indices)
         span = f"the last {n}" if n > 0 else f"the first {-n}"
-        verdict = (f"NOT EXACT: freeze tuning can only train a contiguous run of the first or last N blocks and\n"
-                   f"whole children of each block. The selection touches blocks {sel_blocks} (of {n_blocks}) and\n"
-                   f"the children {', '.join(children)}; the closest expressible superset below trains {span}\n"
-                   f"blocks' {', '.join(children)}: {entry['trains']} layers, {entry['extra']} of them not selected.\n"
-                   f"For exactly the selected layers use llamafactory.yaml (LoRA), or a full fine-tuning\n"
-                   f"tool that takes parameter names (axolotl.full.yaml, swift.full.sh, parameters.txt).")
+        verdict = (
+            f"NOT EXACT: freeze tuning can only train a contiguous run of the first or last N blocks and\n"
+            f"whole children of each block. The selection touches blocks {sel_blocks} (of {n_blocks}) and\n"
+            f"the children {', '.join(children)}; the closest expressible superset below trains {span}\n"
+            f"blocks' {', '.join(children)}: {entry['trains']} layers, "
+            f"{entry['extra']} of them not selected.\n"
+            f"For exactly the selected layers use llamafactory.yaml (LoRA), or a full fine-tuning\n"
+            f"tool that takes parameter names (axolotl.full.yaml, swift.full.sh, parameters.txt)."
+        )
     if ctx.tied_note and extra_modules:
         entry = _approx(entry, ctx.tied_note)
         verdict += f"\n{ctx.tied_note}; LLaMA-Factory then refuses freeze_extra_modules: lm_head."
     lf: dict[str, Any] = {}
     if ctx.base_path:
         lf["model_name_or_path"] = ctx.base_path
-    lf.update(finetuning_type="freeze", freeze_trainable_layers=n, freeze_trainable_modules=",".join(children))
+    lf.update(
+        finetuning_type="freeze", freeze_trainable_layers=n, freeze_trainable_modules=",".join(children)
+    )
     if extra_modules:
         lf["freeze_extra_modules"] = ",".join(extra_modules)
     return entry, _comment(intro + "\n" + verdict + "\n") + _yaml(lf)

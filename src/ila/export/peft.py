@@ -18,9 +18,23 @@ from .common import ExportContext, Writer, _lora_config, _peft_matches, _status
 # peft.LoraConfig fields written to adapter_config.json. A whole LoraConfig.to_dict() carries every field
 # of the installed peft (40+ in peft 0.21), some of which older peft versions refuse; these load everywhere.
 _PEFT_KEYS = (
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "r", "lora_alpha",
-    "lora_dropout", "target_modules", "layers_to_transform", "layers_pattern", "bias", "fan_in_fan_out",
-    "init_lora_weights", "modules_to_save", "use_rslora", "use_dora",
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "bias",
+    "fan_in_fan_out",
+    "init_lora_weights",
+    "modules_to_save",
+    "use_rslora",
+    "use_dora",
 )
 
 
@@ -36,8 +50,15 @@ def _peft_dict(cfg: Any, order: list[str]) -> dict[str, Any]:
 
 
 def _lora_fields(ctx: ExportContext) -> dict[str, Any]:
-    return {"r": ctx.r, "lora_alpha": ctx.alpha, "lora_dropout": ctx.dropout, "bias": "none",
-            "task_type": "CAUSAL_LM", "base_model_name_or_path": ctx.base_path, "inference_mode": False}
+    return {
+        "r": ctx.r,
+        "lora_alpha": ctx.alpha,
+        "lora_dropout": ctx.dropout,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": ctx.base_path,
+        "inference_mode": False,
+    }
 
 
 def _write_exact(ctx: ExportContext) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -51,11 +72,17 @@ def _write_blocks(ctx: ExportContext) -> tuple[dict[str, Any], dict[str, Any] | 
     """Whole blocks, compactly; not written unless that trains exactly the selection."""
     blocks = whole_blocks(ctx.ranking, ctx.model_order)
     if isinstance(blocks, str):
-        return {"method": "lora", "status": "none", "reason": f"not whole blocks: {blocks}", "trains": 0,
-                "extra": 0}, None
+        return {
+            "method": "lora",
+            "status": "none",
+            "reason": f"not whole blocks: {blocks}",
+            "trains": 0,
+            "extra": 0,
+        }, None
     indices, types, pattern = blocks
-    cfg = _lora_config(target_modules=types, layers_to_transform=indices, layers_pattern=pattern,
-                       **_lora_fields(ctx))
+    cfg = _lora_config(
+        target_modules=types, layers_to_transform=indices, layers_pattern=pattern, **_lora_fields(ctx)
+    )
     entry = _status(ctx.selected, _peft_matches(cfg, ctx.all_names), "layers_to_transform")
     if entry["status"] == "exact":
         return {"method": "lora", **entry}, _peft_dict(cfg, types)

@@ -35,9 +35,9 @@ def _swift_script(header: str, base_path: str | None, tuner: str, args: list[str
         model_line = ': "${MODEL:?set MODEL to the base model id or folder}"'
     lines = [
         "#!/usr/bin/env bash",
-        _comment(f"""ms-swift {'LoRA' if tuner == 'lora' else 'full fine-tuning'} of the selected layers.
+        _comment(f"""ms-swift {"LoRA" if tuner == "lora" else "full fine-tuning"} of the selected layers.
 {header}
-Usage: MODEL=<base model id or folder> bash {'swift.sh' if tuner == 'lora' else 'swift.full.sh'} \\
+Usage: MODEL=<base model id or folder> bash {"swift.sh" if tuner == "lora" else "swift.full.sh"} \\
          --dataset ... [more swift sft arguments]
 {explain}
 TUNER_FLAG: ms-swift 3.x calls the tuner flag --train_type; ms-swift 4 renamed it --tuner_type: set
@@ -56,15 +56,29 @@ TUNER_FLAG: ms-swift 3.x calls the tuner flag --train_type; ms-swift 4 renamed i
 def _write_lora(ctx: ExportContext) -> tuple[dict[str, Any], str]:
     target_regex = _alternation(ctx.model_order)
     text = _swift_script(
-        ctx.header, ctx.base_path, "lora",
-        ["--lora_rank", str(ctx.r), "--lora_alpha", str(ctx.int_alpha), "--lora_dropout", f"{ctx.dropout:g}",
-         "--target_regex", target_regex],
-        """--target_regex: a regex of module names; it overrides --target_modules and ms-swift hands it to peft as
+        ctx.header,
+        ctx.base_path,
+        "lora",
+        [
+            "--lora_rank",
+            str(ctx.r),
+            "--lora_alpha",
+            str(ctx.int_alpha),
+            "--lora_dropout",
+            f"{ctx.dropout:g}",
+            "--target_regex",
+            target_regex,
+        ],
+        "--target_regex: a regex of module names; it overrides --target_modules "
+        """and ms-swift hands it to peft as
   a string target_modules, which peft matches with re.fullmatch against each full module name: exactly
   the selected layers get LoRA (^...$ alternation of the escaped names).
---lora_rank / --lora_alpha / --lora_dropout: rank, scaling numerator and dropout of LoRA.""")
-    entry = {"method": "lora", **_status(ctx.selected, _swift_targets(target_regex, ctx.all_names),
-                                         "--target_regex")}
+--lora_rank / --lora_alpha / --lora_dropout: rank, scaling numerator and dropout of LoRA.""",
+    )
+    entry = {
+        "method": "lora",
+        **_status(ctx.selected, _swift_targets(target_regex, ctx.all_names), "--target_regex"),
+    }
     if ctx.alpha_note:
         entry = _approx(entry, ctx.alpha_note)
     return entry, text
@@ -74,13 +88,24 @@ def _write_full(ctx: ExportContext) -> tuple[dict[str, Any], str]:
     """Full fine-tuning of the selected weights."""
     trainable_regex = _alternation(ctx.weights)
     text = _swift_script(
-        ctx.header, ctx.base_path, "full",
+        ctx.header,
+        ctx.base_path,
+        "full",
         ["--freeze_parameters_ratio", "1", "--trainable_parameters_regex", trainable_regex],
-        """--freeze_parameters_ratio 1: freeze every parameter; --trainable_parameters_regex: then make trainable
+        "--freeze_parameters_ratio 1: freeze every parameter; "
+        """--trainable_parameters_regex: then make trainable
   again each parameter whose name matches (re.search; ^...$ anchors the escaped weight names), which takes
-  precedence over the freezing (ms-swift docs, Full Arguments).""" + (f"\n{ctx.tied_note}" if ctx.tied_note else ""))
-    entry = {"method": "full", **_status(ctx.selected_params, _swift_trainable(trainable_regex, ctx.all_params),
-                                         "--trainable_parameters_regex")}
+  precedence over the freezing (ms-swift docs, Full Arguments)."""
+        + (f"\n{ctx.tied_note}" if ctx.tied_note else ""),
+    )
+    entry = {
+        "method": "full",
+        **_status(
+            ctx.selected_params,
+            _swift_trainable(trainable_regex, ctx.all_params),
+            "--trainable_parameters_regex",
+        ),
+    }
     if ctx.tied_note:
         entry = _approx(entry, ctx.tied_note)
     return entry, text
