@@ -15,7 +15,11 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 def test_defaults_are_valid():
     cfg = load_config()
     assert isinstance(cfg, RunConfig)
-    assert cfg.stage2.optimizer == "sgd" and cfg.stage2.budget_lambda == 0.0 and cfg.stage2.budget_fraction == 0.5
+    assert (
+        cfg.stage2.optimizer == "sgd"
+        and cfg.stage2.budget_lambda == 0.0
+        and cfg.stage2.budget_fraction == 0.5
+    )
     assert cfg.stage1.milestones == [0.25, 0.5, 0.75, 1.0]
 
 
@@ -30,27 +34,38 @@ def test_every_shipped_config_loads(path):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["stage2.learning_rate=0.1", "lora.include_lm_head=true", "data.max_examples=null",
-                             "stage1.milestones=[0.5, 1.0]", "stage2.milestone=50"])
+    cfg = load_config(
+        None,
+        [
+            "stage2.learning_rate=0.1",
+            "lora.include_lm_head=true",
+            "data.max_examples=null",
+            "stage1.milestones=[0.5, 1.0]",
+            "stage2.milestone=50",
+        ],
+    )
     assert cfg.stage2.learning_rate == 0.1 and cfg.lora.include_lm_head is True
     assert cfg.data.max_examples is None and cfg.stage1.milestones == [0.5, 1.0]
     assert cfg.stage2.milestone == "50"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("stage2.learnig_rate=0.1", "stage2.learnig_rate"),
-    ("nonsense=1", "nonsense"),
-    ("stage3.selection.fraction=1.5", "stage3.selection.fraction"),
-    ("stage1.train.max_steps=0", "stage1.train.max_steps"),
-    ("stage1.train.max_steps=ten", "stage1.train.max_steps"),
-    ("lora.r=2.5", "lora.r"),
-    ("data.format=csv", "data.format"),
-    ("stage1.milestones=[0.5, 0.25]", "stage1.milestones"),
-    ("stage2.optimizer=lion", "stage2.optimizer"),
-    ("lora.include_lm_head=maybe", "lora.include_lm_head"),
-    ("stage2.budget_fraction=.nan", "stage2.budget_fraction"),
-    ("stage3.selection.layers=[a]", "stage3.selection.layers"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("stage2.learnig_rate=0.1", "stage2.learnig_rate"),
+        ("nonsense=1", "nonsense"),
+        ("stage3.selection.fraction=1.5", "stage3.selection.fraction"),
+        ("stage1.train.max_steps=0", "stage1.train.max_steps"),
+        ("stage1.train.max_steps=ten", "stage1.train.max_steps"),
+        ("lora.r=2.5", "lora.r"),
+        ("data.format=csv", "data.format"),
+        ("stage1.milestones=[0.5, 0.25]", "stage1.milestones"),
+        ("stage2.optimizer=lion", "stage2.optimizer"),
+        ("lora.include_lm_head=maybe", "lora.include_lm_head"),
+        ("stage2.budget_fraction=.nan", "stage2.budget_fraction"),
+        ("stage3.selection.layers=[a]", "stage3.selection.layers"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
@@ -82,6 +97,19 @@ def test_yaml_file_errors(tmp_path):
         load_config(evil)
 
 
+@pytest.mark.parametrize(
+    "text, message", [("runs: [unclosed\n", "not valid YAML"), ("- a\n- b\n", "a mapping")]
+)
+def test_a_bad_study_file_is_a_config_error(tmp_path, text, message):
+    """A study config is read as strictly as a run config: a clear error, not a YAML traceback."""
+    from ila.study import load_study
+
+    bad = tmp_path / "study.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=f"study config .*{message}"):
+        load_study(bad)
+
+
 def test_config_hash_tracks_content():
     a, b = load_config(), load_config(None, ["stage2.steps=7"])
     assert a.sha256() == load_config().sha256() and a.sha256() != b.sha256()
@@ -98,5 +126,8 @@ def test_exponent_without_dot_is_a_number(tmp_path):
 def test_a_plain_sgd_learning_rate_with_the_normalised_step_is_refused():
     with pytest.raises(ConfigError, match="stage2.learning_rate.*normalise_step"):
         load_config(None, ["stage2.learning_rate=100"])
-    assert load_config(None, ["stage2.learning_rate=100", "stage2.normalise_step=false"]).stage2.learning_rate == 100
+    assert (
+        load_config(None, ["stage2.learning_rate=100", "stage2.normalise_step=false"]).stage2.learning_rate
+        == 100
+    )
     assert load_config(None, ["stage2.learning_rate=100", "stage2.optimizer=adam"]).stage2.optimizer == "adam"

@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +21,7 @@ import yaml
 
 from .errors import ConfigError
 from .scorers import SCORER_NAMES
+from .strict import apply_overrides, from_dict, read_yaml_mapping
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -53,7 +52,9 @@ class ModelConfig:
         _require(bool(self.name.strip()), prefix, "name", "must not be empty")
         _require(
             self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] in ("cuda", "mps"),
-            prefix, "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+            prefix,
+            "device",
+            f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
 
 
@@ -69,7 +70,7 @@ class DataConfig:
     subset: str | None = None
     """Configuration name for ``datasets`` Hub datasets."""
     template: Literal["auto", "chat", "plain"] = "auto"
-    """``auto`` uses the tokenizer's chat template when it has one, the documented plain template otherwise."""
+    """``auto`` uses the tokenizer's chat template when it has one, else the documented plain template."""
     max_length: int = 256
     """Tokens per example; longer examples are truncated, and dropped if no response token remains."""
     max_examples: int | None = 2000
@@ -84,12 +85,24 @@ class DataConfig:
     def validate(self, prefix: str) -> None:
         _require(bool(self.name.strip()), prefix, "name", "must not be empty")
         _require(self.max_length >= 8, prefix, "max_length", f"must be >= 8, got {self.max_length}")
-        _require(self.max_examples is None or self.max_examples >= 1, prefix, "max_examples",
-                 f"must be >= 1 or null, got {self.max_examples}")
-        _require(0.0 <= self.heldout_fraction < 1.0, prefix, "heldout_fraction",
-                 f"must be in [0, 1), got {self.heldout_fraction}")
-        _require(self.max_heldout_examples is None or self.max_heldout_examples >= 0, prefix,
-                 "max_heldout_examples", f"must be >= 0 or null, got {self.max_heldout_examples}")
+        _require(
+            self.max_examples is None or self.max_examples >= 1,
+            prefix,
+            "max_examples",
+            f"must be >= 1 or null, got {self.max_examples}",
+        )
+        _require(
+            0.0 <= self.heldout_fraction < 1.0,
+            prefix,
+            "heldout_fraction",
+            f"must be in [0, 1), got {self.heldout_fraction}",
+        )
+        _require(
+            self.max_heldout_examples is None or self.max_heldout_examples >= 0,
+            prefix,
+            "max_heldout_examples",
+            f"must be >= 0 or null, got {self.max_heldout_examples}",
+        )
 
 
 @dataclass
@@ -103,14 +116,18 @@ class LoraConfig:
     include_lm_head: bool = False
     """Adapt ``lm_head`` too (the paper's 225 layers of LLaMA-2-7B include it). Recorded with every result."""
     module_types: list[str] | None = None
-    """Restrict layers to these module types (e.g. ``[q_proj, v_proj]``); null means every linear projection."""
+    """Restrict layers to these module types (e.g. ``[q_proj, v_proj]``); null: every linear projection."""
 
     def validate(self, prefix: str) -> None:
         _require(self.r >= 1, prefix, "r", f"must be >= 1, got {self.r}")
         _require(self.alpha > 0, prefix, "alpha", f"must be > 0, got {self.alpha}")
         _require(0.0 <= self.dropout < 1.0, prefix, "dropout", f"must be in [0, 1), got {self.dropout}")
-        _require(self.module_types is None or len(self.module_types) > 0, prefix, "module_types",
-                 "must be null or a non-empty list")
+        _require(
+            self.module_types is None or len(self.module_types) > 0,
+            prefix,
+            "module_types",
+            "must be null or a non-empty list",
+        )
 
 
 @dataclass
@@ -145,7 +162,12 @@ class TrainConfig:
         _require(self.batch_size >= 1, prefix, "batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.grad_accum >= 1, prefix, "grad_accum", f"must be >= 1, got {self.grad_accum}")
         _require(self.learning_rate > 0, prefix, "learning_rate", f"must be > 0, got {self.learning_rate}")
-        _require(0.0 <= self.warmup_ratio < 1.0, prefix, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _require(
+            0.0 <= self.warmup_ratio < 1.0,
+            prefix,
+            "warmup_ratio",
+            f"must be in [0, 1), got {self.warmup_ratio}",
+        )
         _require(self.weight_decay >= 0, prefix, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(self.max_grad_norm >= 0, prefix, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         _require(self.logging_steps >= 1, prefix, "logging_steps", f"must be >= 1, got {self.logging_steps}")
@@ -159,7 +181,8 @@ class Stage1Config:
 
     method: Literal["lora", "full"] = "lora"
     """``lora``: a LoRA adapter on every layer (Delta = scaling * B A). ``full``: full fine-tuning of every
-    layer's weights (Delta = W_T - W_0); embeddings and norms stay frozen so that all gates at 0 give theta_0."""
+    layer's weights (Delta = W_T - W_0); embeddings and norms stay frozen so that all gates at 0 give
+    theta_0."""
     train: TrainConfig = field(default_factory=TrainConfig)
     milestones: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     """Fractions of the planned steps at which the adapter is saved (``stage1/milestone-050`` ...)."""
@@ -171,8 +194,8 @@ class Stage1Config:
     """Stop stage 1 at the first stable window instead of running the planned schedule."""
     stability_criterion: Literal["update", "ranking"] = "update"
     """[spec] What must settle: ``update`` is r_t <= epsilon above; ``ranking`` compares the top
-    ``stability_fraction`` of layers ranked by update norm ||Delta_i||_F (free to compute) with the same set one
-    window earlier, and is stable when their Jaccard overlap is >= 1 - epsilon for ``stability_patience``
+    ``stability_fraction`` of layers ranked by update norm ||Delta_i||_F (free to compute) with the same set
+    one window earlier, and is stable when their Jaccard overlap is >= 1 - epsilon for ``stability_patience``
     windows in a row."""
     stability_fraction: float = 0.3
     stability_patience: int = 2
@@ -182,8 +205,12 @@ class Stage1Config:
         _require(len(self.milestones) > 0, prefix, "milestones", "must list at least one fraction")
         for m in self.milestones:
             _require(0.0 < m <= 1.0, prefix, "milestones", f"every milestone must be in (0, 1], got {m}")
-        _require(sorted(set(self.milestones)) == list(self.milestones), prefix, "milestones",
-                 f"must be increasing without repeats, got {self.milestones}")
+        _require(
+            sorted(set(self.milestones)) == list(self.milestones),
+            prefix,
+            "milestones",
+            f"must be increasing without repeats, got {self.milestones}",
+        )
         _require(self.stability_window >= 1, prefix, "stability_window", "must be >= 1")
         _require(self.stability_epsilon > 0, prefix, "stability_epsilon", "must be > 0")
         _require(0 < self.stability_fraction <= 1, prefix, "stability_fraction", "must be in (0, 1]")
@@ -204,25 +231,26 @@ class Stage2Config:
     position_from: Literal["last", "first"] = "last"
     """For the ``position`` scorer: rank the last blocks first, or the first blocks first."""
     milestone: str = "last"
-    """Which stage-1 adapter to score: ``last``, a milestone such as ``50`` (percent), or an adapter folder."""
+    """Which stage-1 adapter to score: ``last``, a milestone such as ``50`` (percent), or a folder."""
     steps: int = 100
     """[spec] A fixed number of optimiser steps on the scores."""
     batch_size: int = 4
     grad_accum: int = 1
     optimizer: Literal["adam", "sgd"] = "sgd"
-    """[spec] Optimiser of the scores. Plain SGD keeps the size of each layer's cumulative gradient in its score;
-    Adam normalises every score's step, so without a penalty the layers whose gradients keep one sign rise at the
-    same rate and their order is left to noise. Settled by measurement (docs/method.md, "Choosing the
-    optimiser"): SGD without a penalty was as seed-stable as Adam with one, found planted updates as well, and
-    leaves the gate of a zero update where it started."""
+    """[spec] Optimiser of the scores. Plain SGD keeps the size of each layer's cumulative gradient in its
+    score; Adam normalises every score's step, so without a penalty the layers whose gradients keep one sign
+    rise at the same rate and their order is left to noise. Settled by measurement (docs/method.md, "Choosing
+    the optimiser"): SGD without a penalty was as seed-stable as Adam with one, found planted updates as well,
+    and leaves the gate of a zero update where it started."""
     learning_rate: float = 0.05
     """[spec] Learning rate of the scores. With SGD and ``normalise_step`` it is the largest score move of the
-    first step, on any model; it sets how far the scores travel, not their order (keep it small enough that the
-    gates do not saturate: 100 steps move a score by at most about 100 x this). With Adam about 0.05 too."""
+    first step, on any model; it sets how far the scores travel, not their order (keep it small enough that
+    the gates do not saturate: 100 steps move a score by at most about 100 x this). With Adam about 0.05
+    too."""
     normalise_step: bool = True
-    """[spec] SGD only: divide every step by the largest score gradient of the first step, so that the step does
-    not depend on the model's gradient scale (see ila.gates.ScoreSGD and docs/method.md, "The step size"). Off:
-    plain SGD, whose learning rate must then fit the model (about 100 on SmolLM2-135M)."""
+    """[spec] SGD only: divide every step by the largest score gradient of the first step, so that the step
+    does not depend on the model's gradient scale (see ila.gates.ScoreSGD and docs/method.md, "The step
+    size"). Off: plain SGD, whose learning rate must then fit the model (about 100 on SmolLM2-135M)."""
     init_mean: float = 0.0
     """[spec] s starts at init_mean (gate 0.5 for 0) ..."""
     init_std: float = 0.01
@@ -235,36 +263,59 @@ class Stage2Config:
     precision: Precision = "fp32"
     logging_steps: int = 5
     response_logits_only: bool = True
-    """As ``train.response_logits_only`` of stages 1 and 3: the output head only where a response token follows."""
+    """As ``train.response_logits_only`` of stages 1 and 3: the output head only where a response token
+    follows."""
 
     def as_train_config(self) -> TrainConfig:
         """Stage 2's schedule in the form every stage's training takes: a constant learning rate, no warm-up,
         no weight decay and no gradient clipping (clipping would rescale all score gradients together and
         change their ratios)."""
         return TrainConfig(
-            max_steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
-            learning_rate=self.learning_rate, lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0,
-            max_grad_norm=0.0, precision=self.precision, logging_steps=self.logging_steps,
-            eval_heldout=False, response_logits_only=self.response_logits_only,
+            max_steps=self.steps,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            learning_rate=self.learning_rate,
+            lr_scheduler="constant",
+            warmup_ratio=0.0,
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+            precision=self.precision,
+            logging_steps=self.logging_steps,
+            eval_heldout=False,
+            response_logits_only=self.response_logits_only,
         )
 
     def validate(self, prefix: str) -> None:
-        _require(self.scorer in SCORER_NAMES, prefix, "scorer",
-                 f"must be one of {', '.join(SCORER_NAMES)}, got {self.scorer!r}")
+        _require(
+            self.scorer in SCORER_NAMES,
+            prefix,
+            "scorer",
+            f"must be one of {', '.join(SCORER_NAMES)}, got {self.scorer!r}",
+        )
         _require(self.steps >= 1, prefix, "steps", f"must be >= 1, got {self.steps}")
-        _require(self.sample_batches >= 1, prefix, "sample_batches", f"must be >= 1, got {self.sample_batches}")
+        _require(
+            self.sample_batches >= 1, prefix, "sample_batches", f"must be >= 1, got {self.sample_batches}"
+        )
         _require(self.batch_size >= 1, prefix, "batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.grad_accum >= 1, prefix, "grad_accum", f"must be >= 1, got {self.grad_accum}")
         _require(self.learning_rate > 0, prefix, "learning_rate", f"must be > 0, got {self.learning_rate}")
         # A config written for plain SGD (learning rate 100) would move a normalised score by 100 at once,
         # where sigmoid is flat: say so instead of returning a ranking frozen by the first batch.
-        _require(not (self.optimizer == "sgd" and self.normalise_step and self.learning_rate > 5), prefix,
-                 "learning_rate", f"{self.learning_rate} with normalise_step is the largest score move of the first "
-                 "step, and a gate saturates beyond |s| = 5; use about 0.05, or set normalise_step: false for plain "
-                 "SGD")
+        _require(
+            not (self.optimizer == "sgd" and self.normalise_step and self.learning_rate > 5),
+            prefix,
+            "learning_rate",
+            f"{self.learning_rate} with normalise_step is the largest score move of the first "
+            "step, and a gate saturates beyond |s| = 5; use about 0.05, or set normalise_step: false for "
+            "plain SGD",
+        )
         _require(self.init_std >= 0, prefix, "init_std", f"must be >= 0, got {self.init_std}")
-        _require(0.0 < self.budget_fraction <= 1.0, prefix, "budget_fraction",
-                 f"must be in (0, 1], got {self.budget_fraction}")
+        _require(
+            0.0 < self.budget_fraction <= 1.0,
+            prefix,
+            "budget_fraction",
+            f"must be in (0, 1], got {self.budget_fraction}",
+        )
         _require(self.budget_lambda >= 0, prefix, "budget_lambda", f"must be >= 0, got {self.budget_lambda}")
         _require(self.logging_steps >= 1, prefix, "logging_steps", "must be >= 1")
         if self.milestone not in ("last",):
@@ -292,7 +343,9 @@ class SelectionConfig:
         if self.mode == "drop_bottom":
             _require(self.fraction < 1.0, prefix, "fraction", "drop_bottom 1.0 would tune nothing")
         if self.mode == "list":
-            _require(len(self.layers) > 0, prefix, "layers", "mode list needs a non-empty list of layer names")
+            _require(
+                len(self.layers) > 0, prefix, "layers", "mode list needs a non-empty list of layer names"
+            )
         else:
             _require(len(self.layers) == 0, prefix, "layers", f"is only used with mode list, not {self.mode}")
 
@@ -327,7 +380,7 @@ class RunConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     stage3: Stage3Config = field(default_factory=Stage3Config)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         self.model.validate("model.")
         self.data.validate("data.")
         self.lora.validate("lora.")
@@ -336,16 +389,24 @@ class RunConfig:
         self.stage3.validate("stage3.")
         for stage in ("stage1", "stage3"):
             if getattr(self, stage).train.precision == "fp16" and self.model.device == "cpu":
-                raise ConfigError(f"{stage}.train.precision: fp16 mixed precision needs CUDA; use bf16 or fp32 on the CPU")
+                raise ConfigError(
+                    f"{stage}.train.precision: fp16 mixed precision needs CUDA; use bf16 or fp32 on the CPU"
+                )
         if self.model.quantization != "none":
             if self.model.device == "cpu":
-                raise ConfigError("model.quantization: 4-bit and 8-bit bases (bitsandbytes) need CUDA, not the CPU")
+                raise ConfigError(
+                    "model.quantization: 4-bit and 8-bit bases (bitsandbytes) need CUDA, not the CPU"
+                )
             for stage in ("stage1", "stage3"):
                 if getattr(self, stage).method == "full":
-                    raise ConfigError(f"{stage}.method: full fine-tuning cannot train quantized weights; use "
-                                      "lora (QLoRA) or model.quantization: none")
+                    raise ConfigError(
+                        f"{stage}.method: full fine-tuning cannot train quantized weights; use "
+                        "lora (QLoRA) or model.quantization: none"
+                    )
         if self.stage2.precision == "fp16" and self.model.device == "cpu":
-            raise ConfigError("stage2.precision: fp16 mixed precision needs CUDA; use bf16 or fp32 on the CPU")
+            raise ConfigError(
+                "stage2.precision: fp16 mixed precision needs CUDA; use bf16 or fp32 on the CPU"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -366,7 +427,11 @@ class RunConfig:
         common = {k: d[k] for k in ("seed", "model", "data", "lora")}
         # The device and cache location do not change what a stage computes.
         common["model"] = {k: v for k, v in common["model"].items() if k not in ("device", "cache_dir")}
-        parts = {"stage1": ["stage1"], "stage2": ["stage1", "stage2"], "stage3": ["stage1", "stage2", "stage3"]}[stage]
+        parts = {
+            "stage1": ["stage1"],
+            "stage2": ["stage1", "stage2"],
+            "stage3": ["stage1", "stage2", "stage3"],
+        }[stage]
         blob = json.dumps({**common, **{k: d[k] for k in parts}}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -379,125 +444,8 @@ def _require(ok: bool, prefix: str, key: str, message: str) -> None:
         raise ConfigError(f"{prefix}{key}: {message}")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Strict construction from plain data
-
-
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from nested dicts, rejecting unknown keys and wrongly typed values."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key (valid keys under {prefix.rstrip('.') or 'the top level'}: "
-            f"{', '.join(sorted(fields))})"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        errors = []
-        for a in non_none:
-            try:
-                return _coerce(a, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return {str(k): _coerce(args[1], v if v is not None else [], f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads `2e-4` (no dot) as a string: accept any spelling Python reads as a number.
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{key}: must be finite, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. `milestone: 50`
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this module, not user input
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides to nested dicts; values are parsed as YAML (``0.5``, ``true``, ``[a, b]``)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. stage2.learning_rate=0.1")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set {item!r}: empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: cannot parse {raw!r}: {e}") from None
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"{key}: {part} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML run config (or the defaults when ``path`` is None), apply overrides, validate strictly."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    data = read_yaml_mapping(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data).validate()

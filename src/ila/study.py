@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .artifacts import read_json, write_json_atomic, write_text_atomic
-from .rundir import RunDir, milestone_name
-from .config import from_dict, load_config
+from .artifacts import write_json_atomic, write_text_atomic
+from .config import load_config
 from .errors import ConfigError
 from .ranking import Ranking
+from .rundir import RunDir, milestone_name
+from .strict import from_dict, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ class StudyConfig:
     milestone beside the ILA gates: their rankings are compared across datasets and seeds like ILA's, and
     with ILA's."""
 
-    def validate(self) -> "StudyConfig":
+    def validate(self) -> StudyConfig:
         if not self.models:
             raise ConfigError("models: name at least one model")
         if not self.seeds:
@@ -75,16 +74,15 @@ class StudyConfig:
         for scorer in self.scorers:
             if scorer not in SCORER_NAMES or scorer == "ila":
                 others = ", ".join(n for n in SCORER_NAMES if n != "ila")
-                raise ConfigError(f"scorers: unknown scorer {scorer!r} (choose from {others}; ila always runs)")
+                raise ConfigError(
+                    f"scorers: unknown scorer {scorer!r} (choose from {others}; ila always runs)"
+                )
         return self
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"study config {p} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
-    cfg = from_dict(StudyConfig, data).validate()
+    cfg = from_dict(StudyConfig, read_yaml_mapping(p, "study config")).validate()
     cfg.overrides = cfg.overrides + list(overrides or [])
     base = Path(cfg.base)
     if not base.is_absolute() and not base.is_file():
@@ -122,10 +120,17 @@ def planned_runs(cfg: StudyConfig) -> list[StudyRun]:
 
 
 def _run_config(cfg: StudyConfig, run: StudyRun) -> Any:
-    overrides = cfg.overrides + cfg.models[run.model] + [
-        f"model.name={run.model}", f"data.name={run.dataset}", f"seed={run.seed}", f"data.seed={run.seed}",
-        "stage1.milestones=[" + ", ".join(f"{m:g}" for m in sorted(set(cfg.milestones) | {1.0})) + "]",
-    ]
+    overrides = (
+        cfg.overrides
+        + cfg.models[run.model]
+        + [
+            f"model.name={run.model}",
+            f"data.name={run.dataset}",
+            f"seed={run.seed}",
+            f"data.seed={run.seed}",
+            "stage1.milestones=[" + ", ".join(f"{m:g}" for m in sorted(set(cfg.milestones) | {1.0})) + "]",
+        ]
+    )
     return load_config(cfg.base, overrides)
 
 
@@ -160,8 +165,7 @@ def execute(cfg: StudyConfig, out: Path) -> dict[str, dict[str, Path]]:
             target = ranking_file(out, run, last, scorer)
             if not target.is_file():
                 log.info("study: %s scores of %s", scorer, run.key)
-                stage2(rc, target.parent.parent, adapter=RunDir(run_dir).milestone(last),
-                       scorer=scorer)
+                stage2(rc, target.parent.parent, adapter=RunDir(run_dir).milestone(last), scorer=scorer)
             done[run.key][f"{milestone_name(last)}:{scorer}"] = target
     return done
 
@@ -179,8 +183,13 @@ def _summarise(result: dict[str, Any], fraction: float) -> dict[str, Any]:
         es.append(o["expected_random"])
         ps.append(o["p_value"])
     rho = [p["spearman"] for p in result["pairs"] if p["spearman"] is not None]
-    return {"pairs": len(js), "mean_jaccard": sum(js) / len(js), "mean_random": sum(es) / len(es),
-            "max_p_value": max(ps), "mean_spearman": sum(rho) / len(rho) if rho else None}
+    return {
+        "pairs": len(js),
+        "mean_jaccard": sum(js) / len(js),
+        "mean_random": sum(es) / len(es),
+        "max_p_value": max(ps),
+        "mean_spearman": sum(rho) / len(rho) if rho else None,
+    }
 
 
 def analyse(cfg: StudyConfig, files: dict[str, dict[str, Path]], out: Path) -> dict[str, Any]:
@@ -202,68 +211,131 @@ def analyse(cfg: StudyConfig, files: dict[str, dict[str, Path]], out: Path) -> d
             paper[name] = figure
 
     align = cfg.alignment
-    add("alignment datasets", [load(first_model, d, seed0) for d in align], [_slug(d) for d in align],
-        PAPER["datasets"])
+    add(
+        "alignment datasets",
+        [load(first_model, d, seed0) for d in align],
+        [_slug(d) for d in align],
+        PAPER["datasets"],
+    )
     if len(cfg.reasoning) >= 2:
-        add("reasoning datasets", [load(first_model, d, seed0) for d in cfg.reasoning], [_slug(d) for d in cfg.reasoning],
-            PAPER["reasoning"])
+        add(
+            "reasoning datasets",
+            [load(first_model, d, seed0) for d in cfg.reasoning],
+            [_slug(d) for d in cfg.reasoning],
+            PAPER["reasoning"],
+        )
     if cfg.reasoning:
-        add("alignment vs reasoning", [load(first_model, cfg.seed_dataset, seed0), load(first_model, cfg.reasoning[0], seed0)],
-            [_slug(cfg.seed_dataset), _slug(cfg.reasoning[0])])
-    add("seeds", [load(first_model, cfg.seed_dataset, s) for s in cfg.seeds], [f"seed{s}" for s in cfg.seeds],
-        PAPER["seeds"])
+        add(
+            "alignment vs reasoning",
+            [load(first_model, cfg.seed_dataset, seed0), load(first_model, cfg.reasoning[0], seed0)],
+            [_slug(cfg.seed_dataset), _slug(cfg.reasoning[0])],
+        )
+    add(
+        "seeds",
+        [load(first_model, cfg.seed_dataset, s) for s in cfg.seeds],
+        [f"seed{s}" for s in cfg.seeds],
+        PAPER["seeds"],
+    )
     for m in cfg.milestones:
         if milestone_name(m) != last:
-            add(f"milestone {milestone_name(m)}% vs {last}%",
-                [load(first_model, cfg.seed_dataset, seed0, milestone_name(m)), load(first_model, cfg.seed_dataset, seed0)],
-                [f"{milestone_name(m)}%", f"{last}%"], PAPER["milestone"])
+            add(
+                f"milestone {milestone_name(m)}% vs {last}%",
+                [
+                    load(first_model, cfg.seed_dataset, seed0, milestone_name(m)),
+                    load(first_model, cfg.seed_dataset, seed0),
+                ],
+                [f"{milestone_name(m)}%", f"{last}%"],
+                PAPER["milestone"],
+            )
     for other in list(cfg.models)[1:]:
         for d in cfg.cross_model_datasets:
-            add(f"{_slug(first_model)} vs {_slug(other)} on {_slug(d)}", [load(first_model, d, seed0), load(other, d, seed0)],
-                [_slug(first_model), _slug(other)], PAPER["models"], mapping="depth")
+            add(
+                f"{_slug(first_model)} vs {_slug(other)} on {_slug(d)}",
+                [load(first_model, d, seed0), load(other, d, seed0)],
+                [_slug(first_model), _slug(other)],
+                PAPER["models"],
+                mapping="depth",
+            )
         if len(cfg.cross_model_datasets) >= 2:
             a, b = cfg.cross_model_datasets[:2]
-            add(f"{_slug(other)}: {_slug(a)} vs {_slug(b)}", [load(other, a, seed0), load(other, b, seed0)],
-                [_slug(a), _slug(b)])
+            add(
+                f"{_slug(other)}: {_slug(a)} vs {_slug(b)}",
+                [load(other, a, seed0), load(other, b, seed0)],
+                [_slug(a), _slug(b)],
+            )
     for scorer in cfg.scorers:
         key = f"{last}:{scorer}"
-        add(f"{scorer}: alignment datasets", [load(first_model, d, seed0, key) for d in align], [_slug(d) for d in align])
-        add(f"{scorer}: seeds", [load(first_model, cfg.seed_dataset, s, key) for s in cfg.seeds],
-            [f"seed{s}" for s in cfg.seeds])
-        add(f"ila vs {scorer} on {_slug(cfg.seed_dataset)}",
-            [load(first_model, cfg.seed_dataset, seed0), load(first_model, cfg.seed_dataset, seed0, key)], ["ila", scorer])
+        add(
+            f"{scorer}: alignment datasets",
+            [load(first_model, d, seed0, key) for d in align],
+            [_slug(d) for d in align],
+        )
+        add(
+            f"{scorer}: seeds",
+            [load(first_model, cfg.seed_dataset, s, key) for s in cfg.seeds],
+            [f"seed{s}" for s in cfg.seeds],
+        )
+        add(
+            f"ila vs {scorer} on {_slug(cfg.seed_dataset)}",
+            [load(first_model, cfg.seed_dataset, seed0), load(first_model, cfg.seed_dataset, seed0, key)],
+            ["ila", scorer],
+        )
     block_level = {}
     if "alignment datasets" in groups:
         block_level["alignment datasets"] = compare_rankings(
-            [load(first_model, d, seed0) for d in cfg.alignment], [_slug(d) for d in cfg.alignment], cfg.fractions,
-            level="block")
+            [load(first_model, d, seed0) for d in cfg.alignment],
+            [_slug(d) for d in cfg.alignment],
+            cfg.fractions,
+            level="block",
+        )
     return {"groups": groups, "paper": paper, "block_level": block_level}
 
 
 def render_report(cfg: StudyConfig, analysis: dict[str, Any], seconds: float, command: str) -> str:
-    lines = ["# Stability of the important layers", "",
-             f"Command: `{command}`", "",
-             f"Models: {', '.join(cfg.models)}. Alignment data: {', '.join(cfg.alignment)}. Reasoning data: "
-             f"{', '.join(cfg.reasoning)}. Seeds: {', '.join(map(str, cfg.seeds))} (on {cfg.seed_dataset}). "
-             f"Milestones ranked: {', '.join(f'{m:.0%}' for m in cfg.milestones)}. Run settings: `{cfg.base}` with "
-             f"`{' '.join(cfg.overrides) or 'no overrides'}`. Wall time {seconds / 60:.0f} min.", "",
-             "Jaccard of the top-k layer sets (mean over the pairs of each group), beside the Jaccard expected of random "
-             "sets of the same sizes and the largest one-sided p-value of the pairs (hypergeometric, exact).", ""]
+    lines = [
+        "# Stability of the important layers",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Models: {', '.join(cfg.models)}. Alignment data: {', '.join(cfg.alignment)}. Reasoning data: "
+        f"{', '.join(cfg.reasoning)}. Seeds: {', '.join(map(str, cfg.seeds))} (on {cfg.seed_dataset}). "
+        f"Milestones ranked: {', '.join(f'{m:.0%}' for m in cfg.milestones)}. "
+        f"Run settings: `{cfg.base}` with `{' '.join(cfg.overrides) or 'no overrides'}`. "
+        f"Wall time {seconds / 60:.0f} min.",
+        "",
+        "Jaccard of the top-k layer sets (mean over the pairs of each group), "
+        "beside the Jaccard expected of random "
+        "sets of the same sizes and the largest one-sided p-value of the pairs (hypergeometric, exact).",
+        "",
+    ]
     # The paper reports its overlaps for about the top 30 %; its figures go beside that table (or the first).
     paper_at = min(cfg.fractions, key=lambda f: abs(f - 0.3))
     for f in cfg.fractions:
-        lines += [f"### top {f:.0%}", "", "| comparison | pairs | Jaccard | random | max p | Spearman | paper |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"### top {f:.0%}",
+            "",
+            "| comparison | pairs | Jaccard | random | max p | Spearman | paper |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for name, result in analysis["groups"].items():
             s = _summarise(result, f)
             rho = f"{s['mean_spearman']:.2f}" if s["mean_spearman"] is not None else "-"
-            lines.append(f"| {name} | {s['pairs']} | {s['mean_jaccard']:.2f} | {s['mean_random']:.2f} | "
-                         f"{s['max_p_value']:.1e} | {rho} | {analysis['paper'].get(name, '') if f == paper_at else ''} |")
+            lines.append(
+                f"| {name} | {s['pairs']} | {s['mean_jaccard']:.2f} | {s['mean_random']:.2f} | "
+                f"{s['max_p_value']:.1e} | {rho} | "
+                f"{analysis['paper'].get(name, '') if f == paper_at else ''} |"
+            )
         lines.append("")
     for name, result in analysis["block_level"].items():
-        lines += [f"Block level ({name}): " + ", ".join(
-            f"top {f:.0%} Jaccard {_summarise(result, f)['mean_jaccard']:.2f} (random {_summarise(result, f)['mean_random']:.2f})"
-            for f in cfg.fractions), ""]
+        lines += [
+            f"Block level ({name}): "
+            + ", ".join(
+                f"top {f:.0%} Jaccard {_summarise(result, f)['mean_jaccard']:.2f} "
+                f"(random {_summarise(result, f)['mean_random']:.2f})"
+                for f in cfg.fractions
+            ),
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -274,9 +346,16 @@ def run_study(cfg: StudyConfig, out: str | Path, command: str = "ila study") -> 
     files = execute(cfg, out)
     analysis = analyse(cfg, files, out)
     seconds = time.time() - start
-    write_json_atomic(out / "study.json", {"schema_version": 1, "kind": "ila.study", "seconds": seconds,
-                                           "runs": {k: {m: str(p) for m, p in v.items()} for k, v in files.items()},
-                                           **analysis})
+    write_json_atomic(
+        out / "study.json",
+        {
+            "schema_version": 1,
+            "kind": "ila.study",
+            "seconds": seconds,
+            "runs": {k: {m: str(p) for m, p in v.items()} for k, v in files.items()},
+            **analysis,
+        },
+    )
     _plots(cfg, files, analysis, out)
     report = render_report(cfg, analysis, seconds, command)
     write_text_atomic(out / "report.md", report)
@@ -291,7 +370,9 @@ def _plots(cfg: StudyConfig, files: dict[str, dict[str, Path]], analysis: dict[s
     plots = out / "plots"
     last = milestone_name(max(cfg.milestones))
     for key, by_m in files.items():
-        plot_ranking_heatmap(Ranking.load(by_m[last]), plots / f"heatmap-{key.replace('/', '-')}.png", label=key)
+        plot_ranking_heatmap(
+            Ranking.load(by_m[last]), plots / f"heatmap-{key.replace('/', '-')}.png", label=key
+        )
     for name, result in analysis["groups"].items():
         slug = "".join(c if c.isalnum() else "-" for c in name)
         plot_overlap_curve(result, plots / f"overlap-{slug}.png")
