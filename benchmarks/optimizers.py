@@ -1,6 +1,6 @@
 """Which optimiser should learn the stage-2 scores? Seed stability and a planted case, measured.
 
-    .venv/bin/python benchmarks/optimizers.py --run-dir runs/demo      # after `ila run` (bash scripts/demo.sh)
+    .venv/bin/python benchmarks/optimizers.py --run-dir runs/demo  # after `ila run` (bash scripts/demo.sh)
 
 Adam normalises each score's step, so without a penalty every layer whose gradient keeps one sign rises at
 the same rate and the order among them is left to noise; plain SGD keeps the size of each layer's cumulative
@@ -29,20 +29,48 @@ import sys
 from pathlib import Path
 
 VARIANTS = {
-    "adam + budget penalty": ["stage2.optimizer=adam", "stage2.learning_rate=0.05", "stage2.budget_lambda=1.0"],
+    "adam + budget penalty": [
+        "stage2.optimizer=adam",
+        "stage2.learning_rate=0.05",
+        "stage2.budget_lambda=1.0",
+    ],
     "adam, no penalty": ["stage2.optimizer=adam", "stage2.learning_rate=0.05", "stage2.budget_lambda=0"],
-    "sgd lr 100, plain": ["stage2.optimizer=sgd", "stage2.normalise_step=false", "stage2.learning_rate=100",
-                          "stage2.budget_lambda=0"],
-    "sgd lr 1, plain": ["stage2.optimizer=sgd", "stage2.normalise_step=false", "stage2.learning_rate=1",
-                        "stage2.budget_lambda=0"],
-    "sgd normalised, lr 0.02": ["stage2.optimizer=sgd", "stage2.normalise_step=true", "stage2.learning_rate=0.02",
-                                "stage2.budget_lambda=0"],
-    "sgd normalised, lr 0.05": ["stage2.optimizer=sgd", "stage2.normalise_step=true", "stage2.learning_rate=0.05",
-                                "stage2.budget_lambda=0"],
-    "sgd normalised, lr 0.2": ["stage2.optimizer=sgd", "stage2.normalise_step=true", "stage2.learning_rate=0.2",
-                               "stage2.budget_lambda=0"],
-    "sgd normalised, lr 0.5": ["stage2.optimizer=sgd", "stage2.normalise_step=true", "stage2.learning_rate=0.5",
-                               "stage2.budget_lambda=0"],
+    "sgd lr 100, plain": [
+        "stage2.optimizer=sgd",
+        "stage2.normalise_step=false",
+        "stage2.learning_rate=100",
+        "stage2.budget_lambda=0",
+    ],
+    "sgd lr 1, plain": [
+        "stage2.optimizer=sgd",
+        "stage2.normalise_step=false",
+        "stage2.learning_rate=1",
+        "stage2.budget_lambda=0",
+    ],
+    "sgd normalised, lr 0.02": [
+        "stage2.optimizer=sgd",
+        "stage2.normalise_step=true",
+        "stage2.learning_rate=0.02",
+        "stage2.budget_lambda=0",
+    ],
+    "sgd normalised, lr 0.05": [
+        "stage2.optimizer=sgd",
+        "stage2.normalise_step=true",
+        "stage2.learning_rate=0.05",
+        "stage2.budget_lambda=0",
+    ],
+    "sgd normalised, lr 0.2": [
+        "stage2.optimizer=sgd",
+        "stage2.normalise_step=true",
+        "stage2.learning_rate=0.2",
+        "stage2.budget_lambda=0",
+    ],
+    "sgd normalised, lr 0.5": [
+        "stage2.optimizer=sgd",
+        "stage2.normalise_step=true",
+        "stage2.learning_rate=0.5",
+        "stage2.budget_lambda=0",
+    ],
     "sgd + budget penalty": ["stage2.optimizer=sgd", "stage2.learning_rate=0.05", "stage2.budget_lambda=1.0"],
 }
 
@@ -62,8 +90,8 @@ def planted_adapter(source: Path, target: Path, *, seed: int, zero_layers: int) 
     shuffled = names[:]
     rng.shuffle(shuffled)
     kept = sorted(shuffled[: len(names) // 2])
-    zero = sorted(shuffled[len(names) // 2: len(names) // 2 + zero_layers])
-    noise = sorted(shuffled[len(names) // 2 + zero_layers:])
+    zero = sorted(shuffled[len(names) // 2 : len(names) // 2 + zero_layers])
+    noise = sorted(shuffled[len(names) // 2 + zero_layers :])
     g = torch.Generator().manual_seed(seed)
 
     def key(name: str, factor: str) -> str:
@@ -94,11 +122,12 @@ def auc(positive: list[float], negative: list[float]) -> float:
 
 def _stage2_once(cfg, folder: Path, adapter: Path):  # noqa: ANN001, ANN202
     """Stage 2 in ``folder``, or its ranking when an earlier (interrupted) invocation finished it already."""
-    from ila.pipeline import prepare_run_dir, ranking_path, stage2, stage_done
+    from ila.pipeline import prepare_run_dir, stage2, stage_done
     from ila.ranking import Ranking
+    from ila.rundir import RunDir
 
     if stage_done(folder, "stage2", cfg):
-        return Ranking.load(ranking_path(folder, "ila"))
+        return Ranking.load(RunDir(folder).ranking("ila"))
     return stage2(cfg, prepare_run_dir(cfg, folder), adapter=adapter)
 
 
@@ -108,14 +137,20 @@ def main() -> None:
     p.add_argument("--out", default=None, help="scratch folder (default: <run-dir>/optimizers)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for every stage-2 run, e.g. --set data.max_length=128")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for every stage-2 run, e.g. --set data.max_length=128",
+    )
     p.add_argument("--zero-layers", type=int, default=6)
     p.add_argument("--name", default=None)
     args = p.parse_args()
 
     from ila.overlap import jaccard, spearman, top_count
-    from ila.pipeline import run_config
+    from ila.rundir import run_config
 
     run_dir = Path(args.run_dir)
     scratch = Path(args.out) if args.out else run_dir / "optimizers"
@@ -134,8 +169,12 @@ def main() -> None:
             rankings.append(_stage2_once(cfg, scratch / f"{slug}-seed{seed}", adapter))
         n = rankings[0].num_layers
         pairs = list(itertools.combinations(rankings, 2))
-        j10 = statistics.mean(jaccard(a.order[:top_count(0.1, n)], b.order[:top_count(0.1, n)]) for a, b in pairs)
-        j30 = statistics.mean(jaccard(a.order[:top_count(0.3, n)], b.order[:top_count(0.3, n)]) for a, b in pairs)
+        j10 = statistics.mean(
+            jaccard(a.order[: top_count(0.1, n)], b.order[: top_count(0.1, n)]) for a, b in pairs
+        )
+        j30 = statistics.mean(
+            jaccard(a.order[: top_count(0.3, n)], b.order[: top_count(0.3, n)]) for a, b in pairs
+        )
         rho = statistics.mean(spearman(a, b) or 0.0 for a, b in pairs)
 
         print(f"  {variant}, planted ...", file=sys.stderr, flush=True)
@@ -144,50 +183,80 @@ def main() -> None:
         # s_0 is the seeded initial noise; LayerGates draws it the same way for the same seed and names.
         from ila.gates import LayerGates
 
-        init = LayerGates([layer.name for layer in planted.layers],
-                          init_mean=cfg.stage2.init_mean, init_std=cfg.stage2.init_std, seed=cfg.seed).as_dict()
+        init = LayerGates(
+            [layer.name for layer in planted.layers],
+            init_mean=cfg.stage2.init_mean,
+            init_std=cfg.stage2.init_std,
+            seed=cfg.seed,
+        ).as_dict()
         moves = {name: abs(planted.scores[name] - init[name]) for name in init}
         kept = set(plant["kept"])
         top_half = planted.order[: len(kept)]
         zero_move = max(moves[name] for name in plant["zero"])
         other_move = statistics.median(moves[name] for name in plant["kept"] + plant["noise"])
-        rows.append({
-            "variant": variant, "overrides": overrides,
-            "seed_jaccard_10": j10, "seed_jaccard_30": j30, "seed_spearman": rho,
-            "planted_precision": len(kept & set(top_half)) / len(kept),
-            "planted_auc": auc([planted.scores[x] for x in plant["kept"]], [planted.scores[x] for x in plant["noise"]]),
-            "zero_max_move": zero_move, "other_median_move": other_move,
-            "zero_rank_worst": max(planted.order.index(x) for x in plant["zero"]) + 1,
-            "largest_move": max(moves.values()),
-            "mean_gate": planted.meta.get("mean_gate"),
-            "stage2_seconds": planted.meta.get("seconds"),
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "overrides": overrides,
+                "seed_jaccard_10": j10,
+                "seed_jaccard_30": j30,
+                "seed_spearman": rho,
+                "planted_precision": len(kept & set(top_half)) / len(kept),
+                "planted_auc": auc(
+                    [planted.scores[x] for x in plant["kept"]], [planted.scores[x] for x in plant["noise"]]
+                ),
+                "zero_max_move": zero_move,
+                "other_median_move": other_move,
+                "zero_rank_worst": max(planted.order.index(x) for x in plant["zero"]) + 1,
+                "largest_move": max(moves.values()),
+                "mean_gate": planted.meta.get("mean_gate"),
+                "stage2_seconds": planted.meta.get("seconds"),
+            }
+        )
         r = rows[-1]
-        print(f"    seeds J@30 {r['seed_jaccard_30']:.2f}, planted precision {r['planted_precision']:.2f}, "
-              f"AUC {r['planted_auc']:.2f}, zero move {r['zero_max_move']:.2g} vs {r['other_median_move']:.2g}",
-              file=sys.stderr, flush=True)
+        print(
+            f"    seeds J@30 {r['seed_jaccard_30']:.2f}, planted precision {r['planted_precision']:.2f}, "
+            f"AUC {r['planted_auc']:.2f}, zero move {r['zero_max_move']:.2g} vs {r['other_median_move']:.2g}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     base_cfg = run_config(run_dir, args.overrides)
-    from results_io import command_line, machine as machine_name, save
+    from results_io import command_line, save
+    from results_io import machine as machine_name
 
     command = command_line("optimizers.py")
     machine = machine_name()
     name = args.name or f"optimizers-{base_cfg.model.name.replace('/', '_')}"
-    doc = {"schema_version": 1, "command": command, "machine": machine, "run_dir": str(run_dir),
-           "stage2_steps": base_cfg.stage2.steps, "seeds": args.seeds,
-           "planted": {k: len(v) for k, v in plant.items()}, "rows": rows}
-    lines = [f"Command: `{command}`", "",
-             f"Machine: {machine}. Stage 2: {base_cfg.stage2.steps} steps of {base_cfg.stage2.batch_size} x "
-             f"{base_cfg.data.max_length} tokens on the stage-1 adapter of `{run_dir}`. "
-             f"Planted: {len(plant['kept'])} layers keep their update, {len(plant['noise'])} get noise of the same "
-             f"norm, {len(plant['zero'])} a zero update.", "",
-             "| variant | seeds: Jaccard top 10 % | seeds: Jaccard top 30 % | seeds: Spearman | planted: kept in top half | "
-             "planted: AUC kept vs noise | zero update: largest score move | others: median move | largest move |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    doc = {
+        "schema_version": 1,
+        "command": command,
+        "machine": machine,
+        "run_dir": str(run_dir),
+        "stage2_steps": base_cfg.stage2.steps,
+        "seeds": args.seeds,
+        "planted": {k: len(v) for k, v in plant.items()},
+        "rows": rows,
+    }
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine}. Stage 2: {base_cfg.stage2.steps} steps of {base_cfg.stage2.batch_size} x "
+        f"{base_cfg.data.max_length} tokens on the stage-1 adapter of `{run_dir}`. "
+        f"Planted: {len(plant['kept'])} layers keep their update, {len(plant['noise'])} get noise of the "
+        f"same norm, {len(plant['zero'])} a zero update.",
+        "",
+        "| variant | seeds: Jaccard top 10 % | seeds: Jaccard top 30 % | seeds: Spearman "
+        "| planted: kept in top half | planted: AUC kept vs noise | zero update: largest score move "
+        "| others: median move | largest move |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['seed_jaccard_10']:.2f} | {r['seed_jaccard_30']:.2f} | "
-                     f"{r['seed_spearman']:.2f} | {r['planted_precision']:.2f} | {r['planted_auc']:.2f} | "
-                     f"{r['zero_max_move']:.2g} | {r['other_median_move']:.2g} | {r['largest_move']:.2g} |")
+        lines.append(
+            f"| {r['variant']} | {r['seed_jaccard_10']:.2f} | {r['seed_jaccard_30']:.2f} | "
+            f"{r['seed_spearman']:.2f} | {r['planted_precision']:.2f} | {r['planted_auc']:.2f} | "
+            f"{r['zero_max_move']:.2g} | {r['other_median_move']:.2g} | {r['largest_move']:.2g} |"
+        )
     save(name, doc, "\n".join(lines))
     print("\n".join(lines))
 

@@ -7,17 +7,14 @@ Every stage reads as: load the model and data, attach what trains, train, save.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._version import __version__
-from .artifacts import atomic_dir, read_json, sync_processes, write_json_atomic, write_text_atomic
 from .adapters import (
     ADAPTER_META,
     AdapterMeta,
@@ -27,73 +24,68 @@ from .adapters import (
     load_full_updates,
     save_adapter,
 )
+from .artifacts import (
+    atomic_dir,
+    read_json,
+    write_json_atomic,
+)
 from .callbacks import MilestoneSaver, StabilityTracker
-from .rundir import STAGES, RunDir
-from .config import RunConfig, TrainConfig, load_config
+from .config import RunConfig
+from .data import build_datasets
 from .errors import ConfigError, IlaError, ModelError
 from .layers import Layer, adaptable_layers, describe_layers, layer_names_digest
-from .models import attach_lora, count_parameters, load_base_model, load_tokenizer, model_identity, resolve_device
+from .models import count_parameters, load_base_model, load_tokenizer, model_identity, resolve_device
 from .ranking import Ranking
+from .rundir import STAGES, RunDir, finish_stage, now, prepare_run_dir, stage_done, start_stage
 from .scorers import NEEDS_ADAPTER, NEEDS_DATA
 from .scoring import score
-from .training import plan_for, train
+from .selection import apply_selection
+from .stability import weight_snapshot
+from .training import TrainingResult, plan_for, train
+
+if TYPE_CHECKING:
+    import datasets
+    from torch import nn
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 # -------------------------------------------------------------------------------------------------------
-# run directory
+# loading, shared by the stages
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: str | Path) -> Path:
-    """Create ``run_dir`` and write the resolved config into it (first, before any stage output)."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} exists and is not a folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(RunDir(run_dir).config, f"# ila {__version__} resolved config, {_now()}\n" + cfg.to_yaml())
-    return run_dir
+def _load(cfg: RunConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, dict[str, Any]]:
+    """(tokenizer, base model theta_0, the model's identity as results record it)."""
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_base_model(cfg.model)
+    check_model_fits(cfg, model)
+    return tokenizer, model, model_identity(model, cfg.model.name)
 
 
-def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """The config a run directory was made with, plus ``overrides``."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} has no config.yaml: is it an ila run directory?")
-    return load_config(path, overrides)
-
-
-def stage_done(run_dir: Path, stage: str, cfg: RunConfig | None = None) -> bool:
-    """Whether ``stage`` is complete in ``run_dir``; with ``cfg``, refuse a result made with another config."""
-    path = RunDir(run_dir).summary(stage)
-    if not path.is_file():
-        return False
-    if cfg is not None:
-        recorded = read_json(path, f"{stage} summary").get("stage_sha256")
-        if recorded is not None and recorded != cfg.stage_sha256(stage):
-            raise ConfigError(
-                f"{run_dir} holds a completed {stage} made with a different config (model, data, lora, seed or "
-                f"{stage} settings changed) and `run` does not overwrite it: use another --run-dir, --redo to "
-                f"run every stage again, or run one stage alone (ila train / ila score / ila finetune)"
-            )
-    return True
-
-
-def _datasets(cfg: RunConfig, tokenizer: Any, folder: Path) -> tuple[Any, Any]:
-    from .data import build_datasets
-
+def _datasets(
+    cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, folder: Path
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, held-out or None when the split left none); their statistics go to ``folder/data.json``."""
     train_ds, heldout_ds, stats = build_datasets(cfg.data, tokenizer)
     write_json_atomic(folder / "data.json", stats.to_dict())
-    log.info("data: %d train / %d held-out examples (%s, %s template)", stats.train_examples,
-             stats.heldout_examples, stats.format, stats.template)
+    log.info(
+        "data: %d train / %d held-out examples (%s, %s template)",
+        stats.train_examples,
+        stats.heldout_examples,
+        stats.format,
+        stats.template,
+    )
     return train_ds, (heldout_ds if len(heldout_ds) > 0 else None)
 
 
-def check_model_fits(cfg: RunConfig, model: Any) -> None:
+def _layers(cfg: RunConfig, model: nn.Module) -> list[Layer]:
+    return adaptable_layers(
+        model, include_lm_head=cfg.lora.include_lm_head, module_types=cfg.lora.module_types
+    )
+
+
+def check_model_fits(cfg: RunConfig, model: PreTrainedModel) -> None:
     """Refuse sequence lengths the model cannot take (position embeddings would run out)."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and cfg.data.max_length > limit:
@@ -115,126 +107,110 @@ def check_adapter_model(meta: AdapterMeta, identity: dict[str, Any], adapter_dir
             )
 
 
-def _adapter_layers(model: Any, meta: AdapterMeta, adapter_dir: Path) -> list[Layer]:
-    """The layers of ``model`` that the adapter's update is on, in model order."""
-    known = adaptable_layers(model, include_lm_head=True)
-    names = set(meta.layers)
-    layers = [layer for layer in known if layer.name in names]
-    if len(layers) != len(names):
-        missing = sorted(names - {layer.name for layer in layers})
-        raise ModelError(
-            f"the stage-1 adapter in {adapter_dir} was trained on {len(names)} layers of "
-            f"{meta.base_model.get('name')}, {len(missing)} of which {identity_name(model)} does not have "
-            f"(e.g. {missing[0]})"
-        )
-    return layers
-
-
-def identity_name(model: Any) -> str:
+def identity_name(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__)
 
 
-def _start_stage(cfg: RunConfig, folder: Path, stage: str, inputs: dict[str, Any] | None = None) -> None:
-    """Record which config (and which ``inputs`` from outside the config, such as the adapter that stage 2
-    scores) a stage runs with; refuse to resume an interrupted stage under others (its checkpoints would mix
-    two runs, and the result would carry the wrong label)."""
-    import hashlib
-    import json
-
-    folder.mkdir(parents=True, exist_ok=True)
-    marker = folder / "started.json"
-    sha = cfg.stage_sha256(stage)
-    if inputs:
-        blob = json.dumps({"config": sha, **inputs}, sort_keys=True)
-        sha = hashlib.sha256(blob.encode()).hexdigest()
-    if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()) and marker.is_file():
-        if read_json(marker, f"{stage} start marker").get("stage_sha256") != sha:
-            what = "config" + (" or " + " / ".join(sorted(inputs)) if inputs else "")
-            raise ConfigError(
-                f"{folder} holds checkpoints of an interrupted {stage} made with a different {what}; run the "
-                f"same command again to resume it, or delete {folder / 'checkpoints'} to start {stage} afresh"
-            )
-    write_json_atomic(marker, {"stage": stage, "started": _now(), "stage_sha256": sha, "inputs": inputs or {}})
-
-
-def _layers(cfg: RunConfig, model: Any) -> list[Layer]:
-    return adaptable_layers(model, include_lm_head=cfg.lora.include_lm_head, module_types=cfg.lora.module_types)
-
-
-def _finish_stage(folder: Path) -> None:
-    """Drop the Trainer checkpoints (they exist for resuming an interrupted stage) and let every process
-    catch up with the files the main process wrote."""
-    import shutil
-
-    from .artifacts import is_main_process
-
-    if is_main_process():
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    sync_processes()
+def _train_summary(result: TrainingResult) -> dict[str, Any]:
+    """What stages 1 and 3 report of their training run."""
+    return {
+        "steps": result.steps,
+        "train_loss": result.train_loss,
+        "heldout_loss": result.heldout_loss,
+        "seconds": result.seconds,
+        "seconds_per_step": result.seconds_per_step,
+        "peak_memory_mb": result.peak_memory_mb,
+        "resumed_from": result.resumed_from,
+    }
 
 
 # -------------------------------------------------------------------------------------------------------
 # stage 1
 
 
+def _refuse_tied_full_head(cfg: RunConfig, model: PreTrainedModel) -> None:
+    if cfg.lora.include_lm_head and getattr(model.config, "tie_word_embeddings", False):
+        raise ConfigError(
+            "lora.include_lm_head with stage1.method full: this model ties lm_head to the input "
+            "embeddings, so a full update of lm_head would change the inputs too and could not be gated; use "
+            "LoRA or leave lm_head out"
+        )
+
+
 def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
-    """LoRA on every layer, milestones saved, epsilon-stability recorded."""
-    run_dir = Path(run_dir)
+    """LoRA (or full fine-tuning) on every layer, milestones saved, epsilon-stability recorded."""
     rd = RunDir(run_dir)
-    folder = rd.stage("stage1")
-    _start_stage(cfg, folder, "stage1")
+    folder, s1 = rd.stage("stage1"), cfg.stage1
+    start_stage(cfg, folder, "stage1")
     torch.manual_seed(cfg.seed)  # LoRA A is initialised randomly when the adapter is attached
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_base_model(cfg.model)
-    check_model_fits(cfg, model)
-    identity = model_identity(model, cfg.model.name)
+
+    tokenizer, model, identity = _load(cfg)
     layers = _layers(cfg, model)
     names = [layer.name for layer in layers]
     train_ds, heldout_ds = _datasets(cfg, tokenizer, folder)
-    s1 = cfg.stage1
+
     base_weights = None
     if s1.method == "full":
-        from .selection import apply_selection
-        from .stability import weight_snapshot
-
-        if cfg.lora.include_lm_head and getattr(model.config, "tie_word_embeddings", False):
-            raise ConfigError(
-                "lora.include_lm_head with stage1.method full: this model ties lm_head to the input embeddings, "
-                "so a full update of lm_head would change the inputs too and could not be gated; use LoRA or "
-                "leave lm_head out"
-            )
+        _refuse_tied_full_head(cfg, model)
         base_weights = weight_snapshot(model, names)  # W_0, for epsilon-stability of W_t - W_0
-        peft_model = apply_selection(model, names, method="full")
-    else:
-        peft_model = attach_lora(model, names, cfg.lora)
+    peft_model = apply_selection(model, names, method=s1.method, lora=cfg.lora)
     trainable, total = count_parameters(peft_model)
-    log.info("stage 1: %s on %d layers (%s trainable of %s parameters)",
-             f"LoRA r={cfg.lora.r}" if s1.method == "lora" else "full fine-tuning", len(names),
-             f"{trainable:,}", f"{total:,}")
+    how = f"LoRA r={cfg.lora.r}" if s1.method == "lora" else "full fine-tuning"
+    log.info(
+        "stage 1: %s on %d layers (%s trainable of %s parameters)",
+        how,
+        len(names),
+        f"{trainable:,}",
+        f"{total:,}",
+    )
 
     planned = s1.train.max_steps
 
     def meta(step: int, fraction: float | None) -> AdapterMeta:
         return AdapterMeta(
-            kind="ila.stage1_adapter", layers=names, method=s1.method, include_lm_head=cfg.lora.include_lm_head,
-            step=step, planned_steps=planned, fraction=fraction, base_model=identity,
-            module_types=cfg.lora.module_types, lora=asdict(cfg.lora), data=cfg.data.name,
-            config_sha256=cfg.sha256(), layer_digest=layer_names_digest(names),
+            kind="ila.stage1_adapter",
+            layers=names,
+            method=s1.method,
+            include_lm_head=cfg.lora.include_lm_head,
+            step=step,
+            planned_steps=planned,
+            fraction=fraction,
+            base_model=identity,
+            module_types=cfg.lora.module_types,
+            lora=asdict(cfg.lora),
+            data=cfg.data.name,
+            config_sha256=cfg.sha256(),
+            layer_digest=layer_names_digest(names),
         )
 
     milestones = MilestoneSaver(rd.milestones, s1.milestones, planned, meta)
-    stability = StabilityTracker(names, s1.stability_window, s1.stability_epsilon, folder / "stability.jsonl",
-                                 s1.stop_when_stable, base_weights=base_weights, criterion=s1.stability_criterion,
-                                 fraction=s1.stability_fraction, patience=s1.stability_patience)
+    stability = StabilityTracker(
+        names,
+        s1.stability_window,
+        s1.stability_epsilon,
+        folder / "stability.jsonl",
+        s1.stop_when_stable,
+        base_weights=base_weights,
+        criterion=s1.stability_criterion,
+        fraction=s1.stability_fraction,
+        patience=s1.stability_patience,
+    )
     # eval_before: before the first step the model is theta_0 (LoRA B starts at zero)
-    plan = plan_for(s1.train, folder, seed=cfg.seed, device=cfg.model.device, callbacks=[milestones, stability],
-                    eval_before=True)
+    plan = plan_for(
+        s1.train,
+        folder,
+        seed=cfg.seed,
+        device=cfg.model.device,
+        callbacks=[milestones, stability],
+        eval_before=True,
+    )
     result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if s1.train.eval_heldout else None)
+
     save_adapter(peft_model, rd.stage1_final, meta(result.steps, result.steps / planned))
     summary = {
         "stage": 1,
-        "finished": _now(),
-        "steps": result.steps,
+        "finished": now(),
+        **_train_summary(result),
         "planned_steps": planned,
         "stopped_when_stable": result.stopped_early and stability.stable_at is not None,
         "stable_at_step": stability.stable_at,
@@ -242,24 +218,18 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "steps_saved": planned - result.steps,
         "stability": stability.history,
         "milestones": sorted(p.name for p in rd.milestones.glob("[0-9]*")),
-        "train_loss": result.train_loss,
-        "heldout_loss": result.heldout_loss,
         "base_heldout_loss": result.heldout_loss_before,
-        "seconds": result.seconds,
-        "seconds_per_step": result.seconds_per_step,
-        "peak_memory_mb": result.peak_memory_mb,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "layers": describe_layers(layers),
         "include_lm_head": cfg.lora.include_lm_head,
         "method": s1.method,
         "base_model": identity,
-        "resumed_from": result.resumed_from,
         "config_sha256": cfg.sha256(),
         "stage_sha256": cfg.stage_sha256("stage1"),
     }
     write_json_atomic(rd.summary("stage1"), summary)
-    _finish_stage(folder)
+    finish_stage(folder)
     return summary
 
 
@@ -270,20 +240,20 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
 def resolve_stage1_adapter(run_dir: Path, milestone: str | Path) -> Path:
     """The adapter folder that ``stage2.milestone`` names: ``last``, a percentage, or a path (a ``Path`` is
     always a folder); refused unless it holds a whole stage-1 adapter."""
+    rd = RunDir(run_dir)
     if isinstance(milestone, Path):
         folder = milestone
     elif milestone == "last":
-        folder = RunDir(run_dir).stage1_final
+        folder = rd.stage1_final
     else:
         try:
-            folder = RunDir(run_dir).milestone(float(milestone) / 100)
+            folder = rd.milestone(float(milestone) / 100)
         except ValueError:
             folder = Path(milestone)
     if not is_adapter_folder(folder):
         available = []
-        ms = RunDir(run_dir).milestones
-        if ms.is_dir():
-            available = sorted(p.name for p in ms.iterdir() if not p.name.startswith("."))
+        if rd.milestones.is_dir():
+            available = sorted(p.name for p in rd.milestones.iterdir() if not p.name.startswith("."))
         raise ModelError(
             f"no complete stage-1 adapter at {folder}; run stage 1 first (ila train) or pick another "
             f"stage2.milestone (available milestones: {', '.join(available) or 'none'})"
@@ -291,62 +261,81 @@ def resolve_stage1_adapter(run_dir: Path, milestone: str | Path) -> Path:
     return folder
 
 
-def ranking_path(run_dir: Path, scorer: str) -> Path:
-    """Where stage 2 writes the ranking of ``scorer``: ``ranking.json`` for ILA, ``ranking-<scorer>.json`` else."""
-    return RunDir(run_dir).ranking(scorer)
+def _adapter_layers(model: nn.Module, meta: AdapterMeta, adapter_dir: Path) -> list[Layer]:
+    """The layers of ``model`` that the adapter's update is on, in model order."""
+    names = set(meta.layers)
+    layers = [layer for layer in adaptable_layers(model, include_lm_head=True) if layer.name in names]
+    if len(layers) != len(names):
+        missing = sorted(names - {layer.name for layer in layers})
+        raise ModelError(
+            f"the stage-1 adapter in {adapter_dir} was trained on {len(names)} layers of "
+            f"{meta.base_model.get('name')}, {len(missing)} of which {identity_name(model)} does not have "
+            f"(e.g. {missing[0]})"
+        )
+    return layers
 
 
-def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = None,
-           scorer: str | None = None) -> Ranking:
+def _with_update(
+    model: PreTrainedModel, meta: AdapterMeta, adapter_dir: Path, layers: list[Layer]
+) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    """(the model that scoring runs, Delta_i = W_T - W_0 of a full update or None for LoRA)."""
+    if meta.method == "full":
+        return model, load_full_updates(adapter_dir, model, [layer.name for layer in layers])
+    return frozen_adapter_model(model, adapter_dir), None
+
+
+def stage2(
+    cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = None, scorer: str | None = None
+) -> Ranking:
     """Score every layer and write the ranking. With the default scorer ``ila`` this is stage 2 of the
     method: freeze everything and learn one gate per layer."""
     scorer = scorer or cfg.stage2.scorer
-    s2 = cfg.stage2
-    run_dir = Path(run_dir)
-    folder = RunDir(run_dir).stage("stage2")
-    adapter_dir = None
+    rd = RunDir(run_dir)
+    folder = rd.stage("stage2")
+    adapter_dir = meta = None
     if scorer in NEEDS_ADAPTER:
-        adapter_dir = resolve_stage1_adapter(run_dir, s2.milestone if adapter is None else Path(adapter))
+        adapter_dir = resolve_stage1_adapter(
+            rd.root, cfg.stage2.milestone if adapter is None else Path(adapter)
+        )
+        meta = AdapterMeta.read(adapter_dir)
     # The adapter is named on the command line, not in the config: its contents guard the resume too.
-    _start_stage(cfg, folder, "stage2", {
-        "scorer": scorer, "adapter_sha256": None if adapter_dir is None else adapter_digest(adapter_dir),
-    })
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_base_model(cfg.model)
-    check_model_fits(cfg, model)
-    identity = model_identity(model, cfg.model.name)
-    meta = AdapterMeta.read(adapter_dir) if adapter_dir is not None else None
+    digest = None if adapter_dir is None else adapter_digest(adapter_dir)
+    start_stage(cfg, folder, "stage2", {"scorer": scorer, "adapter_sha256": digest})
+
+    tokenizer, model, identity = _load(cfg)
     if meta is not None:
         check_adapter_model(meta, identity, adapter_dir)
         layers = _adapter_layers(model, meta, adapter_dir)
-        include_lm_head = meta.include_lm_head
+        scored, deltas = _with_update(model, meta, adapter_dir, layers)
     else:
-        layers = _layers(cfg, model)
-        include_lm_head = cfg.lora.include_lm_head
-    names = [layer.name for layer in layers]
+        layers, scored, deltas = _layers(cfg, model), model, None
     train_ds = _datasets(cfg, tokenizer, folder)[0] if scorer in NEEDS_DATA else None
-    deltas = None
-    if meta is not None and meta.method == "full":
-        deltas = load_full_updates(adapter_dir, model, names)  # Delta_i = W_T - W_0
-        scored = model
-    else:
-        scored = frozen_adapter_model(model, adapter_dir) if adapter_dir is not None else model
     if scorer != "ila":
         scored.to(resolve_device(cfg.model.device))  # the Trainer places the model for ila
+
     start = time.perf_counter()
-    scores, facts = score(scorer, scored, layers, s2=s2, seed=cfg.seed, folder=folder, tokenizer=tokenizer,
-                          dataset=train_ds, device=cfg.model.device, resume=True, deltas=deltas)
+    scores, facts = score(
+        scorer,
+        scored,
+        layers,
+        s2=cfg.stage2,
+        seed=cfg.seed,
+        folder=folder,
+        tokenizer=tokenizer,
+        dataset=train_ds,
+        device=cfg.model.device,
+        resume=True,
+        deltas=deltas,
+    )
     seconds = time.perf_counter() - start
-    milestone_label = None
-    if meta is not None:
-        milestone_label = meta.label or adapter_dir.name
+
     ranking = Ranking(
         scores=scores,
         layers=layers,
         base_model=identity,
-        include_lm_head=include_lm_head,
+        include_lm_head=cfg.lora.include_lm_head if meta is None else meta.include_lm_head,
         scorer=scorer,
-        milestone=milestone_label,
+        milestone=None if meta is None else (meta.label or adapter_dir.name),
         config_sha256=cfg.sha256(),
         meta={
             "stage1_adapter": str(adapter_dir) if adapter_dir else None,
@@ -357,20 +346,24 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
             **facts,
         },
     )
-    path = ranking_path(run_dir, scorer)
+    path = rd.ranking(scorer)
     ranking.save(path)
     summary = {
-        "stage": 2, "scorer": scorer, "finished": _now(), "seconds": seconds,
-        "steps": facts.get("steps"), "train_loss": facts.get("train_loss"),
-        "seconds_per_step": facts.get("seconds_per_step"), "peak_memory_mb": facts.get("peak_memory_mb"),
-        "trainable_parameters": len(names) if scorer == "ila" else 0,
-        "mean_gate": facts.get("mean_gate"), "top10": ranking.order[:10], "ranking": str(path),
+        "stage": 2,
+        "scorer": scorer,
+        "finished": now(),
+        "seconds": seconds,
+        **{key: facts.get(key) for key in ("steps", "train_loss", "seconds_per_step", "peak_memory_mb")},
+        "trainable_parameters": len(layers) if scorer == "ila" else 0,
+        "mean_gate": facts.get("mean_gate"),
+        "top10": ranking.order[:10],
+        "ranking": str(path),
         "stage_sha256": cfg.stage_sha256("stage2"),
     }
     # The configured scorer's summary marks stage 2 complete; other scorers' runs sit beside it.
-    write_json_atomic(folder / ("summary.json" if scorer == cfg.stage2.scorer else f"summary-{scorer}.json"),
-                      summary)
-    _finish_stage(folder)
+    name = "summary.json" if scorer == cfg.stage2.scorer else f"summary-{scorer}.json"
+    write_json_atomic(folder / name, summary)
+    finish_stage(folder)
     return ranking
 
 
@@ -378,69 +371,86 @@ def stage2(cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = Non
 # stage 3
 
 
+def _save_stage3(rd: RunDir, model: nn.Module, tokenizer: PreTrainedTokenizerBase, meta: AdapterMeta) -> Path:
+    """A PEFT adapter folder for LoRA; for full fine-tuning a plain transformers model folder, which every
+    tool loads with ``from_pretrained``."""
+    output = rd.stage3_output(meta.method)
+    if meta.method == "lora":
+        save_adapter(model, output, meta)
+        return output
+    with atomic_dir(output) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / ADAPTER_META, meta.to_dict())
+    return output
+
+
 def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
-    """A fresh LoRA run from the base model on the selected layers only; writes ``stage3/adapter``."""
-    run_dir = Path(run_dir)
+    """A fresh LoRA run (or full fine-tuning) from the base model on the selected layers only."""
     rd = RunDir(run_dir)
-    folder = rd.stage("stage3")
-    _start_stage(cfg, folder, "stage3")
-    ranking_file = Path(cfg.stage3.ranking) if cfg.stage3.ranking else ranking_path(run_dir, cfg.stage2.scorer)
+    folder, s3 = rd.stage("stage3"), cfg.stage3
+    start_stage(cfg, folder, "stage3")
+    ranking_file = Path(s3.ranking) if s3.ranking else rd.ranking(cfg.stage2.scorer)
     if not ranking_file.is_file():
         raise IlaError(f"no ranking at {ranking_file}; run stage 2 first (ila score) or set stage3.ranking")
     ranking = Ranking.load(ranking_file)
     torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_base_model(cfg.model)
-    check_model_fits(cfg, model)
-    identity = model_identity(model, cfg.model.name)
-    layers = adaptable_layers(model, include_lm_head=ranking.include_lm_head,
-                              module_types=None if cfg.lora.module_types is None else cfg.lora.module_types)
+
+    tokenizer, model, identity = _load(cfg)
+    layers = adaptable_layers(
+        model, include_lm_head=ranking.include_lm_head, module_types=cfg.lora.module_types
+    )
     ranking.check_matches(layers, identity)
-    sel = cfg.stage3.selection
+    sel = s3.selection
     selected = ranking.select(sel.mode, sel.fraction, sel.layers)
     train_ds, heldout_ds = _datasets(cfg, tokenizer, folder)
-    method = cfg.stage3.method
-    if method == "full":
-        from .selection import apply_selection
 
-        peft_model = apply_selection(model, selected, method="full")
-    else:
-        peft_model = attach_lora(model, selected, cfg.lora)
+    peft_model = apply_selection(model, selected, method=s3.method, lora=cfg.lora)
     trainable, total = count_parameters(peft_model)
-    log.info("stage 3: %s on %d of %d layers (%s trainable parameters)", "LoRA" if method == "lora" else
-             "full fine-tuning", len(selected), len(layers), f"{trainable:,}")
-    selection = {**ranking.selection_record(selected, mode=sel.mode, fraction=sel.fraction,
-                                            ranking_path=ranking_file),
-                 "method": method, "lora": asdict(cfg.lora) if method == "lora" else None}
-    write_json_atomic(rd.selection, selection)
-    plan = plan_for(cfg.stage3.train, folder, seed=cfg.seed, device=cfg.model.device)
-    result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if cfg.stage3.train.eval_heldout else None)
-    out_meta = AdapterMeta(
-        kind="ila.stage3_adapter", layers=selected, method=method, include_lm_head=ranking.include_lm_head,
-        step=result.steps, base_model=identity, lora=asdict(cfg.lora) if method == "lora" else None,
-        data=cfg.data.name, selection={k: selection[k] for k in ("mode", "fraction")}, config_sha256=cfg.sha256(),
+    how = "LoRA" if s3.method == "lora" else "full fine-tuning"
+    log.info(
+        "stage 3: %s on %d of %d layers (%s trainable parameters)",
+        how,
+        len(selected),
+        len(layers),
+        f"{trainable:,}",
     )
-    if method == "full":
-        # A plain transformers model folder: every tool loads it with from_pretrained.
-        output = rd.stage3_output("full")
-        with atomic_dir(output) as tmp:
-            peft_model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            write_json_atomic(tmp / ADAPTER_META, out_meta.to_dict())
-    else:
-        output = rd.stage3_output("lora")
-        save_adapter(peft_model, output, out_meta)
+    lora = asdict(cfg.lora) if s3.method == "lora" else None
+    record = ranking.selection_record(
+        selected, mode=sel.mode, fraction=sel.fraction, ranking_path=ranking_file
+    )
+    write_json_atomic(rd.selection, {**record, "method": s3.method, "lora": lora})
+
+    plan = plan_for(s3.train, folder, seed=cfg.seed, device=cfg.model.device)
+    result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if s3.train.eval_heldout else None)
+
+    out_meta = AdapterMeta(
+        kind="ila.stage3_adapter",
+        layers=selected,
+        method=s3.method,
+        include_lm_head=ranking.include_lm_head,
+        step=result.steps,
+        base_model=identity,
+        lora=lora,
+        data=cfg.data.name,
+        selection={"mode": sel.mode, "fraction": sel.fraction},
+        config_sha256=cfg.sha256(),
+    )
+    output = _save_stage3(rd, peft_model, tokenizer, out_meta)
     summary = {
-        "stage": 3, "finished": _now(), "steps": result.steps, "train_loss": result.train_loss,
-        "heldout_loss": result.heldout_loss, "seconds": result.seconds,
-        "seconds_per_step": result.seconds_per_step, "peak_memory_mb": result.peak_memory_mb,
-        "trainable_parameters": trainable, "total_parameters": total, "num_selected": len(selected),
-        "num_layers": len(layers), "method": method,
-        ("adapter" if method == "lora" else "model"): str(output), "resumed_from": result.resumed_from,
+        "stage": 3,
+        "finished": now(),
+        **_train_summary(result),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "num_selected": len(selected),
+        "num_layers": len(layers),
+        "method": s3.method,
+        ("adapter" if s3.method == "lora" else "model"): str(output),
         "stage_sha256": cfg.stage_sha256("stage3"),
     }
     write_json_atomic(rd.summary("stage3"), summary)
-    _finish_stage(folder)
+    finish_stage(folder)
     return summary
 
 
@@ -452,13 +462,12 @@ def run_all(cfg: RunConfig, run_dir: str | Path, *, redo: bool = False) -> dict[
     """Stages 1-3 in order. A stage that is complete in ``run_dir`` with the same config is reused, unless
     ``redo``; once a stage runs, every later stage runs again too."""
     run_dir = Path(run_dir)
-    stages = STAGES
     # Check before writing anything, so a refused run leaves the directory as it was.
-    done = {s: (not redo) and stage_done(run_dir, s, cfg) for s in stages}
+    done = {s: (not redo) and stage_done(run_dir, s, cfg) for s in STAGES}
     prepare_run_dir(cfg, run_dir)
     out: dict[str, Any] = {"run_dir": str(run_dir)}
     rerun = False
-    for name, fn in (("stage1", stage1), ("stage2", stage2), ("stage3", stage3)):
+    for name, fn in zip(STAGES, (stage1, stage2, stage3), strict=True):
         if rerun or not done[name]:
             fn(cfg, run_dir)
             rerun = True
