@@ -9,14 +9,25 @@ this module, so a field is written once and read with one default.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import load_file, save_file
 
 from .artifacts import atomic_dir, envelope, read_json, write_json_atomic
 from .errors import ModelError
 from .layers import unwrap
+from .models import load_base_model, load_lora
 from .stability import bias_key
+
+if TYPE_CHECKING:
+    import peft
+    import torch
+    from torch import nn
+    from transformers import PreTrainedModel
+
+    from .config import ModelConfig
 
 ADAPTER_META = "ila_adapter.json"
 LAYER_WEIGHTS = "layers.safetensors"
@@ -87,7 +98,7 @@ def is_adapter_folder(folder: Path) -> bool:
     return weights and (folder / ADAPTER_META).is_file()
 
 
-def save_adapter(model: Any, folder: Path, meta: AdapterMeta) -> Path:
+def save_adapter(model: nn.Module, folder: Path, meta: AdapterMeta) -> Path:
     """The update of ``model`` plus ``ila_adapter.json``, written atomically (the metadata file last).
 
     For LoRA a PEFT adapter folder; for full fine-tuning the trained weights W_T of ``meta.layers``, and their
@@ -95,8 +106,6 @@ def save_adapter(model: Any, folder: Path, meta: AdapterMeta) -> Path:
     """
     with atomic_dir(folder) as tmp:
         if meta.method == "full":
-            from safetensors.torch import save_file
-
             modules = dict(unwrap(model).named_modules())
             weights = {}
             for name in meta.layers:  # W_T and, where the layer has one, its trained bias
@@ -122,13 +131,11 @@ def adapter_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def load_full_updates(folder: Path, base_model: Any, layer_names: list[str]) -> dict[str, Any]:
+def load_full_updates(folder: Path, base_model: nn.Module, layer_names: list[str]) -> dict[str, torch.Tensor]:
     """Delta_i = W_T - W_0 for every layer, from a full fine-tuning milestone and the base model: the weight
     update under the layer's name and, for a layer with a bias, the bias update under
     :func:`ila.stability.bias_key` (stage 1 trains both; a milestone that lacks them is read as an unchanged
     bias)."""
-    from safetensors.torch import load_file
-
     path = folder / LAYER_WEIGHTS
     if not path.is_file():
         raise ModelError(f"{folder} has no {LAYER_WEIGHTS}; the full fine-tuning milestone is incomplete")
@@ -146,13 +153,9 @@ def load_full_updates(folder: Path, base_model: Any, layer_names: list[str]) -> 
     return deltas
 
 
-def load_result(model_cfg: Any, folder: Path) -> Any:
+def load_result(model_cfg: ModelConfig, folder: Path) -> nn.Module:
     """The model that a result folder describes: the base model of ``model_cfg`` with a PEFT adapter, or a
     full model folder (stage 3 with ``method: full``) loaded with the same dtype and device settings."""
-    from dataclasses import replace
-
-    from .models import load_base_model, load_lora
-
     folder = Path(folder)
     if (folder / "adapter_config.json").is_file():
         return load_lora(load_base_model(model_cfg), folder)
@@ -174,7 +177,7 @@ def lm_eval_source(base_source: str, folder: Path | None) -> tuple[str, str | No
     return str(folder), None
 
 
-def frozen_adapter_model(model: Any, adapter_dir: Path) -> Any:
+def frozen_adapter_model(model: PreTrainedModel, adapter_dir: Path) -> peft.PeftModel:
     """The base model with a stage-1 LoRA adapter, every parameter frozen, LoRA dropout off: the gates (and
     the other scorers) must see the update the adapter actually learned (ila-method.md, stage 2)."""
     import peft

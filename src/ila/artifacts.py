@@ -11,6 +11,7 @@ systems. Folders (PEFT adapters) are written the same way: into a temporary sibl
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import json
 import math
 import os
@@ -26,8 +27,6 @@ from .errors import IlaError
 
 def envelope(kind: str, schema_version: int = 1) -> dict[str, Any]:
     """The fields every JSON artefact starts with: what it is, its schema, which ila wrote it and when."""
-    import datetime as _dt
-
     return {
         "schema_version": schema_version,
         "kind": kind,
@@ -63,16 +62,17 @@ def check_finite(obj: Any, where: str = "value") -> None:
             check_finite(v, f"{where}[{i}]")
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file beside it, fsynced, then an atomic rename; only the
+    main process writes. A reader sees the old file or the whole new one, never a part."""
     path = Path(path)
     if not is_main_process():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -81,6 +81,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """:func:`write_bytes_atomic` of ``text`` in UTF-8."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from .adapters import AdapterMeta, save_adapter
@@ -86,7 +88,7 @@ class StabilityTracker(TrainerCallback):
         self.epsilon = epsilon
         self.path = path
         self.stop_when_stable = stop_when_stable
-        self.previous: Any = None
+        self.previous: LoraFactors | dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, Any]] = []
         self.stable_at: int | None = None
 
@@ -100,7 +102,7 @@ class StabilityTracker(TrainerCallback):
 
     def _record(self, state, control, model) -> None:  # noqa: ANN001
         if self.base_weights is not None:
-            current: Any = weight_snapshot(model, self.layer_names)
+            current: LoraFactors | dict[str, torch.Tensor] = weight_snapshot(model, self.layer_names)
         else:
             current = LoraFactors.snapshot(model, self.layer_names)
         top = self._top_by_update_norm(current)
@@ -148,8 +150,6 @@ class StabilityTracker(TrainerCallback):
 
     def save_state(self, checkpoint: Path) -> None:
         """Write what the tracker carries between windows into ``checkpoint`` (tensors, then JSON)."""
-        from safetensors.torch import save_file
-
         checkpoint.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Any] = {}
         scaling: dict[str, float] = {}
@@ -178,8 +178,6 @@ class StabilityTracker(TrainerCallback):
     def restore(self, checkpoint: Path, step: int) -> None:
         """Continue from the state saved in ``checkpoint`` (the step a resumed run starts after), so that the
         resumed run records the same figures, at the same steps, as an uninterrupted one."""
-        from safetensors.torch import load_file
-
         path = checkpoint / STABILITY_STATE
         if not path.is_file():
             log.warning(
@@ -201,7 +199,7 @@ class StabilityTracker(TrainerCallback):
             self.previous = load_file(str(checkpoint / STABILITY_TENSORS))
         truncate_jsonl(self.path, step)  # the records of the steps after the checkpoint come again
 
-    def _top_by_update_norm(self, snapshot: Any) -> set[str]:
+    def _top_by_update_norm(self, snapshot: LoraFactors | dict[str, torch.Tensor]) -> set[str]:
         """The top ``fraction`` of layers by ||Delta_i||_F (ties by name, for a deterministic set)."""
         if self.base_weights is not None:
             update = {k: snapshot[k] - self.base_weights[k] for k in snapshot}

@@ -20,6 +20,7 @@ With Hub access any lm-eval task name works as well.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
@@ -29,13 +30,30 @@ import sys
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .adapters import lm_eval_source, load_result
 from .artifacts import envelope, write_json_atomic, write_text_atomic
-from .data import IGNORE_INDEX, collator
+from .data import (
+    IGNORE_INDEX,
+    build_datasets,
+    collator,
+    gsm8k_final_answer,
+    mtbench_questions,
+    read_records,
+    render_prompt,
+)
 from .errors import DataError, IlaError
+from .models import cache_root, load_base_model, load_tokenizer, resolve_model_source
+from .rundir import RunDir
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+    from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +66,11 @@ OFFLINE_TASKS = ("ila_mmlu_dev", "ila_gsm8k_heldout", "ila_hhh")
 
 @torch.no_grad()
 def heldout_loss(
-    model: torch.nn.Module, tokenizer: Any, dataset: Any, *, batch_size: int = 4
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: datasets.Dataset,
+    *,
+    batch_size: int = 4,
 ) -> dict[str, float]:
     """Token-weighted response-token loss and perplexity of ``model`` on ``dataset`` (rows with input_ids,
     attention_mask and labels, IGNORE_INDEX on prompt tokens)."""
@@ -85,7 +107,6 @@ def heldout_loss(
 
 
 def _mmlu_dev_rows() -> list[dict[str, Any]]:
-    import importlib.metadata
 
     try:
         dist = importlib.metadata.distribution("lm-eval")
@@ -119,7 +140,6 @@ def _mmlu_dev_rows() -> list[dict[str, Any]]:
 
 
 def _gsm8k_rows() -> list[dict[str, Any]]:
-    from .data import gsm8k_final_answer, read_records
 
     convs, _, _ = read_records("gsm8k", split="test")
     rows = []
@@ -279,7 +299,6 @@ def lm_eval_scores(
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise IlaError("benchmarks need lm-evaluation-harness: pip install 'lm-eval==0.4.13'") from None
-    from .models import cache_root
 
     cache = cache or cache_root()
     offline = [t for t in tasks if t in OFFLINE_TASKS]
@@ -315,15 +334,13 @@ def lm_eval_scores(
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     conversations: Sequence[list[dict[str, str]]],
     *,
     max_new_tokens: int = 128,
     template: str = "auto",
 ) -> list[str]:
     """Greedy answers to the last user turn of each conversation, formatted as in training."""
-    from .data import render_prompt
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -344,14 +361,10 @@ def generate(
 
 
 def write_generations(
-    cfg: Any, adapters: dict[str, Any], n: int, path: Path, *, max_new_tokens: int = 128
+    cfg: RunConfig, adapters: dict[str, Any], n: int, path: Path, *, max_new_tokens: int = 128
 ) -> dict[str, list[str]]:
     """Greedy answers of the base model and of each adapter (``{label: folder}``) to the first turns of the
     first ``n`` MT-Bench questions, written side by side as Markdown so that a person can read them."""
-    from .adapters import load_result
-    from .data import mtbench_questions
-    from .models import load_base_model, load_tokenizer
-
     tokenizer = load_tokenizer(cfg.model)
     questions = [[{"role": "user", "content": q["turns"][0]}] for q in mtbench_questions()[:n]]
     answers: dict[str, list[str]] = {}
@@ -373,7 +386,7 @@ def write_generations(
 
 
 def evaluate_run(
-    cfg: Any,
+    cfg: RunConfig,
     run_dir: str | Path,
     results: dict[str, str | Path] | None = None,
     *,
@@ -386,11 +399,6 @@ def evaluate_run(
     ``results`` maps labels to adapter or model folders; by default the run's stage-3 result (adapter or
     model, whichever ``stage3.method`` wrote), else its stage-1 adapter. Writes ``eval/evaluation.json``.
     """
-    from .adapters import lm_eval_source, load_result
-    from .data import build_datasets
-    from .models import load_base_model, load_tokenizer, resolve_model_source
-    from .rundir import RunDir
-
     rd = RunDir(run_dir)
     if not results:
         stage3 = rd.stage3_result()

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .layers import PEFT_PREFIX, lora_adapter_name
+from .layers import PEFT_PREFIX, lora_adapter_name, unwrap
+from .stability import bias_key
 
 
 class LayerGates(nn.Module):
@@ -169,9 +170,6 @@ def attach_update_gates(model: nn.Module, gates: LayerGates, deltas: dict[str, t
     :func:`ila.stability.bias_key` (the full fine-tuning form of ILA, which trains biases too); ``model``
     holds W_0. A gate of 0 gives the base model exactly, a gate of 1 the fine-tuned model up to float
     rounding of the split product."""
-    from .layers import unwrap
-    from .stability import bias_key
-
     modules = dict(unwrap(model).named_modules())
     handles: list[torch.utils.hooks.RemovableHandle] = []
     owners: list[nn.Module] = []

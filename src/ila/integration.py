@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from transformers import TrainerCallback
@@ -24,6 +24,12 @@ from .scorers import NEEDS_DATA
 from .scorers import scorer as scorer_of
 from .scoring import score
 
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+    from .ranking import Ranking
+
 
 def lora_layers(model: nn.Module) -> list[Layer]:
     """The layers of ``model`` that carry a LoRA adapter (all layers for a plain model)."""
@@ -39,8 +45,8 @@ def rank_layers(
     model: nn.Module,
     *,
     scorer: str = "ila",
-    tokenizer: Any = None,
-    dataset: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    dataset: datasets.Dataset | None = None,
     stage2: Any = None,
     seed: int = 0,
     device: str = "auto",
@@ -107,7 +113,7 @@ class IlaCallback(TrainerCallback):
         milestones: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
         scorer: str = "ila",
         stage2: Any = None,
-        dataset: Any = None,
+        dataset: datasets.Dataset | None = None,
         seed: int = 0,
     ):
         self.output_dir = Path(output_dir)
@@ -117,7 +123,7 @@ class IlaCallback(TrainerCallback):
         self.dataset = dataset
         self.seed = seed
         self.steps: dict[int, float] = {}
-        self.ranking: Any = None
+        self.ranking: Ranking | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
         self.steps = milestone_steps(self.fractions, state.max_steps)
@@ -169,7 +175,7 @@ class IlaCallback(TrainerCallback):
             ranking.save(self.output_dir / "ranking.json")
 
 
-def labelled_rows(dataset: Any) -> Any:
+def labelled_rows(dataset: datasets.Dataset) -> datasets.Dataset:
     """A trainer's tokenized dataset as ``input_ids`` / ``attention_mask`` / ``labels`` rows.
 
     trl marks the trained tokens with ``completion_mask`` or ``assistant_masks``; without either, every

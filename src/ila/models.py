@@ -88,10 +88,8 @@ def builtin_model_folder(name: str, cache_dir: str | None = None) -> Path:
             f"builtin model {name!r} needs the package {spec.distribution}: {spec.install}"
         ) from None
     if spec.assemble_module is not None:
-        import importlib as _importlib
-
         try:
-            assembler = _importlib.import_module(spec.assemble_module)
+            assembler = importlib.import_module(spec.assemble_module)
             gguf = Path(assembler.assemble(cache_root(cache_dir) / "gguf" / spec.gguf_path))
         except (ImportError, FileNotFoundError, ValueError) as e:
             raise ModelError(

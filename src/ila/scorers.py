@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import IlaError
+
 
 @dataclass(frozen=True)
 class Scorer:
@@ -62,8 +64,6 @@ NEEDS_DATA = frozenset(s.name for s in SCORERS.values() if s.needs_data)
 
 def scorer(name: str) -> Scorer:
     """The registry entry of ``name``; a clear error naming the scorers otherwise."""
-    from .errors import IlaError
-
     if name not in SCORERS:
         raise IlaError(f"unknown scorer {name!r}; choose one of {', '.join(SCORER_NAMES)}")
     return SCORERS[name]

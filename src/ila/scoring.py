@@ -12,7 +12,7 @@ import random as _random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,10 @@ from .scorers import NEEDS_ADAPTER, NEEDS_DATA, SCORER_NAMES
 from .scorers import scorer as scorer_entry
 from .stability import LoraFactors, full_update_norm, update_norms
 from .training import plan_for, train
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +234,8 @@ def learn_gates(
     peft_model: nn.Module,
     layers: list[Layer],
     *,
-    tokenizer: Any,
-    train_dataset: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: datasets.Dataset,
     s2: Any,
     seed: int,
     device: str,
@@ -296,7 +300,13 @@ def learn_gates(
 
 
 def data_batches(
-    dataset: Any, tokenizer: Any, *, batch_size: int, max_batches: int, device: torch.device, seed: int
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    batch_size: int,
+    max_batches: int,
+    device: torch.device,
+    seed: int,
 ) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
     """A re-iterable sample of ``max_batches`` padded batches (the same ones every time)."""
     collate = collator(tokenizer)
@@ -345,8 +355,8 @@ def score(
     s2: Any,
     seed: int,
     folder: Path,
-    tokenizer: Any = None,
-    dataset: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    dataset: datasets.Dataset | None = None,
     device: str = "auto",
     resume: bool = False,
     deltas: dict[str, torch.Tensor] | None = None,

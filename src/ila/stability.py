@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import PEFT_PREFIX, lora_adapter_name
+from .layers import PEFT_PREFIX, lora_adapter_name, unwrap
 
 
 @dataclass
@@ -85,8 +85,6 @@ def bias_key(layer_name: str) -> str:
 def weight_snapshot(model: nn.Module, layer_names: list[str]) -> dict[str, torch.Tensor]:
     """A detached copy of every layer's full weight, and its bias under :func:`bias_key` (full fine-tuning
     trains both, so both are part of the layer's update W_T - W_0)."""
-    from .layers import unwrap
-
     modules = dict(unwrap(model).named_modules())
     out = {}
     for n in layer_names:

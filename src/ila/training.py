@@ -15,22 +15,31 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from safetensors.torch import save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments, modeling_utils
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from .artifacts import append_jsonl, truncate_jsonl
 from .config import TrainConfig
 from .data import IGNORE_INDEX, collator
 from .errors import TrainingError
+from .layers import unwrap
 from .models import resolve_device
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +137,6 @@ def plan_for(
 def supports_response_logits(model: torch.nn.Module) -> bool:
     """Whether ``model`` can compute its output head on a boolean mask of positions and take its loss targets
     already shifted: transformers' causal LMs with ``logits_to_keep`` and the stock causal-LM loss."""
-    from transformers import modeling_utils
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    from .layers import unwrap
-
     inner = unwrap(model)
     if not hasattr(modeling_utils, "slice_logits_to_keep"):  # boolean masks arrived with it
         return False
@@ -196,7 +200,6 @@ class IlaTrainer(Trainer):
             return super()._save(output_dir, state_dict)
         # Stage 2 trains N scores on a frozen model: a checkpoint needs only those. Saved as
         # model.safetensors, the Trainer's own resume path loads them back with load_state_dict(strict=False).
-        from safetensors.torch import save_file
 
         if self.args.should_save:
             out = Path(output_dir or self.args.output_dir)
@@ -323,8 +326,6 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     while saving leaves a folder without it, or with a cut-off one. Such folders are removed: resuming from
     them would fail.
     """
-    import shutil
-
     found = []
     for path in folder.glob("checkpoint-*"):
         try:
@@ -342,8 +343,6 @@ def last_complete_checkpoint(folder: Path) -> str | None:
 def _complete_trainer_state(path: Path, step: int) -> bool:
     """Whether ``path`` is a whole ``trainer_state.json`` of step ``step``: present is not enough, a process
     killed while writing it leaves a cut-off file that the Trainer's resume would fail on."""
-    import json
-
     try:
         state = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -363,7 +362,11 @@ def _restore_callbacks(plan: TrainingPlan, checkpoint: Path) -> None:
 
 
 def make_trainer(
-    model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_dataset: Any, eval_dataset: Any = None
+    model: torch.nn.Module,
+    plan: TrainingPlan,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset | None = None,
 ) -> IlaTrainer:
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError("nothing to train: no parameter requires a gradient")
@@ -392,7 +395,11 @@ def make_trainer(
 
 
 def train(
-    model: torch.nn.Module, plan: TrainingPlan, tokenizer: Any, train_dataset: Any, eval_dataset: Any = None
+    model: torch.nn.Module,
+    plan: TrainingPlan,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset | None = None,
 ) -> TrainingResult:
     """Train whatever in ``model`` requires a gradient, as the plan says; evaluate held-out loss at the
     end."""

@@ -42,7 +42,9 @@ from .templates import (
 
 if TYPE_CHECKING:  # datasets and transformers are imported lazily: they are slow to import.
     import datasets
-    from transformers import PreTrainedTokenizerBase
+    from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+
+    from ila.config import DataConfig
 
 __all__ = [
     "collator",
@@ -96,7 +98,7 @@ class DataStats:
         return asdict(self)
 
 
-def collator(tokenizer: Any) -> Any:
+def collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
     """Batches of tokenized examples, padded to the longest (to a multiple of 8, which tensor cores like), the
     labels padded with IGNORE_INDEX: the one collator of training, scoring and the held-out loss."""
     from transformers import DataCollatorForSeq2Seq  # transformers is slow to import: only when batching
@@ -107,7 +109,7 @@ def collator(tokenizer: Any) -> Any:
 
 
 def build_datasets(
-    cfg: Any, tokenizer: PreTrainedTokenizerBase
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[datasets.Dataset, datasets.Dataset, DataStats]:
     """Read, sample, split and tokenize the dataset that ``cfg`` (a ``DataConfig``) describes.
 
@@ -178,7 +180,11 @@ def build_datasets(
 
 
 def _tokenize_all(
-    convs: list[Conversation], tokenizer: PreTrainedTokenizerBase, cfg: Any, template: str, skip_refused: bool
+    convs: list[Conversation],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig,
+    template: str,
+    skip_refused: bool,
 ) -> tuple[list[dict[str, list[int]]], int, int]:
     """Tokenized rows of ``convs``, and how many were dropped by truncation and refused by the template."""
     rows: list[dict[str, list[int]]] = []

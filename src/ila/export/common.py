@@ -10,7 +10,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -18,6 +18,9 @@ from .._version import __version__
 from ..layers import Layer
 from ..models import BUILTIN_MODELS
 from ..ranking import Ranking
+
+if TYPE_CHECKING:
+    import peft
 
 SCHEMA_VERSION = 1
 KIND = "ila.selection"
@@ -158,14 +161,14 @@ def selection_summary(ctx: ExportContext, formats: dict[str, dict[str, Any]]) ->
 # -- what a file trains, compared with the selection -----------------------------------------------------
 
 
-def _peft_matches(config: Any, names: Sequence[str]) -> set[str]:
+def _peft_matches(config: peft.LoraConfig, names: Sequence[str]) -> set[str]:
     """Module names that peft would adapt under ``config`` (peft's own matching function)."""
     from peft.tuners.tuners_utils import check_target_module_exists  # peft is slow to import: only on export
 
     return {n for n in names if check_target_module_exists(config, n)}
 
 
-def _lora_config(**kwargs: Any) -> Any:
+def _lora_config(**kwargs: Any) -> peft.LoraConfig:
     """``peft.LoraConfig(**kwargs)``."""
     import peft  # slow to import: only on export
 

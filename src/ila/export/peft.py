@@ -10,10 +10,13 @@ function (``_peft_matches``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .choose import whole_blocks
 from .common import ExportContext, Writer, _lora_config, _peft_matches, _status
+
+if TYPE_CHECKING:
+    import peft
 
 # peft.LoraConfig fields written to adapter_config.json. A whole LoraConfig.to_dict() carries every field
 # of the installed peft (40+ in peft 0.21), some of which older peft versions refuse; these load everywhere.
@@ -38,7 +41,7 @@ _PEFT_KEYS = (
 )
 
 
-def _peft_dict(cfg: Any, order: list[str]) -> dict[str, Any]:
+def _peft_dict(cfg: peft.LoraConfig, order: list[str]) -> dict[str, Any]:
     d = cfg.to_dict()
     d = {k: d.get(k) for k in _PEFT_KEYS}
     for k, v in d.items():
