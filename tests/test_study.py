@@ -78,3 +78,17 @@ def test_study_on_tiny_models(tmp_path, tiny_model_dir, tiny_data_file, capsys):
     assert list((out / "plots").glob("*.png"))
     # A second call reuses every run.
     assert main(["study", "--config", str(study), "--out", str(out)]) == 0
+
+
+def test_the_study_figures_are_skipped_without_matplotlib(tmp_path, monkeypatch):
+    """The study's numbers stand without matplotlib: its figures are left out, nothing is raised."""
+    import sys
+
+    from ila import study
+
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    cfg = study.StudyConfig(milestones=[1.0])
+    study._plots(cfg, {}, {"groups": {}}, tmp_path)
+    assert not (tmp_path / "plots").exists()

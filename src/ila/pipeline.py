@@ -7,6 +7,7 @@ Every stage reads as: load the model and data, attach what trains, train, save.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict
@@ -63,7 +64,7 @@ def _load(cfg: RunConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, dic
     return tokenizer, model, model_identity(model, cfg.model.name)
 
 
-def _datasets(
+def load_datasets(
     cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, folder: Path
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """(train, held-out or None when the split left none); their statistics go to ``folder/data.json``."""
@@ -111,6 +112,24 @@ def identity_name(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__)
 
 
+def _log_trainable(
+    stage: str, model: nn.Module, method: str, r: int, selected: int, layers: int
+) -> tuple[int, int]:
+    """Log what a stage trains; returns (trainable, total) parameters."""
+    trainable, total = count_parameters(model)
+    how = f"LoRA r={r}" if method == "lora" else "full fine-tuning"
+    log.info(
+        "%s: %s on %d of %d layers (%s trainable of %s parameters)",
+        stage,
+        how,
+        selected,
+        layers,
+        f"{trainable:,}",
+        f"{total:,}",
+    )
+    return trainable, total
+
+
 def _train_summary(result: TrainingResult) -> dict[str, Any]:
     """What stages 1 and 3 report of their training run."""
     return {
@@ -137,6 +156,44 @@ def _refuse_tied_full_head(cfg: RunConfig, model: PreTrainedModel) -> None:
         )
 
 
+def _stage1_meta(
+    cfg: RunConfig, names: list[str], identity: dict[str, Any], step: int, fraction: float | None
+) -> AdapterMeta:
+    """What ``ila_adapter.json`` records of a stage-1 milestone (or of the final update)."""
+    return AdapterMeta(
+        kind="ila.stage1_adapter",
+        layers=names,
+        method=cfg.stage1.method,
+        include_lm_head=cfg.lora.include_lm_head,
+        step=step,
+        planned_steps=cfg.stage1.train.max_steps,
+        fraction=fraction,
+        base_model=identity,
+        module_types=cfg.lora.module_types,
+        lora=asdict(cfg.lora),
+        data=cfg.data.name,
+        config_sha256=cfg.sha256(),
+        layer_digest=layer_names_digest(names),
+    )
+
+
+def _stability_tracker(
+    cfg: RunConfig, names: list[str], path: Path, base_weights: dict[str, torch.Tensor] | None
+) -> StabilityTracker:
+    s1 = cfg.stage1
+    return StabilityTracker(
+        names,
+        s1.stability_window,
+        s1.stability_epsilon,
+        path,
+        s1.stop_when_stable,
+        base_weights=base_weights,
+        criterion=s1.stability_criterion,
+        fraction=s1.stability_fraction,
+        patience=s1.stability_patience,
+    )
+
+
 def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     """LoRA (or full fine-tuning) on every layer, milestones saved, epsilon-stability recorded."""
     rd = RunDir(run_dir)
@@ -147,54 +204,19 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     tokenizer, model, identity = _load(cfg)
     layers = _layers(cfg, model)
     names = [layer.name for layer in layers]
-    train_ds, heldout_ds = _datasets(cfg, tokenizer, folder)
+    train_ds, heldout_ds = load_datasets(cfg, tokenizer, folder)
 
     base_weights = None
     if s1.method == "full":
         _refuse_tied_full_head(cfg, model)
         base_weights = weight_snapshot(model, names)  # W_0, for epsilon-stability of W_t - W_0
     peft_model = apply_selection(model, names, method=s1.method, lora=cfg.lora)
-    trainable, total = count_parameters(peft_model)
-    how = f"LoRA r={cfg.lora.r}" if s1.method == "lora" else "full fine-tuning"
-    log.info(
-        "stage 1: %s on %d layers (%s trainable of %s parameters)",
-        how,
-        len(names),
-        f"{trainable:,}",
-        f"{total:,}",
-    )
+    trainable, total = _log_trainable("stage 1", peft_model, s1.method, cfg.lora.r, len(names), len(names))
 
     planned = s1.train.max_steps
-
-    def meta(step: int, fraction: float | None) -> AdapterMeta:
-        return AdapterMeta(
-            kind="ila.stage1_adapter",
-            layers=names,
-            method=s1.method,
-            include_lm_head=cfg.lora.include_lm_head,
-            step=step,
-            planned_steps=planned,
-            fraction=fraction,
-            base_model=identity,
-            module_types=cfg.lora.module_types,
-            lora=asdict(cfg.lora),
-            data=cfg.data.name,
-            config_sha256=cfg.sha256(),
-            layer_digest=layer_names_digest(names),
-        )
-
+    meta = functools.partial(_stage1_meta, cfg, names, identity)
     milestones = MilestoneSaver(rd.milestones, s1.milestones, planned, meta)
-    stability = StabilityTracker(
-        names,
-        s1.stability_window,
-        s1.stability_epsilon,
-        folder / "stability.jsonl",
-        s1.stop_when_stable,
-        base_weights=base_weights,
-        criterion=s1.stability_criterion,
-        fraction=s1.stability_fraction,
-        patience=s1.stability_patience,
-    )
+    stability = _stability_tracker(cfg, names, folder / "stability.jsonl", base_weights)
     # eval_before: before the first step the model is theta_0 (LoRA B starts at zero)
     plan = plan_for(
         s1.train,
@@ -284,6 +306,23 @@ def _with_update(
     return frozen_adapter_model(model, adapter_dir), None
 
 
+def _stage2_summary(
+    cfg: RunConfig, ranking: Ranking, path: Path, seconds: float, facts: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "stage": 2,
+        "scorer": ranking.scorer,
+        "finished": now(),
+        "seconds": seconds,
+        **{key: facts.get(key) for key in ("steps", "train_loss", "seconds_per_step", "peak_memory_mb")},
+        "trainable_parameters": ranking.num_layers if ranking.scorer == "ila" else 0,
+        "mean_gate": facts.get("mean_gate"),
+        "top10": ranking.order[:10],
+        "ranking": str(path),
+        "stage_sha256": cfg.stage_sha256("stage2"),
+    }
+
+
 def stage2(
     cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = None, scorer: str | None = None
 ) -> Ranking:
@@ -309,7 +348,7 @@ def stage2(
         scored, deltas = _with_update(model, meta, adapter_dir, layers)
     else:
         layers, scored, deltas = _layers(cfg, model), model, None
-    train_ds = _datasets(cfg, tokenizer, folder)[0] if scorer in NEEDS_DATA else None
+    train_ds = load_datasets(cfg, tokenizer, folder)[0] if scorer in NEEDS_DATA else None
     if scorer != "ila":
         scored.to(resolve_device(cfg.model.device))  # the Trainer places the model for ila
 
@@ -348,18 +387,7 @@ def stage2(
     )
     path = rd.ranking(scorer)
     ranking.save(path)
-    summary = {
-        "stage": 2,
-        "scorer": scorer,
-        "finished": now(),
-        "seconds": seconds,
-        **{key: facts.get(key) for key in ("steps", "train_loss", "seconds_per_step", "peak_memory_mb")},
-        "trainable_parameters": len(layers) if scorer == "ila" else 0,
-        "mean_gate": facts.get("mean_gate"),
-        "top10": ranking.order[:10],
-        "ranking": str(path),
-        "stage_sha256": cfg.stage_sha256("stage2"),
-    }
+    summary = _stage2_summary(cfg, ranking, path, seconds, facts)
     # The configured scorer's summary marks stage 2 complete; other scorers' runs sit beside it.
     name = "summary.json" if scorer == cfg.stage2.scorer else f"summary-{scorer}.json"
     write_json_atomic(folder / name, summary)
@@ -403,17 +431,11 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     ranking.check_matches(layers, identity)
     sel = s3.selection
     selected = ranking.select(sel.mode, sel.fraction, sel.layers)
-    train_ds, heldout_ds = _datasets(cfg, tokenizer, folder)
+    train_ds, heldout_ds = load_datasets(cfg, tokenizer, folder)
 
     peft_model = apply_selection(model, selected, method=s3.method, lora=cfg.lora)
-    trainable, total = count_parameters(peft_model)
-    how = "LoRA" if s3.method == "lora" else "full fine-tuning"
-    log.info(
-        "stage 3: %s on %d of %d layers (%s trainable parameters)",
-        how,
-        len(selected),
-        len(layers),
-        f"{trainable:,}",
+    trainable, total = _log_trainable(
+        "stage 3", peft_model, s3.method, cfg.lora.r, len(selected), len(layers)
     )
     lora = asdict(cfg.lora) if s3.method == "lora" else None
     record = ranking.selection_record(

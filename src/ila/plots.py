@@ -8,27 +8,29 @@ figure is rendered, written to a temporary file in the same folder and renamed i
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from .artifacts import is_main_process
+import numpy as np
+
+from .artifacts import is_main_process, write_bytes_atomic
 from .errors import IlaError
 from .ranking import Ranking
 from .stats import jaccard_matrix
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class PlotsUnavailable(IlaError):
     """matplotlib is not installed."""
 
 
-def _figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -42,34 +44,14 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> Path:
-    """:func:`ila.artifacts.write_text_atomic` for bytes: a temporary file beside ``path``, fsynced, then
-    renamed into place; only the main process writes. (A candidate for :mod:`ila.artifacts`.)"""
-    if not is_main_process():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     """Render as PNG and write it atomically (on the main process only; the others render nothing)."""
     path = Path(path)
     if not is_main_process():
         return path
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
-    return _write_bytes_atomic(path, buf.getvalue())
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 def plot_ranking_heatmap(
@@ -80,7 +62,6 @@ def plot_ranking_heatmap(
     (1 = most important)."""
     if value not in ("score", "gate"):
         raise IlaError(f"value must be 'score' or 'gate', got {value!r}")
-    import numpy as np
 
     values = ranking.gates() if value == "gate" else ranking.scores
     if values is None:
@@ -111,7 +92,7 @@ def plot_ranking_heatmap(
         grid[i, j] = values[layer.name]
         ranks[i, j] = rank[layer.name]
 
-    fig = _figure(1.6 + 0.9 * len(cols), 1.6 + 0.28 * len(rows))
+    fig = new_figure(1.6 + 0.9 * len(cols), 1.6 + 0.28 * len(rows))
     ax = fig.add_subplot(1, 1, 1)
     data = np.ma.masked_invalid(grid)
     import matplotlib
@@ -146,14 +127,12 @@ def plot_ranking_heatmap(
     parts = [p for p in (label, ranking.scorer, ranking.milestone and f"milestone {ranking.milestone}") if p]
     model = ranking.base_model.get("name")
     ax.set_title(" / ".join(str(p) for p in parts) + (f"\n{model}" if model else ""), fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_jaccard_matrix(result: Mapping[str, Any], fraction: float, path: str | Path) -> Path:
     """The pairwise Jaccard index of the top ``fraction`` of a :func:`ila.overlap.compare_rankings` result,
     annotated with the values; the title gives the random expectation."""
-    import numpy as np
-
     labels, m = jaccard_matrix(result, fraction)
     grid = np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float)
     expected = sorted(
@@ -165,7 +144,7 @@ def plot_jaccard_matrix(result: Mapping[str, Any], fraction: float, path: str | 
         }
     )
     n = len(labels)
-    fig = _figure(2.2 + 0.8 * n, 1.8 + 0.7 * n)
+    fig = new_figure(2.2 + 0.8 * n, 1.8 + 0.7 * n)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(np.ma.masked_invalid(grid), vmin=0.0, vmax=1.0, cmap="magma", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="Jaccard")
@@ -194,7 +173,7 @@ def plot_jaccard_matrix(result: Mapping[str, Any], fraction: float, path: str | 
     ax.set_title(
         f"Jaccard of the top {fraction * 100:g} % ({result.get('level', 'layer')} level){chance}", fontsize=10
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 Curve = Sequence[Sequence[float]]
@@ -227,7 +206,7 @@ def plot_overlap_curve(result_or_curves: Any, path: str | Path) -> Path:
     curves = _curves(result_or_curves)
     if not curves:
         raise IlaError("no pair of rankings to plot an overlap curve for")
-    fig = _figure(7.0, 4.6)
+    fig = new_figure(7.0, 4.6)
     ax = fig.add_subplot(1, 1, 1)
     baselines: dict[tuple[tuple[float, float], ...], str] = {}
     for i, (label, pts) in enumerate(curves.items()):
@@ -264,7 +243,7 @@ def plot_overlap_curve(result_or_curves: Any, path: str | Path) -> Path:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     else:
         ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _file_slugs(labels: Sequence[str]) -> list[str]:

@@ -34,13 +34,24 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .artifacts import read_json, write_json_atomic, write_text_atomic
+import torch
+
+from .adapters import lm_eval_source, load_result
+from .artifacts import envelope, read_json, write_json_atomic, write_text_atomic
 from .config import RunConfig
 from .errors import IlaError
+from .evaluation import heldout_loss, lm_eval_scores, write_generations
+from .models import load_base_model, load_tokenizer, resolve_model_source
+from .pipeline import load_datasets, prepare_run_dir, stage2, stage3
+from .plots import new_figure, save_figure
 from .ranking import Ranking
 from .rundir import RunDir
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +110,6 @@ def plan_strategies(
 
 def _finetune(rc: RunConfig, folder: Path, isolated: bool = True) -> dict[str, Any]:
     """Stage 3 for one strategy; without a CUDA peak, the process's peak resident set size stands in."""
-    from .pipeline import stage3
-
     summary = stage3(rc, folder)
     if summary.get("peak_memory_mb") is None:
         summary["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -117,6 +126,61 @@ def _finetune_isolated(rc: RunConfig, folder: Path) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         return pool.submit(_finetune, rc, folder).result()
+
+
+def _run_strategy(
+    cfg: RunConfig,
+    strat: Strategy,
+    ranking_path: Path,
+    folder: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    heldout: datasets.Dataset,
+    isolate: bool,
+    tasks: tuple[str, ...],
+    limit: int | None,
+) -> dict[str, Any]:
+    """Fine-tune one strategy in ``folder`` (stage 3 with its selection) and measure it."""
+    log.info("strategy %s: %d layers", strat.name, len(strat.layers))
+    rc = copy.deepcopy(cfg)  # the run's settings, with this strategy's selection
+    rc.stage3.ranking = str(ranking_path)
+    rc.stage3.selection.mode = "list"
+    rc.stage3.selection.layers = list(strat.layers)
+    rc.stage3.train.eval_heldout = False
+    prepare_run_dir(rc, folder)
+    start = time.perf_counter()
+    summary = _finetune_isolated(rc, folder) if isolate else _finetune(rc, folder, isolated=False)
+    seconds = time.perf_counter() - start
+    result_dir = RunDir(folder).stage3_output(rc.stage3.method)
+    model = load_result(rc.model, result_dir)
+    quality = heldout_loss(model, tokenizer, heldout, batch_size=rc.stage3.train.batch_size)
+    bench = {}
+    if tasks:
+        pretrained, peft = lm_eval_source(resolve_model_source(rc.model), result_dir)
+        bench = lm_eval_scores(
+            pretrained,
+            tasks,
+            adapter=peft,
+            limit=limit,
+            batch_size=8,
+            device="cpu" if rc.model.device in ("cpu", "auto") else rc.model.device,
+        )
+    result = {
+        "name": strat.name,
+        "family": strat.family,
+        "fraction": strat.fraction,
+        "seed": strat.seed,
+        "num_layers": len(strat.layers),
+        "heldout_loss": quality["loss"],
+        "heldout_perplexity": quality["perplexity"],
+        "benchmarks": bench,
+        "trainable_parameters": summary["trainable_parameters"],
+        "steps": summary["steps"],
+        "seconds_per_step": summary["seconds_per_step"],
+        "peak_memory_mb": summary["peak_memory_mb"],
+        "peak_memory_kind": summary.get("peak_memory_kind", "CUDA max allocated"),
+        "train_seconds": seconds,
+    }
+    return result
 
 
 def run_strategies(
@@ -136,14 +200,7 @@ def run_strategies(
     ``isolate`` (default: on unless the model runs on CUDA) fine-tunes each strategy in its own process so
     that peak memory is measured per strategy. ``generate`` > 0 also answers the first ``generate`` MT-Bench
     questions with the base model, ``all`` and the ILA selections (``generations.md``)."""
-    from .adapters import lm_eval_source, load_result
-    from .evaluation import heldout_loss, lm_eval_scores
-    from .models import load_base_model, load_tokenizer, resolve_model_source
-    from .pipeline import _datasets, prepare_run_dir
-
     if isolate is None:
-        import torch
-
         isolate = not (
             cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
         )
@@ -159,53 +216,12 @@ def run_strategies(
         if done.is_file():
             results.append(read_json(done))
             continue
-        log.info("strategy %s: %d layers", strat.name, len(strat.layers))
-        rc = copy.deepcopy(cfg)  # the run's settings, with this strategy's selection
-        rc.stage3.ranking = str(ranking_path)
-        rc.stage3.selection.mode = "list"
-        rc.stage3.selection.layers = list(strat.layers)
-        rc.stage3.train.eval_heldout = False
-        prepare_run_dir(rc, folder)
-        start = time.perf_counter()
-        summary = _finetune_isolated(rc, folder) if isolate else _finetune(rc, folder, isolated=False)
-        seconds = time.perf_counter() - start
-        result_dir = RunDir(folder).stage3_output(rc.stage3.method)
-        model = load_result(rc.model, result_dir)
         if heldout is None:
-            heldout = _datasets(rc, tokenizer, out / ".data")[1]
-        quality = heldout_loss(model, tokenizer, heldout, batch_size=rc.stage3.train.batch_size)
-        bench = {}
-        if tasks:
-            pretrained, peft = lm_eval_source(resolve_model_source(rc.model), result_dir)
-            bench = lm_eval_scores(
-                pretrained,
-                tasks,
-                adapter=peft,
-                limit=limit,
-                batch_size=8,
-                device="cpu" if rc.model.device in ("cpu", "auto") else rc.model.device,
-            )
-        result = {
-            "name": strat.name,
-            "family": strat.family,
-            "fraction": strat.fraction,
-            "seed": strat.seed,
-            "num_layers": len(strat.layers),
-            "heldout_loss": quality["loss"],
-            "heldout_perplexity": quality["perplexity"],
-            "benchmarks": bench,
-            "trainable_parameters": summary["trainable_parameters"],
-            "steps": summary["steps"],
-            "seconds_per_step": summary["seconds_per_step"],
-            "peak_memory_mb": summary["peak_memory_mb"],
-            "peak_memory_kind": summary.get("peak_memory_kind", "CUDA max allocated"),
-            "train_seconds": seconds,
-        }
+            heldout = load_datasets(cfg, tokenizer, out / ".data")[1]
+        result = _run_strategy(cfg, strat, ranking_path, folder, tokenizer, heldout, isolate, tasks, limit)
         write_json_atomic(done, result)
         results.append(result)
     if generate > 0:
-        from .evaluation import write_generations
-
         # The base model, plain LoRA and the ILA selections: enough for a person to read the difference.
         adapters = {
             s.name: RunDir(out / s.name).stage3_output(cfg.stage3.method)
@@ -214,14 +230,13 @@ def run_strategies(
         }
         write_generations(cfg, adapters, generate, out / "generations.md")
     if heldout is None:
-        heldout = _datasets(cfg, tokenizer, out / ".data")[1]
+        heldout = load_datasets(cfg, tokenizer, out / ".data")[1]
     # The untuned base model on the same held-out split: how much each strategy's training bought.
     base = heldout_loss(
         load_base_model(cfg.model), tokenizer, heldout, batch_size=cfg.stage3.train.batch_size
     )
     return {
-        "schema_version": 1,
-        "kind": "ila.strategies",
+        **envelope("ila.strategies"),
         "ranking": str(ranking_path),
         "base_heldout_loss": base["loss"],
         "results": results,
@@ -280,15 +295,13 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
 
 def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
     """Held-out loss vs fraction tuned (ILA top-k curve, random mean, first/last), and vs trainable params."""
-    from .plots import _figure, _save
-
     rows = report["results"]
     paths = []
     for xkey, name, xlabel in (
         ("fraction", "quality-vs-fraction.png", "fraction of layers tuned"),
         ("trainable_parameters", "quality-vs-cost.png", "trainable parameters"),
     ):
-        fig = _figure(6.4, 4.2)
+        fig = new_figure(6.4, 4.2)
         ax = fig.add_subplot(1, 1, 1)
         for family, style in (("ila-top", "o-"), ("first", "s--"), ("last", "^--")):
             pts = sorted((r[xkey], r["heldout_loss"]) for r in rows if r["family"] == family)
@@ -325,7 +338,7 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylabel("held-out loss (response tokens)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        paths.append(_save(fig, out / name))
+        paths.append(save_figure(fig, out / name))
     return paths
 
 
@@ -343,8 +356,6 @@ def compare_strategies(
 ) -> Path:
     """Every strategy of :func:`plan_strategies` on the run's stage-3 budget; ``scorers`` adds the top 30 % of
     other scorers' rankings (``stage2/ranking-<scorer>.json``, computed first where missing)."""
-    from .pipeline import stage2
-
     ranking_path = Path(cfg.stage3.ranking) if cfg.stage3.ranking else RunDir(run_dir).ranking()
     if not ranking_path.is_file():
         raise IlaError(f"no ranking at {ranking_path}; run stages 1 and 2 first (ila train; ila score)")

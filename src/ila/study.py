@@ -21,8 +21,12 @@ from typing import Any
 from .artifacts import write_json_atomic, write_text_atomic
 from .config import load_config
 from .errors import ConfigError
+from .overlap import compare_rankings
+from .pipeline import prepare_run_dir, stage1, stage2, stage_done
+from .plots import PlotsUnavailable, new_figure, plot_jaccard_matrix, plot_overlap_curve, plot_ranking_heatmap
 from .ranking import Ranking
 from .rundir import RunDir, milestone_name
+from .scorers import SCORER_NAMES
 from .strict import from_dict, read_yaml_mapping
 
 log = logging.getLogger(__name__)
@@ -69,7 +73,6 @@ class StudyConfig:
             raise ConfigError("milestones: fractions in (0, 1]")
         if self.seed_dataset not in self.alignment + self.reasoning:
             raise ConfigError(f"seed_dataset: {self.seed_dataset} is not among the datasets")
-        from .scorers import SCORER_NAMES
 
         for scorer in self.scorers:
             if scorer not in SCORER_NAMES or scorer == "ila":
@@ -141,8 +144,6 @@ def ranking_file(out: Path, run: StudyRun, milestone: float, scorer: str = "ila"
 
 def execute(cfg: StudyConfig, out: Path) -> dict[str, dict[str, Path]]:
     """Stage 1 and the milestone stage-2 runs of every planned run; complete ones are reused."""
-    from .pipeline import prepare_run_dir, stage1, stage2, stage_done
-
     done: dict[str, dict[str, Path]] = {}
     for run in planned_runs(cfg):
         rc = _run_config(cfg, run)
@@ -193,8 +194,9 @@ def _summarise(result: dict[str, Any], fraction: float) -> dict[str, Any]:
 
 
 def analyse(cfg: StudyConfig, files: dict[str, dict[str, Path]], out: Path) -> dict[str, Any]:
-    from .overlap import compare_rankings
-
+    """Every comparison group of the study: one per claim of the paper (datasets, reasoning, seeds,
+    milestones, models) and one per extra scorer, each with the paper's figure beside it. Long because it
+    is a list of declarations, one ``add`` per group in report order, not because of its logic."""
     last = milestone_name(max(cfg.milestones))
     first_model = list(cfg.models)[0]
     seed0 = cfg.seeds[0]
@@ -364,8 +366,8 @@ def run_study(cfg: StudyConfig, out: str | Path, command: str = "ila study") -> 
 
 def _plots(cfg: StudyConfig, files: dict[str, dict[str, Path]], analysis: dict[str, Any], out: Path) -> None:
     try:
-        from .plots import plot_jaccard_matrix, plot_overlap_curve, plot_ranking_heatmap
-    except ImportError:
+        new_figure(1, 1)
+    except PlotsUnavailable:  # the study's numbers stand without its figures
         return
     plots = out / "plots"
     last = milestone_name(max(cfg.milestones))
