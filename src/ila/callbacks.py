@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from .adapters import AdapterMeta, save_adapter
-from .artifacts import append_jsonl, finite_or_null, read_json, truncate_jsonl, write_json_atomic
+from .artifacts import append_jsonl, envelope, finite_or_null, read_json, truncate_jsonl, write_json_atomic
 from .gates import LayerGates
 from .rundir import milestone_name
 from .stability import (
@@ -164,8 +164,7 @@ class StabilityTracker(TrainerCallback):
         write_json_atomic(
             checkpoint / STABILITY_STATE,
             {
-                "schema_version": 1,
-                "kind": "ila.stability_state",
+                **envelope("ila.stability_state"),
                 "previous": None if self.previous is None else ("lora" if scaling else "full"),
                 "scaling": scaling,
                 "previous_top": sorted(self.previous_top or []),

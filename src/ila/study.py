@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import write_json_atomic, write_text_atomic
+from .artifacts import envelope, write_json_atomic, write_text_atomic
 from .config import load_config
 from .errors import ConfigError
 from .overlap import compare_rankings
@@ -351,8 +351,7 @@ def run_study(cfg: StudyConfig, out: str | Path, command: str = "ila study") -> 
     write_json_atomic(
         out / "study.json",
         {
-            "schema_version": 1,
-            "kind": "ila.study",
+            **envelope("ila.study"),
             "seconds": seconds,
             "runs": {k: {m: str(p) for m, p in v.items()} for k, v in files.items()},
             **analysis,
