@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/ila run --config configs/smollm2.yaml --run-dir "${ILA_RUN_DIR:-runs/demo}" "$@"
+exec .venv/bin/ila run --config smollm2 --run-dir "${ILA_RUN_DIR:-runs/demo}" "$@"

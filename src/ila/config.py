@@ -1,8 +1,8 @@
 """Typed, strictly validated configuration for every stage of an ila run.
 
-A run is configured by one YAML file (see ``configs/``) plus dotted ``--set key=value`` overrides. Loading is
-strict: an unknown key, a value of the wrong type or a value out of range raises :class:`ConfigError` naming
-the dotted key. This module imports no torch so that the command line can validate a config instantly.
+A run is configured by one YAML file (a path, or a builtin config by name: ``smollm2``) plus dotted
+``--set key=value`` overrides. Loading is strict: an unknown key, a value of the wrong type or a value out of
+range raises :class:`ConfigError` naming the dotted key. This module imports no torch.
 
 Defaults marked [spec] in the docstrings are this project's reconstruction of details the paper does not
 state (Shi et al., arXiv 2410.17875); each of them is an option here.
@@ -444,8 +444,33 @@ def _require(ok: bool, prefix: str, key: str, message: str) -> None:
         raise ConfigError(f"{prefix}{key}: {message}")
 
 
+BUILTIN_CONFIGS = Path(__file__).parent / "configs"
+"""The configs that ship inside the package (``configs/`` of a clone links here)."""
+
+
+def builtin_config_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config(spec: str | Path, what: str = "config file") -> Path:
+    """The file ``spec`` names: an existing path, else a builtin config by name (``smollm2`` or
+    ``smollm2.yaml``), so that ``--config smollm2`` works from any folder after a plain ``pip install``."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    builtin = BUILTIN_CONFIGS / f"{name}.yaml"
+    # A bare name, or a path into a clone's configs/ folder run from elsewhere.
+    if builtin.is_file() and (path.parent == Path(".") or path.parent.name == "configs"):
+        return builtin
+    raise ConfigError(
+        f"{what} {spec} does not exist (builtin configs, usable by name: {', '.join(builtin_config_names())})"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML run config (or the defaults when ``path`` is None), apply overrides, validate strictly."""
-    data = read_yaml_mapping(path) if path is not None else {}
+    """Load a YAML run config (a path or a builtin name; the defaults when ``path`` is None), apply
+    overrides, validate strictly."""
+    data = read_yaml_mapping(resolve_config(path)) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data).validate()

@@ -1,6 +1,6 @@
 """The stability study: do the important layers agree across datasets, seeds, milestones and models?
 
-    ila study --config configs/study.yaml --out runs/study
+    ila study --config study --out runs/study
 
 Runs stage 1 for every (model, dataset, seed) the study names, stage 2 on each chosen stage-1 milestone,
 then compares the rankings with :mod:`ila.overlap` (Jaccard of the top-k with random baselines and p-values,
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import envelope, write_json_atomic, write_text_atomic
-from .config import load_config
+from .config import load_config, resolve_config
 from .errors import ConfigError
 from .overlap import compare_rankings
 from .pipeline import prepare_run_dir, stage1, stage2, stage_done
@@ -45,7 +45,7 @@ PAPER = {
 class StudyConfig:
     """What the study runs. Run settings come from ``base`` plus ``overrides`` (and per-model overrides)."""
 
-    base: str = "configs/smollm2.yaml"
+    base: str = "smollm2"
     overrides: list[str] = field(default_factory=list)
     models: dict[str, list[str]] = field(default_factory=lambda: {"smollm2": []})
     """Model name -> extra overrides for that model (e.g. a smaller batch)."""
@@ -84,13 +84,15 @@ class StudyConfig:
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
-    p = Path(path)
+    """The study config at ``path`` (or a builtin by name: ``study``). Its ``base`` run config is a path, a
+    path beside the study file, or a builtin name."""
+    p = resolve_config(path, "study config")
     cfg = from_dict(StudyConfig, read_yaml_mapping(p, "study config")).validate()
     cfg.overrides = cfg.overrides + list(overrides or [])
-    base = Path(cfg.base)
-    if not base.is_absolute() and not base.is_file():
-        base = p.parent / Path(cfg.base).name
-    cfg.base = str(base)
+    beside = p.parent / cfg.base
+    if not Path(cfg.base).is_file() and beside.is_file():
+        cfg.base = str(beside)
+    cfg.base = str(resolve_config(cfg.base, "study base config"))
     return cfg
 
 
