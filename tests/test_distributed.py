@@ -123,6 +123,13 @@ def test_two_processes_train_stage1_like_one_with_the_same_global_batch(stage1_d
     tol = 1e-6
     assert max(float(one[k].abs().max()) for k in one if "lora_B" in k) >= 100 * tol
     assert max(float((one[k] - two[k]).abs().max()) for k in one) <= tol
+    # The held-out loss is computed on the whole held-out split by every process (no distributed sampler
+    # padding it with repeated examples): one process and two report the same numbers.
+    s_one, s_two = (
+        json.loads((tmp_path / d / "stage1" / "summary.json").read_text()) for d in ("one", "two")
+    )
+    assert s_one["base_heldout_loss"] == pytest.approx(s_two["base_heldout_loss"], abs=1e-6)
+    assert s_one["heldout_loss"] == pytest.approx(s_two["heldout_loss"], abs=1e-5)
 
 
 def test_every_stage_runs_under_torchrun_and_only_rank_0_writes(stage1_dir, tmp_path):

@@ -44,6 +44,13 @@ def test_run_dir_layout(tiny_run):
         lines = (run_dir / stage / "metrics.jsonl").read_text().splitlines()
         assert lines and all(json.loads(line)["step"] >= 0 for line in lines)
     assert not list(run_dir.rglob(".*.tmp"))
+    # Every held-out loss a stage reports comes with its interval, which holds it.
+    s1, s3 = out["stage1"], out["stage3"]
+    for entry, loss in ((s1["heldout"], s1["heldout_loss"]), (s1["base_heldout"], s1["base_heldout_loss"]),
+                        (s3["heldout"], s3["heldout_loss"])):  # fmt: skip
+        lo, hi = entry["ci95"]
+        assert entry["loss"] == loss and lo <= loss <= hi and hi > lo
+        assert entry["tokens"] > 0 and entry["examples"] > 0
 
 
 def test_stage2_ranking(tiny_run):

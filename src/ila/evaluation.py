@@ -37,20 +37,18 @@ import torch
 from .adapters import lm_eval_source, load_result
 from .artifacts import envelope, write_json_atomic, write_text_atomic
 from .data import (
-    IGNORE_INDEX,
     build_datasets,
-    collator,
     gsm8k_final_answer,
     mtbench_questions,
     read_records,
     render_prompt,
 )
-from .errors import DataError, IlaError
+from .errors import IlaError
+from .heldout import heldout_loss
 from .models import cache_root, load_base_model, load_tokenizer, resolve_model_source
 from .rundir import RunDir
 
 if TYPE_CHECKING:
-    import datasets
     from transformers import PreTrainedTokenizerBase
 
     from .config import RunConfig
@@ -65,43 +63,6 @@ OFFLINE_TASKS = ("ila_mmlu_dev", "ila_gsm8k_heldout", "ila_hhh")
 
 
 @torch.no_grad()
-def heldout_loss(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    dataset: datasets.Dataset,
-    *,
-    batch_size: int = 4,
-) -> dict[str, float]:
-    """Token-weighted response-token loss and perplexity of ``model`` on ``dataset`` (rows with input_ids,
-    attention_mask and labels, IGNORE_INDEX on prompt tokens)."""
-    if dataset is None or len(dataset) == 0:
-        raise DataError("no held-out examples: set data.heldout_fraction > 0")
-    collate = collator(tokenizer)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
-        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]  # position t predicts token t+1
-        logits = logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        total += float(loss)
-        tokens += int((labels != IGNORE_INDEX).sum())
-    model.train(was_training)
-    if tokens == 0:
-        raise DataError("the held-out examples have no response token")
-    mean = total / tokens
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens, "examples": len(dataset)}
-
-
 # ---------------------------------------------------------------------------------------------------------
 # offline lm-eval tasks
 

@@ -136,6 +136,7 @@ def _train_summary(result: TrainingResult) -> dict[str, Any]:
         "steps": result.steps,
         "train_loss": result.train_loss,
         "heldout_loss": result.heldout_loss,
+        "heldout": result.heldout,  # with its 95 % interval (ila.heldout)
         "seconds": result.seconds,
         "seconds_per_step": result.seconds_per_step,
         "peak_memory_mb": result.peak_memory_mb,
@@ -241,6 +242,7 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "stability": stability.history,
         "milestones": sorted(p.name for p in rd.milestones.glob("[0-9]*")),
         "base_heldout_loss": result.heldout_loss_before,
+        "base_heldout": result.heldout_before,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "layers": describe_layers(layers),

@@ -42,7 +42,8 @@ from .adapters import lm_eval_source, load_result
 from .artifacts import envelope, read_json, write_json_atomic, write_text_atomic
 from .config import RunConfig
 from .errors import IlaError
-from .evaluation import heldout_loss, lm_eval_scores, write_generations
+from .evaluation import lm_eval_scores, write_generations
+from .heldout import heldout_loss
 from .models import load_base_model, load_tokenizer, resolve_model_source
 from .pipeline import load_datasets, prepare_run_dir, stage2, stage3
 from .plots import new_figure, save_figure

@@ -34,6 +34,7 @@ from .artifacts import append_jsonl, truncate_jsonl
 from .config import TrainConfig
 from .data import IGNORE_INDEX, collator
 from .errors import TrainingError
+from .heldout import heldout_loss
 from .layers import unwrap
 from .models import resolve_device
 
@@ -94,12 +95,21 @@ class TrainingResult:
     train_loss: float
     seconds: float
     seconds_per_step: float
-    heldout_loss: float | None
-    heldout_loss_before: float | None
-    """Held-out loss before the first step (a fresh LoRA adapter starts as the base model, B = 0)."""
+    heldout: dict[str, Any] | None
+    """:func:`ila.heldout.heldout_loss` after training (loss, ci95, tokens...); None without held-out data."""
+    heldout_before: dict[str, Any] | None
+    """The same before the first step (a fresh LoRA adapter starts as the base model, B = 0)."""
     peak_memory_mb: float | None
     stopped_early: bool
     resumed_from: str | None
+
+    @property
+    def heldout_loss(self) -> float | None:
+        return None if self.heldout is None else self.heldout["loss"]
+
+    @property
+    def heldout_loss_before(self) -> float | None:
+        return None if self.heldout_before is None else self.heldout_before["loss"]
 
 
 def plan_for(
@@ -366,7 +376,6 @@ def make_trainer(
     plan: TrainingPlan,
     tokenizer: PreTrainedTokenizerBase,
     train_dataset: datasets.Dataset,
-    eval_dataset: datasets.Dataset | None = None,
 ) -> IlaTrainer:
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError("nothing to train: no parameter requires a gradient")
@@ -376,7 +385,6 @@ def make_trainer(
         model=model,
         args=training_arguments(plan),
         train_dataset=train_dataset,
-        eval_dataset=eval_dataset if eval_dataset is not None and len(eval_dataset) > 0 else None,
         data_collator=collate,
         processing_class=tokenizer,
         callbacks=[
@@ -403,7 +411,8 @@ def train(
 ) -> TrainingResult:
     """Train whatever in ``model`` requires a gradient, as the plan says; evaluate held-out loss at the
     end."""
-    trainer = make_trainer(model, plan, tokenizer, train_dataset, eval_dataset)
+    heldout_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) > 0 else None
+    trainer = make_trainer(model, plan, tokenizer, train_dataset)
     checkpoint = None
     if plan.resume and plan.output_dir.is_dir():
         checkpoint = last_complete_checkpoint(plan.output_dir)
@@ -411,12 +420,9 @@ def train(
             log.info("resuming from %s", checkpoint)
             _restore_callbacks(plan, Path(checkpoint))
     before = None
-    if checkpoint is None and trainer.eval_dataset is not None and plan.eval_before:
-        before = float(trainer.evaluate()["eval_loss"])
-        # evaluate() prepares the model for evaluation only (no DDP wrapper) but marks it prepared, and
-        # train() would then skip wrapping it: each process would train on its own shard, no gradient
-        # averaged.
-        trainer.model.__dict__.pop("_is_accelerate_prepared", None)
+    if checkpoint is None and heldout_dataset is not None and plan.eval_before:
+        # Every process computes the same number on the whole held-out split (no sampler to pad it).
+        before = heldout_loss(trainer.model, tokenizer, heldout_dataset, batch_size=plan.batch_size)
     device = trainer.args.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -425,16 +431,16 @@ def train(
     seconds = time.perf_counter() - start
     steps = trainer.state.global_step
     heldout = None
-    if trainer.eval_dataset is not None:
-        heldout = float(trainer.evaluate()["eval_loss"])
+    if heldout_dataset is not None:
+        heldout = heldout_loss(trainer.model, tokenizer, heldout_dataset, batch_size=plan.batch_size)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return TrainingResult(
         steps=steps,
         train_loss=float(out.training_loss),
         seconds=seconds,
         seconds_per_step=seconds / max(1, steps),
-        heldout_loss=heldout,
-        heldout_loss_before=before,
+        heldout=heldout,
+        heldout_before=before,
         peak_memory_mb=peak,
         stopped_early=steps < plan.max_steps,
         resumed_from=checkpoint,
