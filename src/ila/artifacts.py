@@ -174,3 +174,16 @@ def truncate_jsonl(path: str | Path, last_step: int) -> None:
         if isinstance(step, int) and step <= last_step:
             kept.append(line + "\n")
     write_text_atomic(path, "".join(kept))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log; a line cut off by an interruption (the last one) is skipped."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

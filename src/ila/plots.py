@@ -54,6 +54,76 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return write_bytes_atomic(path, buf.getvalue())
 
 
+def _block_grid(ranking: Ranking) -> tuple[list[str], list[str], dict[str, tuple[int, int]], list[str]]:
+    """(rows: blocks in model order, columns: module types, the (row, column) of every layer, row labels);
+    ``lm_head`` gets a row and a column of its own."""
+    blocks: list[str] = []
+    types: list[str] = []
+    index: dict[str, int] = {}
+    for layer in ranking.layers:
+        if layer.block is None:
+            continue
+        if layer.block not in index:
+            index[layer.block] = layer.block_index if layer.block_index is not None else len(index)
+            blocks.append(layer.block)
+        if layer.module_type not in types:
+            types.append(layer.module_type)
+    blocks.sort(key=lambda b: index[b])
+    heads = any(layer.block is None for layer in ranking.layers)
+    rows = blocks + (["lm_head"] if heads else [])
+    cols = types + (["lm_head"] if heads else [])
+    r_of = {b: i for i, b in enumerate(rows)}
+    c_of = {t: j for j, t in enumerate(cols)}
+    cell = {
+        layer.name: (r_of[layer.block], c_of[layer.module_type])
+        if layer.block is not None
+        else (r_of["lm_head"], c_of["lm_head"])
+        for layer in ranking.layers
+    }
+    return rows, cols, cell, [str(index[b]) for b in blocks] + (["lm_head"] if heads else [])
+
+
+def _grid_axes(ax: Any, cols: list[str], row_labels: list[str]) -> None:
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, rotation=45, ha="right", fontsize=8)
+    step = max(1, math.ceil(len(row_labels) / 40))
+    ticks = [i for i in range(len(row_labels)) if i % step == 0 or row_labels[i] == "lm_head"]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([row_labels[i] for i in ticks], fontsize=8)
+    ax.set_ylabel("block")
+    ax.set_xlabel("module type")
+
+
+def plot_selection(ranking: Ranking, selected: Sequence[str], path: str | Path, *, title: str = "") -> Path:
+    """The selected layers on the blocks x module types grid of :func:`plot_ranking_heatmap`: dark cells
+    train, light ones stay frozen."""
+    rows, cols, cell, row_labels = _block_grid(ranking)
+    chosen = set(selected)
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for layer in ranking.layers:
+        grid[cell[layer.name]] = 1.0 if layer.name in chosen else 0.0
+    fig = new_figure(1.6 + 0.9 * len(cols), 1.6 + 0.28 * len(rows))
+    ax = fig.add_subplot(1, 1, 1)
+    import matplotlib
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(["#dde3ea", "#1f4e79"]).with_extremes(bad="#ffffff")
+    ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    _grid_axes(ax, cols, row_labels)
+    if len(rows) <= 64:  # cell borders, where the cells are big enough to see them
+        ax.set_xticks(np.arange(-0.5, len(cols)), minor=True)
+        ax.set_yticks(np.arange(-0.5, len(rows)), minor=True)
+        ax.grid(which="minor", color="white", linewidth=0.8)
+        ax.tick_params(which="minor", length=0)
+    handles = [
+        matplotlib.patches.Patch(color="#1f4e79", label=f"trained ({len(chosen)})"),
+        matplotlib.patches.Patch(color="#dde3ea", label=f"frozen ({ranking.num_layers - len(chosen)})"),
+    ]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.set_title(title or f"selection: {len(chosen)} of {ranking.num_layers} layers", fontsize=10)
+    return save_figure(fig, path)
+
+
 def plot_ranking_heatmap(
     ranking: Ranking, path: str | Path, *, label: str | None = None, value: Literal["score", "gate"] = "score"
 ) -> Path:
@@ -67,30 +137,12 @@ def plot_ranking_heatmap(
     if values is None:
         raise IlaError(f"a ranking by {ranking.scorer} has scores, not gates; plot value='score'")
     rank = {name: i + 1 for i, name in enumerate(ranking.order)}
-    blocks: list[str] = []
-    types: list[str] = []
-    index: dict[str, int] = {}
-    for layer in ranking.layers:
-        if layer.block is None:
-            continue
-        if layer.block not in index:
-            index[layer.block] = layer.block_index if layer.block_index is not None else len(index)
-            blocks.append(layer.block)
-        if layer.module_type not in types:
-            types.append(layer.module_type)
-    blocks.sort(key=lambda b: index[b])
-    heads = [layer for layer in ranking.layers if layer.block is None]
-    rows = blocks + (["lm_head"] if heads else [])
-    cols = types + (["lm_head"] if heads else [])
+    rows, cols, cell, row_labels = _block_grid(ranking)
     grid = np.full((len(rows), len(cols)), np.nan)
     ranks = np.zeros((len(rows), len(cols)), dtype=int)
-    r_of = {b: i for i, b in enumerate(rows)}
-    c_of = {t: j for j, t in enumerate(cols)}
     for layer in ranking.layers:
-        i = r_of[layer.block] if layer.block is not None else r_of["lm_head"]
-        j = c_of[layer.module_type] if layer.block is not None else c_of["lm_head"]
-        grid[i, j] = values[layer.name]
-        ranks[i, j] = rank[layer.name]
+        grid[cell[layer.name]] = values[layer.name]
+        ranks[cell[layer.name]] = rank[layer.name]
 
     fig = new_figure(1.6 + 0.9 * len(cols), 1.6 + 0.28 * len(rows))
     ax = fig.add_subplot(1, 1, 1)
@@ -102,13 +154,7 @@ def plot_ranking_heatmap(
     fig.colorbar(im, ax=ax, label=value)
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(cols, rotation=45, ha="right", fontsize=8)
-    row_labels = [str(index[b]) for b in blocks] + (["lm_head"] if heads else [])
-    step = max(1, math.ceil(len(rows) / 40))
-    ticks = [i for i in range(len(rows)) if i % step == 0 or row_labels[i] == "lm_head"]
-    ax.set_yticks(ticks)
-    ax.set_yticklabels([row_labels[i] for i in ticks], fontsize=8)
-    ax.set_ylabel("block")
-    ax.set_xlabel("module type")
+    _grid_axes(ax, cols, row_labels)
     if grid.size <= 300:
         finite = grid[np.isfinite(grid)]
         mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0

@@ -20,6 +20,7 @@ from ..errors import IlaError
 from ..evaluation import evaluate_run
 from ..models import load_base_model
 from ..ranking import Ranking
+from ..report import write_report
 from ..rundir import RunDir
 from .parser import build_parser
 
@@ -102,7 +103,16 @@ def _run_command(args: argparse.Namespace) -> int:
     from ..pipeline import run_all
 
     cfg, run_dir = _resolve(args)
-    _print_summary(run_all(cfg, run_dir, redo=args.redo), run_dir)
+    out = run_all(cfg, run_dir, redo=args.redo)
+    _print_summary(out, run_dir)
+    print(f"  report      {write_report(run_dir)}")
+    return 0
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    if not RunDir(args.run_dir).config.is_file():
+        raise IlaError(f"{args.run_dir} has no config.yaml: is it an ila run directory?")
+    print(write_report(args.run_dir))
     return 0
 
 
@@ -313,6 +323,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "select": _selection_command,
     "export": _selection_command,
     "compare": _compare_command,
+    "report": _report_command,
 }
 
 

@@ -11,6 +11,7 @@ Examples::
     ila select runs/demo/stage2/ranking.json --top 0.2 --dry-run      # what would train, per block and type
     ila export runs/demo/stage2/ranking.json --top 0.2                # PEFT, axolotl, LLaMA-Factory, swift
     ila compare runs/a/stage2/ranking.json runs/b/stage2/ranking.json --out cmp   # overlap and plots
+    ila report runs/demo                                               # report.md with figures
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def _add_stage_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--layers", nargs="+", metavar="NAME", help="tune exactly these layers (full module names)"
     )
+
+    p = sub.add_parser("report", help="(re)write RUN_DIR/report.md and its figures from the run's files")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="an ila run directory")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
     p = sub.add_parser("config", help="print the resolved config (defaults, file and overrides) and exit")
     _common(p)
