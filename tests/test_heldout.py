@@ -60,3 +60,16 @@ def test_the_interval_holds_the_estimate_and_narrows_with_more_examples():
     assert interval(sums.numpy(), counts.numpy()) == [lo, hi]  # seeded: the same losses, the same interval
     same = interval(counts.numpy() * 2.5, counts.numpy())
     assert same == pytest.approx([2.5, 2.5])  # no spread between examples: a point
+
+
+@pytest.mark.parametrize("setting, drawn", [(None, False), ("1", True), ("0", False)])
+def test_the_progress_bar_shows_only_on_a_terminal_or_when_asked(monkeypatch, capfd, setting, drawn):
+    """Under pytest stderr is no terminal: silent by default, drawn with ILA_PROGRESS=1."""
+    if setting is None:
+        monkeypatch.delenv("ILA_PROGRESS", raising=False)
+    else:
+        monkeypatch.setenv("ILA_PROGRESS", setting)
+    tok = make_tokenizer()
+    heldout_loss(make_model(), tok, _rows(tok, ["red", "blue", "green"]), batch_size=1)
+    err = capfd.readouterr().err
+    assert ("held-out loss" in err) is drawn

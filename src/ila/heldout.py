@@ -18,6 +18,7 @@ import torch
 
 from .data import IGNORE_INDEX, collator
 from .errors import DataError
+from .progress import progress
 
 if TYPE_CHECKING:
     import datasets
@@ -45,7 +46,8 @@ def example_losses(
     model.eval()
     sums, counts = [], []
     try:
-        for start in range(0, len(dataset), batch_size):
+        starts = range(0, len(dataset), batch_size)
+        for start in progress(starts, "held-out loss", total=len(starts), unit="batch"):
             batch = collate([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
             logits = model(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)

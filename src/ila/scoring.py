@@ -23,6 +23,7 @@ from .errors import IlaError
 from .gates import LayerGates, ScoreSGD, attach_gates, attach_update_gates
 from .layers import Layer, find_blocks, unwrap
 from .models import resolve_device
+from .progress import progress
 from .scorers import NEEDS_ADAPTER, NEEDS_DATA, SCORER_NAMES
 from .scorers import scorer as scorer_entry
 from .stability import LoraFactors, full_update_norm, update_norms
@@ -315,7 +316,8 @@ def data_batches(
     order = order[: batch_size * max_batches]
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in progress(starts, "scoring batches", total=len(starts), unit="batch"):
             rows = [dataset[i] for i in order[start : start + batch_size]]
             batch = collate(rows)
             yield {

@@ -47,6 +47,7 @@ from .heldout import heldout_loss
 from .models import load_base_model, load_tokenizer, resolve_model_source
 from .pipeline import load_datasets, prepare_run_dir, stage2, stage3
 from .plots import new_figure, save_figure
+from .progress import progress
 from .ranking import Ranking
 from .rundir import RunDir
 
@@ -211,7 +212,7 @@ def run_strategies(
     results = []
     heldout = None
     tokenizer = load_tokenizer(cfg.model)
-    for strat in strategies:
+    for strat in progress(strategies, "strategies", total=len(strategies), unit="strategy"):
         folder = out / strat.name
         done = folder / "result.json"
         if done.is_file():
