@@ -19,6 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from ila import IlaCallback, Ranking, apply_selection, select
 from ila.config import LoraConfig, ModelConfig, Stage2Config
 from ila.data import read_records
+from ila.integration import check_sft_model
 from ila.layers import adaptable_layers
 from ila.models import attach_lora, count_parameters, load_base_model, load_tokenizer
 
@@ -45,6 +46,7 @@ def main(out: str = "runs/sft-example", steps: int = 8) -> None:
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
     )
+    check_sft_model(model)  # a clear error where trl would refuse a LoRA on lm_head with a traceback
     SFTTrainer(
         model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[ila]
     ).train()

@@ -132,3 +132,28 @@ def test_rank_layers_ila_leaves_model_untouched():
     assert all(after[n].requires_grad for n in before if "lora_" in n)
     dropout = dict(model.named_modules())["base_model.model." + names[0]].lora_dropout["default"]
     assert isinstance(dropout, torch.nn.Dropout)
+
+
+def test_a_lora_on_lm_head_gets_a_clear_error_before_trl_refuses_it(tmp_path, tiny_model_dir):
+    """trl's SFTTrainer rejects a LoRA on lm_head with a ValueError traceback; check_sft_model says so first,
+    and passes the same model without the head."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from ila.errors import IlaError
+    from ila.integration import check_sft_model
+
+    def lora(include_lm_head):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        names = [layer.name for layer in adaptable_layers(base, include_lm_head=include_lm_head)]
+        return attach_lora(base, names, LoraConfig(r=4))
+
+    with_head, without = lora(True), lora(False)
+    with pytest.raises(IlaError, match="lm_head carries a LoRA adapter.*include_lm_head"):
+        check_sft_model(with_head)
+    check_sft_model(without)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, report_to=[], use_cpu=True)
+    data = Dataset.from_list([{"prompt": "Say red.", "completion": " red"}] * 2)
+    with pytest.raises(ValueError, match="lm_head"):  # the premise: trl itself refuses this model
+        trl.SFTTrainer(model=with_head, args=args, train_dataset=data, processing_class=make_tokenizer())

@@ -114,7 +114,8 @@ class LoraConfig:
     dropout: float = 0.05
     """LoRA dropout in stages 1 and 3; stage 2 always runs with dropout off."""
     include_lm_head: bool = False
-    """Adapt ``lm_head`` too (the paper's 225 layers of LLaMA-2-7B include it). Recorded with every result."""
+    """Adapt ``lm_head`` too (the paper's 225 layers of LLaMA-2-7B include it). Recorded with every result.
+    trl's SFTTrainer (1.x) refuses a LoRA adapter on ``lm_head`` (:func:`ila.integration.check_sft_model`)."""
     module_types: list[str] | None = None
     """Restrict layers to these module types (e.g. ``[q_proj, v_proj]``); null: every linear projection."""
 

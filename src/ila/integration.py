@@ -41,6 +41,24 @@ def lora_layers(model: nn.Module) -> list[Layer]:
     return [layer for layer in layers if layer.block is not None]
 
 
+def check_sft_model(model: nn.Module) -> None:
+    """Refuse, saying what to do instead, a model that trl's ``SFTTrainer`` would refuse with a traceback.
+
+    trl (1.x) computes the log-probabilities from ``lm_head.weight`` directly (its fused LM head), so a LoRA
+    adapter on ``lm_head`` would never train and trl rejects the model. That happens with
+    ``lora.include_lm_head`` in stage 1, and with ``apply_selection`` of a ranking that includes ``lm_head``
+    when the head is selected. Call this before building an ``SFTTrainer`` on such a model.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "lora_A"):
+        raise IlaError(
+            "lm_head carries a LoRA adapter, which trl's SFTTrainer refuses: it computes the loss from "
+            "lm_head.weight directly, so the adapter would never train. Leave lm_head out "
+            "(lora.include_lm_head: false, or drop it from the selection), or train with transformers' "
+            "Trainer, which IlaCallback supports as well"
+        )
+
+
 def rank_layers(
     model: nn.Module,
     *,
