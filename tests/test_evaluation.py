@@ -143,7 +143,7 @@ def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file,
         "ila-top-30",
         "first-20",
         "last-20",
-        "random-20-seed2",
+        "random-20",
         "ila-top-75",
         "update-norm-top-30",
         "snr-top-30",
@@ -152,15 +152,20 @@ def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file,
     norm = Ranking.load(tmp_path / "run" / "stage2" / "ranking-update-norm.json")
     row = next(r for r in report["results"] if r["name"] == "update-norm-top-30")
     assert row["num_layers"] == norm.count(0.3)
-    chosen = json.loads((tmp_path / "s" / "update-norm-top-30" / "stage3" / "selection.json").read_text())[
-        "layers"
-    ]
+    chosen = json.loads(
+        (tmp_path / "s" / "update-norm-top-30-seed0" / "stage3" / "selection.json").read_text()
+    )["layers"]
     assert set(chosen) == set(norm.top(0.3))
     generations = (tmp_path / "s" / "generations.md").read_text()
     assert "**base**" in generations and "**all**" in generations and "**ila-top-30**" in generations
     assert all(math.isfinite(r["heldout_loss"]) for r in report["results"])
     md = (tmp_path / "s" / "strategies.md").read_text()
-    assert "random-20" in md and "±" in md
+    assert "random-20 | 3 |" in md and "vs all (paired)" in md
+    assert {r["run"] for r in report["results"] if r["name"] == "random-20"} == {
+        "random-20-seed0",
+        "random-20-seed1",
+        "random-20-seed2",
+    }
     assert math.isfinite(report["base_heldout_loss"]) and "base model, untuned" in md
     assert (tmp_path / "s" / "quality-vs-fraction.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["evaluate", "--run-dir", str(tmp_path / "run"), "--generate", "2"]) == 0
@@ -181,7 +186,7 @@ def test_an_isolated_strategy_reports_its_own_peak_memory(tmp_path, tiny_model_d
     report = run_strategies(cfg, ranking_path, tmp_path / "s", strategies=top, isolate=True)
     (row,) = report["results"]
     assert row["peak_memory_kind"] == "process resident set size" and row["peak_memory_mb"] > 0
-    assert (tmp_path / "s" / "ila-top-10" / "stage3" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "s" / "ila-top-10-seed0" / "stage3" / "adapter" / "adapter_config.json").is_file()
 
 
 def _fake_bigbench_archive(cache):

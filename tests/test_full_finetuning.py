@@ -191,5 +191,5 @@ def test_evaluate_and_compare_strategies_read_a_full_stage3_model(full_run, tmp_
         strategies=[Strategy("top-25", "ila-top", 0.25, tuple(ranking.order[:7]))],
     )
     (result,) = report["results"]
-    assert (tmp_path / "strategies" / "top-25" / "stage3" / "model" / "config.json").is_file()
+    assert (tmp_path / "strategies" / "top-25-seed0" / "stage3" / "model" / "config.json").is_file()
     assert result["heldout_loss"] != report["base_heldout_loss"]

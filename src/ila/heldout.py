@@ -74,16 +74,9 @@ def interval(sums: np.ndarray, counts: np.ndarray, *, seed: int = 0, level: floa
     return [float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail))]
 
 
-def heldout_loss(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    dataset: datasets.Dataset,
-    *,
-    batch_size: int = 4,
-) -> dict[str, Any]:
+def summarise(sums: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
     """``loss`` (token-weighted), ``ci95`` (its bootstrap interval), ``perplexity``, ``tokens`` and
-    ``examples`` of ``model`` on ``dataset``."""
-    sums, counts = example_losses(model, tokenizer, dataset, batch_size=batch_size)
+    ``examples`` from per-example (loss sum, token count)."""
     tokens = int(counts.sum())
     if tokens == 0:
         raise DataError("the held-out examples have no response token")
@@ -95,3 +88,31 @@ def heldout_loss(
         "tokens": tokens,
         "examples": len(sums),
     }
+
+
+def heldout_loss(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: datasets.Dataset,
+    *,
+    batch_size: int = 4,
+) -> dict[str, Any]:
+    """:func:`summarise` of ``model``'s losses on ``dataset``."""
+    return summarise(*example_losses(model, tokenizer, dataset, batch_size=batch_size))
+
+
+def paired_interval(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], *, seed: int = 0, level: float = 0.95
+) -> list[float]:
+    """Bootstrap interval of loss(a) - loss(b), two models' (sums, counts) on the same examples: each
+    resample takes the same examples for both, so the shared difficulty of an example cancels and the
+    interval is that of the difference, far narrower than the two losses' own intervals side by side."""
+    (sa, ca), (sb, cb) = a, b
+    if len(sa) != len(sb) or not np.array_equal(ca, cb):
+        raise DataError("a paired comparison needs the two models' losses on the same examples")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(sa), size=(RESAMPLES, len(sa)))
+    tokens = np.maximum(ca[picks].sum(axis=1), 1)
+    diffs = (sa[picks].sum(axis=1) - sb[picks].sum(axis=1)) / tokens
+    tail = (1 - level) / 2
+    return [float(np.quantile(diffs, tail)), float(np.quantile(diffs, 1 - tail))]

@@ -238,7 +238,9 @@ __all__ = [
     "depth_bucket",
     "expected_random_jaccard",
     "jaccard",
+    "jaccard_matrix",
     "kendall_tau",
+    "mean_interval",
     "permutation_p_value",
     "spearman",
     "top_count",
@@ -262,3 +264,20 @@ def jaccard_matrix(result: Mapping[str, Any], fraction: float) -> tuple[list[str
     if not found and result["pairs"]:
         raise RankingError(f"the comparison has no fraction {fraction:g} (it has {result['fractions']})")
     return labels, m
+
+
+# Student's t quantile at 0.975 for 1..30 degrees of freedom (two-sided 95 %); beyond, a close approximation.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)  # fmt: skip
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, list[float] | None]:
+    """(mean, its 95 % t-interval) of ``values``; no interval for fewer than two values."""
+    n = len(values)
+    mean = float(np.mean(values))
+    if n < 2:
+        return mean, None
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96 + 2.4 / (n - 1)
+    half = t * float(np.std(values, ddof=1)) / math.sqrt(n)
+    return mean, [mean - half, mean + half]

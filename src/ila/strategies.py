@@ -10,13 +10,16 @@ LoRA rank), each strategy is a stage-3 run from theta_0 on a different selection
 - ``ila-drop-bottom-25``: ILA, the 25 % least important layers frozen (the paper: better than ``all``);
 - ``ila-top-10/20/30``: ILA, only the top 10 / 20 / 30 % tuned (the paper: close to ``all`` at a fraction
   of the cost);
-- ``random-top-F-seedS``: random selections of the same sizes, several seeds (reported as mean and spread);
+- ``random-F``: random selections of the same sizes, one draw per seed (at least three);
 - ``first-F`` / ``last-F``: the first or last blocks, the same number of layers;
 - ``ila-top-F`` for the sweep fractions (e.g. 50 %, 75 %), for the quality-vs-fraction curve;
 - ``<scorer>-top-30`` for other scorers (``taylor``, ``update-norm``, ``snr``, ``block-influence``...): is the
   learnt ranking better than a cheap one on the same budget?
 
-Each is evaluated on the held-out split (token-weighted response loss) and, optionally, lm-eval tasks.
+Every strategy runs with ``seeds`` seeds (``--seeds N``: LoRA initialisation and data order change; the
+selection does not, except for ``random``). Each run is evaluated on the held-out split (the token-weighted
+response loss of :mod:`ila.heldout`, with its interval) and, optionally, lm-eval tasks; each strategy is
+reported as the mean over its runs and as the paired difference with ``all`` (same seed, same examples).
 On the CPU each fine-tune runs in a fresh process (``isolate``) so that its peak resident memory is its own;
 on a GPU the CUDA peak-memory counters are reset per run instead.
 Results: ``strategies.json``, ``strategies.md`` and plots (quality vs fraction, quality vs cost).
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .adapters import lm_eval_source, load_result
@@ -43,13 +47,14 @@ from .artifacts import envelope, read_json, write_json_atomic, write_text_atomic
 from .config import RunConfig
 from .errors import IlaError
 from .evaluation import lm_eval_scores, write_generations
-from .heldout import heldout_loss
+from .heldout import example_losses, heldout_loss, paired_interval, summarise
 from .models import load_base_model, load_tokenizer, resolve_model_source
 from .pipeline import load_datasets, prepare_run_dir, stage2, stage3
 from .plots import new_figure, save_figure
 from .progress import progress
 from .ranking import Ranking
 from .rundir import RunDir
+from .stats import mean_interval
 
 if TYPE_CHECKING:
     import datasets
@@ -60,13 +65,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Strategy:
+    """One fine-tuning run of a strategy: its selection and its seed."""
+
     name: str
     family: str
     """all | ila-drop-bottom | ila-top | random | first | last | the name of another scorer"""
     fraction: float
     """Fraction of the layers tuned."""
     layers: tuple[str, ...]
-    seed: int | None = None
+    seed: int = 0
+    """The run's seed, added to the config's: LoRA initialisation and data order (and, for ``random``, the
+    draw of the selection)."""
+
+    @property
+    def run(self) -> str:
+        """The run's folder name: ``<strategy>-seed<seed>``."""
+        return f"{self.name}-seed{self.seed}"
 
 
 def plan_strategies(
@@ -74,40 +88,43 @@ def plan_strategies(
     *,
     fractions: tuple[float, ...] = (0.1, 0.2, 0.3),
     drop_bottom: float = 0.25,
-    random_seeds: tuple[int, ...] = (0, 1, 2),
+    seeds: int = 1,
+    random_runs: int = 3,
     sweep: tuple[float, ...] = (0.5, 0.75),
     others: dict[str, Ranking] | None = None,
     other_fractions: tuple[float, ...] = (0.3,),
 ) -> list[Strategy]:
-    """The selections to fine-tune. ``others`` maps a scorer name to its ranking (``taylor``, ``update-norm``
-    ...): each adds ``<scorer>-top-F`` for the ``other_fractions``, so cheap rankings face the learnt one on
-    the same budget."""
+    """The runs to fine-tune: every strategy with ``seeds`` seeds (0, 1, ...), and ``random`` with at least
+    ``random_runs`` (each seed draws its own selection). ``others`` maps a scorer name to its ranking
+    (``taylor``, ``update-norm`` ...): each adds ``<scorer>-top-F`` for the ``other_fractions``, so cheap
+    rankings face the learnt one on the same budget."""
+    if seeds < 1:
+        raise IlaError(f"seeds must be at least 1, got {seeds}")
     order = ranking.order
     n = ranking.num_layers
     model_order = [layer.name for layer in ranking.layers if layer.block is not None]
-    out = [Strategy("all", "all", 1.0, tuple(order))]
+    fixed = [("all", "all", tuple(order))]  # (name, family, layers) of the selections that need no draw
     kept = ranking.drop_bottom(drop_bottom)
-    out.append(
-        Strategy(f"ila-drop-bottom-{round(drop_bottom * 100)}", "ila-drop-bottom", len(kept) / n, tuple(kept))
-    )
+    fixed.append((f"ila-drop-bottom-{round(drop_bottom * 100)}", "ila-drop-bottom", tuple(kept)))
+    out = []
     for f in fractions:
         k = ranking.count(f)
         pct = round(f * 100)
-        out.append(Strategy(f"ila-top-{pct}", "ila-top", k / n, tuple(order[:k])))
-        for s in random_seeds:
+        fixed.append((f"ila-top-{pct}", "ila-top", tuple(order[:k])))
+        for s in range(max(seeds, random_runs)):
             chosen = _random.Random(s).sample(order, k)
-            out.append(Strategy(f"random-{pct}-seed{s}", "random", k / n, tuple(chosen), seed=s))
-        out.append(Strategy(f"first-{pct}", "first", k / n, tuple(model_order[:k])))
-        out.append(Strategy(f"last-{pct}", "last", k / n, tuple(model_order[-k:])))
+            out.append(Strategy(f"random-{pct}", "random", k / n, tuple(chosen), seed=s))
+        fixed.append((f"first-{pct}", "first", tuple(model_order[:k])))
+        fixed.append((f"last-{pct}", "last", tuple(model_order[-k:])))
     for f in sweep:
-        k = ranking.count(f)
-        out.append(Strategy(f"ila-top-{round(f * 100)}", "ila-top", k / n, tuple(order[:k])))
+        fixed.append((f"ila-top-{round(f * 100)}", "ila-top", tuple(order[: ranking.count(f)])))
     for scorer, other in (others or {}).items():
         other.check_matches(ranking.layers)
         for f in other_fractions:
-            k = other.count(f)
-            out.append(Strategy(f"{scorer}-top-{round(f * 100)}", scorer, k / n, tuple(other.order[:k])))
-    return out
+            fixed.append((f"{scorer}-top-{round(f * 100)}", scorer, tuple(other.order[: other.count(f)])))
+    runs = [Strategy(name, family, len(layers) / n, layers, seed=s) for name, family, layers in fixed
+            for s in range(seeds)]  # fmt: skip
+    return runs + out
 
 
 def _finetune(rc: RunConfig, folder: Path, isolated: bool = True) -> dict[str, Any]:
@@ -142,8 +159,9 @@ def _run_strategy(
     limit: int | None,
 ) -> dict[str, Any]:
     """Fine-tune one strategy in ``folder`` (stage 3 with its selection) and measure it."""
-    log.info("strategy %s: %d layers", strat.name, len(strat.layers))
-    rc = copy.deepcopy(cfg)  # the run's settings, with this strategy's selection
+    log.info("strategy %s (seed %d): %d layers", strat.name, strat.seed, len(strat.layers))
+    rc = copy.deepcopy(cfg)  # the run's settings, with this strategy's selection and seed
+    rc.seed = cfg.seed + strat.seed
     rc.stage3.ranking = str(ranking_path)
     rc.stage3.selection.mode = "list"
     rc.stage3.selection.layers = list(strat.layers)
@@ -154,7 +172,8 @@ def _run_strategy(
     seconds = time.perf_counter() - start
     result_dir = RunDir(folder).stage3_output(rc.stage3.method)
     model = load_result(rc.model, result_dir)
-    quality = heldout_loss(model, tokenizer, heldout, batch_size=rc.stage3.train.batch_size)
+    sums, counts = example_losses(model, tokenizer, heldout, batch_size=rc.stage3.train.batch_size)
+    quality = summarise(sums, counts)
     bench = {}
     if tasks:
         pretrained, peft = lm_eval_source(resolve_model_source(rc.model), result_dir)
@@ -168,12 +187,16 @@ def _run_strategy(
         )
     result = {
         "name": strat.name,
+        "run": strat.run,
         "family": strat.family,
         "fraction": strat.fraction,
         "seed": strat.seed,
         "num_layers": len(strat.layers),
         "heldout_loss": quality["loss"],
+        "heldout_ci95": quality["ci95"],
         "heldout_perplexity": quality["perplexity"],
+        # per held-out example: what the paired comparison with `all` resamples
+        "heldout_examples": {"sums": sums.tolist(), "counts": counts.tolist()},
         "benchmarks": bench,
         "trainable_parameters": summary["trainable_parameters"],
         "steps": summary["steps"],
@@ -196,8 +219,10 @@ def run_strategies(
     isolate: bool | None = None,
     others: dict[str, Ranking] | None = None,
     generate: int = 0,
+    seeds: int = 1,
 ) -> dict[str, Any]:
-    """Fine-tune and evaluate every strategy; completed ones (their ``result.json``) are reused.
+    """Fine-tune and evaluate every run (:func:`plan_strategies` with ``seeds``); completed ones (their
+    ``result.json``) are reused.
 
     ``isolate`` (default: on unless the model runs on CUDA) fine-tunes each strategy in its own process so
     that peak memory is measured per strategy. ``generate`` > 0 also answers the first ``generate`` MT-Bench
@@ -207,13 +232,13 @@ def run_strategies(
             cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
         )
     ranking = Ranking.load(ranking_path)
-    strategies = strategies or plan_strategies(ranking, others=others)
+    strategies = strategies or plan_strategies(ranking, others=others, seeds=seeds)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     heldout = None
     tokenizer = load_tokenizer(cfg.model)
     for strat in progress(strategies, "strategies", total=len(strategies), unit="strategy"):
-        folder = out / strat.name
+        folder = out / strat.run
         done = folder / "result.json"
         if done.is_file():
             results.append(read_json(done))
@@ -226,9 +251,9 @@ def run_strategies(
     if generate > 0:
         # The base model, plain LoRA and the ILA selections: enough for a person to read the difference.
         adapters = {
-            s.name: RunDir(out / s.name).stage3_output(cfg.stage3.method)
+            s.name: RunDir(out / s.run).stage3_output(cfg.stage3.method)
             for s in strategies
-            if s.family in ("all", "ila-drop-bottom", "ila-top")
+            if s.family in ("all", "ila-drop-bottom", "ila-top") and s.seed == 0
         }
         write_generations(cfg, adapters, generate, out / "generations.md")
     if heldout is None:
@@ -238,45 +263,103 @@ def run_strategies(
         load_base_model(cfg.model), tokenizer, heldout, batch_size=cfg.stage3.train.batch_size
     )
     return {
-        **envelope("ila.strategies"),
+        **envelope("ila.strategies", schema_version=2),
         "ranking": str(ranking_path),
         "base_heldout_loss": base["loss"],
+        "base_heldout_ci95": base["ci95"],
         "results": results,
+        "strategies": summarise_strategies(results),
     }
+
+
+def _paired(run: dict[str, Any], reference: dict[str, Any]) -> tuple[float, list[float]]:
+    """(loss(run) - loss(reference), its interval over held-out examples), on the same examples."""
+    a, b = run["heldout_examples"], reference["heldout_examples"]
+    pair = (np.asarray(a["sums"]), np.asarray(a["counts"])), (np.asarray(b["sums"]), np.asarray(b["counts"]))
+    return run["heldout_loss"] - reference["heldout_loss"], paired_interval(*pair)
+
+
+def summarise_strategies(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per strategy: the held-out loss over its runs (mean, sd, 95 % t-interval over seeds) and the paired
+    difference with ``all`` (run k against ``all``'s run k, or its run 0 when it has no run k). With two or
+    more runs the interval of the difference is over seeds, the larger noise; with one run it is the
+    bootstrap over held-out examples, which shows evaluation noise only (``interval_over`` says which)."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_name.setdefault(r["name"], []).append(r)
+    refs = {r["seed"]: r for r in by_name.get("all", [])}
+    out = {}
+    for name, runs in by_name.items():
+        losses = [r["heldout_loss"] for r in runs]
+        mean, ci = mean_interval(losses)
+        entry: dict[str, Any] = {
+            "family": runs[0]["family"],
+            "runs": len(runs),
+            "seeds": sorted(r["seed"] for r in runs),
+            "num_layers": runs[0]["num_layers"],
+            "heldout_loss": mean,
+            "heldout_sd": float(np.std(losses, ddof=1)) if len(runs) > 1 else 0.0,
+            "heldout_ci95": ci if ci is not None else runs[0].get("heldout_ci95"),
+        }
+        if refs and name != "all" and all("heldout_examples" in r for r in runs + list(refs.values())):
+            pairs = [_paired(r, refs.get(r["seed"], refs[min(refs)])) for r in runs]
+            diffs = [d for d, _ in pairs]
+            diff, diff_ci = mean_interval(diffs)
+            entry["vs_all"] = {
+                "difference": diff,
+                "ci95": diff_ci if diff_ci is not None else pairs[0][1],
+                "interval_over": "seeds" if diff_ci is not None else "held-out examples",
+                "per_seed": diffs,
+            }
+        out[name] = entry
+    return out
 
 
 def _spread(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _interval(ci: list[float] | None) -> str:
+    return f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+
+
 def render_markdown(report: dict[str, Any], command: str) -> str:
     rows = report["results"]
-    ref = next(r for r in rows if r["name"] == "all")
+    summary = report.get("strategies") or summarise_strategies(rows)
+    ref = summary["all"]
     bench_names = sorted({f"{t}:{k}" for r in rows for t, m in r["benchmarks"].items() for k in m})
     lines = [f"Command: `{command}`", ""]
     base = report.get("base_heldout_loss")
     if base is not None:
         lines += [
-            f"Held-out loss of the base model, untuned: {base:.4f}; "
+            f"Held-out loss of the base model, untuned: {base:.4f}"
+            f"{_interval(report.get('base_heldout_ci95'))}; "
             f"`all` brings it to {ref['heldout_loss']:.4f} ({ref['heldout_loss'] - base:+.4f}).",
             "",
         ]
     lines += [
-        "| strategy | layers | trainable params | held-out loss | vs all | step (s) | peak memory (MB) | "
-        + " | ".join(bench_names)
-        + (" |" if bench_names else "|"),
-        "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(bench_names),
+        "Held-out loss: mean over a strategy's runs, with the 95 % t-interval over seeds (one run: the "
+        "bootstrap interval over held-out examples). vs all: the paired difference with `all` on the same "
+        "examples and seed, with its 95 % interval (over seeds, or over examples for one run); negative is "
+        "better.",
+        "",
+        "| strategy | runs | layers | trainable params | held-out loss | vs all (paired) | step (s) | "
+        "peak memory (MB) | " + " | ".join(bench_names) + (" |" if bench_names else "|"),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(bench_names),
     ]
-    grouped: dict[str, list[dict[str, Any]]] = {}
+    by_name: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        key = r["name"].rsplit("-seed", 1)[0] if r["family"] == "random" else r["name"]
-        grouped.setdefault(key, []).append(r)
-    for key, rs in grouped.items():
-        loss_m, loss_s = _spread([r["heldout_loss"] for r in rs])
+        by_name.setdefault(r["name"], []).append(r)
+    for name, rs in by_name.items():
+        entry = summary[name]
+        loss = f"{entry['heldout_loss']:.4f}{_interval(entry['heldout_ci95'])}"
+        if entry["runs"] > 1:
+            loss += f" (sd {entry['heldout_sd']:.4f})"
+        vs = entry.get("vs_all")
+        paired = "-" if vs is None else f"{vs['difference']:+.4f}{_interval(vs['ci95'])}"
         step_m, _ = _spread([r["seconds_per_step"] for r in rs])
         peaks = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb") is not None]
         peak = f"{statistics.mean(peaks):.0f}" if peaks else "-"
-        loss = f"{loss_m:.4f}" + (f" ± {loss_s:.4f} (n={len(rs)})" if len(rs) > 1 else "")
         cells = []
         for b in bench_names:
             task, metric = b.split(":", 1)
@@ -287,17 +370,25 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             else:
                 cells.append(f"{vals[0]:.3f}" if vals else "-")
         lines.append(
-            f"| {key} | {rs[0]['num_layers']} | {rs[0]['trainable_parameters']:,} | {loss} | "
-            f"{loss_m - ref['heldout_loss']:+.4f} | {step_m:.2f} | {peak} | "
-            + " | ".join(cells)
-            + (" |" if cells else "|")
+            f"| {name} | {entry['runs']} | {rs[0]['num_layers']} | {rs[0]['trainable_parameters']:,} | "
+            f"{loss} | {paired} | {step_m:.2f} | {peak} | " + " | ".join(cells) + (" |" if cells else "|")
         )
     return "\n".join(lines) + "\n"
 
 
+def _error(entry: dict[str, Any]) -> tuple[float, float]:
+    ci = entry.get("heldout_ci95")
+    return (entry["heldout_loss"] - ci[0], ci[1] - entry["heldout_loss"]) if ci else (0.0, 0.0)
+
+
 def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
-    """Held-out loss vs fraction tuned (ILA top-k curve, random mean, first/last), and vs trainable params."""
+    """Held-out loss (mean over runs, 95 % interval) vs fraction tuned and vs trainable parameters, and the
+    paired difference of every strategy with ``all``."""
     rows = report["results"]
+    summary = report.get("strategies") or summarise_strategies(rows)
+    first_run = {}
+    for r in rows:
+        first_run.setdefault(r["name"], r)
     paths = []
     for xkey, name, xlabel in (
         ("fraction", "quality-vs-fraction.png", "fraction of layers tuned"),
@@ -305,34 +396,37 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
     ):
         fig = new_figure(6.4, 4.2)
         ax = fig.add_subplot(1, 1, 1)
-        for family, style in (("ila-top", "o-"), ("first", "s--"), ("last", "^--")):
-            pts = sorted((r[xkey], r["heldout_loss"]) for r in rows if r["family"] == family)
-            pts += [
-                (r[xkey], r["heldout_loss"]) for r in rows if r["family"] == "all" and family == "ila-top"
+        for family, style, label in (
+            ("ila-top", "o-", "ila-top"),
+            ("first", "s--", "first"),
+            ("last", "^--", "last"),
+            ("random", "x:", "random (runs pooled)"),
+        ):
+            names = [
+                n for n, e in summary.items() if e["family"] == family or (family == "ila-top" and n == "all")
             ]
+            pts = sorted((first_run[n][xkey], summary[n]) for n in names)
             if pts:
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=family)
-        by_size: dict[float, list[dict[str, Any]]] = {}
-        for r in rows:
-            if r["family"] == "random":
-                by_size.setdefault(r[xkey], []).append(r)
-        if by_size:
-            xs = sorted(by_size)
-            means = [statistics.mean(r["heldout_loss"] for r in by_size[x]) for x in xs]
-            errs = [
-                statistics.stdev([r["heldout_loss"] for r in by_size[x]]) if len(by_size[x]) > 1 else 0
-                for x in xs
-            ]
-            ax.errorbar(xs, means, yerr=errs, fmt="x:", capsize=3, label="random (mean ± sd)")
-        for r in rows:
-            if r["family"] not in ("all", "ila-top", "first", "last", "random"):  # drop-bottom, other scorers
-                ax.plot(
-                    [r[xkey]],
-                    [r["heldout_loss"]],
-                    "D" if r["family"] == "ila-drop-bottom" else "*",
+                errors = list(zip(*(_error(e) for _, e in pts), strict=True))
+                ax.errorbar(
+                    [x for x, _ in pts],
+                    [e["heldout_loss"] for _, e in pts],
+                    yerr=errors,
+                    fmt=style,
+                    capsize=3,
+                    label=label,
+                )
+        for n, e in summary.items():
+            if e["family"] not in ("all", "ila-top", "first", "last", "random"):  # drop-bottom, other scorers
+                marker = "D" if e["family"] == "ila-drop-bottom" else "*"
+                ax.errorbar(
+                    [first_run[n][xkey]],
+                    [e["heldout_loss"]],
+                    yerr=[[v] for v in _error(e)],
+                    fmt=marker,
                     markersize=8,
-                    label=r["name"],
+                    capsize=3,
+                    label=n,
                 )
         ax.set_xlabel(xlabel)
         if report.get("base_heldout_loss") is not None:
@@ -341,6 +435,24 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         paths.append(save_figure(fig, out / name))
+    paired = [(n, e["vs_all"]) for n, e in summary.items() if e.get("vs_all")]
+    if paired:
+        fig = new_figure(6.4, 1.2 + 0.28 * len(paired))
+        ax = fig.add_subplot(1, 1, 1)
+        ys = range(len(paired))
+        diffs = [v["difference"] for _, v in paired]
+        errs = [
+            [d - v["ci95"][0] for d, (_, v) in zip(diffs, paired, strict=True)],
+            [v["ci95"][1] - d for d, (_, v) in zip(diffs, paired, strict=True)],
+        ]
+        ax.errorbar(diffs, list(ys), xerr=errs, fmt="o", capsize=3, color="#1f4e79")
+        ax.axvline(0.0, color="grey", ls=":")
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels([n for n, _ in paired], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("held-out loss minus `all` (paired, 95 % interval); left of 0 is better")
+        ax.grid(alpha=0.3, axis="x")
+        paths.append(save_figure(fig, out / "paired-vs-all.png"))
     return paths
 
 
@@ -355,6 +467,7 @@ def compare_strategies(
     isolate: bool | None = None,
     scorers: tuple[str, ...] = (),
     generate: int = 0,
+    seeds: int = 1,
 ) -> Path:
     """Every strategy of :func:`plan_strategies` on the run's stage-3 budget; ``scorers`` adds the top 30 % of
     other scorers' rankings (``stage2/ranking-<scorer>.json``, computed first where missing)."""
@@ -371,7 +484,15 @@ def compare_strategies(
             stage2(cfg, run_dir, scorer=scorer)
         others[scorer] = Ranking.load(path)
     report = run_strategies(
-        cfg, ranking_path, out, tasks=tasks, limit=limit, isolate=isolate, others=others, generate=generate
+        cfg,
+        ranking_path,
+        out,
+        tasks=tasks,
+        limit=limit,
+        isolate=isolate,
+        others=others,
+        generate=generate,
+        seeds=seeds,
     )
     report["command"] = command
     write_json_atomic(out / "strategies.json", report)

@@ -172,6 +172,7 @@ def _compare_strategies_command(args: argparse.Namespace) -> int:
         isolate=args.isolate,
         scorers=tuple(args.scorers),
         generate=args.generate,
+        seeds=args.seeds,
         command=args.invocation,
     )
     print(report.read_text())

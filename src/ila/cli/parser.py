@@ -123,6 +123,14 @@ def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     )
     _measure_args(p, "base, all-layer and ILA models")
     p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every strategy with N seeds and report mean, interval and the paired difference with all "
+        "(random: at least 3 draws)",
+    )
+    p.add_argument(
         "--isolate",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -1,0 +1,100 @@
+"""Seeds for every strategy and the paired comparison with ``all``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY_OVERRIDES
+from safetensors.torch import load_file
+
+from ila.config import load_config
+from ila.heldout import interval, paired_interval
+from ila.ranking import Ranking
+from ila.strategies import Strategy, plan_strategies, run_strategies, summarise_strategies
+
+
+def test_every_strategy_gets_every_seed_and_random_at_least_three_draws(
+    tmp_path, tiny_model_dir, tiny_data_file
+):
+    from ila.pipeline import run_all
+
+    cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file))
+    run_all(cfg, tmp_path / "run")
+    ranking = Ranking.load(tmp_path / "run" / "stage2" / "ranking.json")
+    one = plan_strategies(ranking)
+    assert {s.seed for s in one if s.family != "random"} == {0}
+    assert {s.seed for s in one if s.name == "random-10"} == {0, 1, 2}
+    five = plan_strategies(ranking, seeds=5)
+    for name in ("all", "ila-top-30", "first-20", "random-20"):
+        assert sorted(s.seed for s in five if s.name == name) == [0, 1, 2, 3, 4]
+    fixed = {s.layers for s in five if s.name == "ila-top-30"}
+    assert len(fixed) == 1  # the seed changes the training, not the selection
+    assert len({s.layers for s in five if s.name == "random-20"}) == 5  # except for random
+    assert len({s.run for s in five}) == len(five)
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory, tiny_model_dir, tiny_data_file):
+    from ila.pipeline import run_all
+
+    tmp = tmp_path_factory.mktemp("seeds")
+    cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + ["stage3.train.max_steps=2"])
+    run_all(cfg, tmp / "run")
+    path = tmp / "run" / "stage2" / "ranking.json"
+    ranking = Ranking.load(path)
+    top = tuple(ranking.top(0.25))
+    runs = [Strategy("all", "all", 1.0, tuple(ranking.order), seed=s) for s in (0, 1)]
+    runs += [Strategy("ila-top-25", "ila-top", 0.25, top, seed=s) for s in (0, 1)]
+    return tmp, run_strategies(cfg, path, tmp / "s", strategies=runs, isolate=False)
+
+
+def test_two_seeds_of_one_strategy_are_two_different_runs(two_seeds):
+    tmp, report = two_seeds
+    a, b = (load_file(tmp / "s" / f"ila-top-25-seed{s}" / "stage3" / "adapter" / "adapter_model.safetensors")
+            for s in (0, 1))  # fmt: skip
+    assert a.keys() == b.keys() and any(not np.allclose(a[k], b[k]) for k in a)
+    losses = {r["run"]: r["heldout_loss"] for r in report["results"]}
+    assert losses["ila-top-25-seed0"] != losses["ila-top-25-seed1"]
+
+
+def test_the_paired_difference_is_per_seed_and_over_seeds(two_seeds):
+    _, report = two_seeds
+    loss = {r["run"]: r["heldout_loss"] for r in report["results"]}
+    entry = report["strategies"]["ila-top-25"]
+    assert entry["runs"] == 2 and entry["seeds"] == [0, 1]
+    vs = entry["vs_all"]
+    assert vs["per_seed"] == pytest.approx(
+        [loss[f"ila-top-25-seed{s}"] - loss[f"all-seed{s}"] for s in (0, 1)]
+    )
+    assert vs["interval_over"] == "seeds"
+    lo, hi = vs["ci95"]
+    assert lo <= vs["difference"] <= hi
+    assert "vs_all" not in report["strategies"]["all"]
+
+
+def test_a_paired_interval_is_narrower_than_the_two_intervals_side_by_side():
+    """Examples differ in difficulty far more than two models do on one example: pairing cancels it."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(5, 50, 300).astype(float)
+    difficulty = rng.gamma(2.0, 1.0, 300)
+    a = counts * difficulty
+    b = counts * (difficulty + 0.05 + 0.01 * rng.standard_normal(300))  # b is worse by about 0.05
+    lo, hi = paired_interval((b, counts), (a, counts))
+    assert 0.0 < lo < 0.05 < hi  # the difference is found, and it is positive
+    width_a = np.diff(interval(a, counts))[0]
+    assert hi - lo < width_a / 5
+    with pytest.raises(Exception, match="same examples"):
+        paired_interval((a[:10], counts[:10]), (a, counts))
+
+
+def test_one_run_falls_back_to_the_interval_over_examples():
+    counts = np.full(50, 10.0)
+    sums = counts * np.linspace(1.0, 3.0, 50)
+    row = {"family": "all", "num_layers": 4, "heldout_ci95": [1.9, 2.1]}
+    ref = {**row, "name": "all", "seed": 0, "heldout_loss": 2.0,
+           "heldout_examples": {"sums": sums.tolist(), "counts": counts.tolist()}}  # fmt: skip
+    other = {**row, "name": "x", "family": "ila-top", "seed": 0, "heldout_loss": 2.1,
+             "heldout_examples": {"sums": (sums + 1.0).tolist(), "counts": counts.tolist()}}  # fmt: skip
+    vs = summarise_strategies([ref, other])["x"]["vs_all"]
+    assert vs["interval_over"] == "held-out examples"
+    assert vs["ci95"] == pytest.approx([0.1, 0.1])  # every example is exactly 0.1 worse: no spread
