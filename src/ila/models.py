@@ -9,6 +9,7 @@ first use converts it once into a safetensors folder in the cache; later loads t
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import warnings
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .artifacts import atomic_dir
+from .artifacts import atomic_dir, write_text_atomic
 from .errors import ModelError
 
 if TYPE_CHECKING:
@@ -80,6 +81,14 @@ def builtin_model_folder(name: str, cache_dir: str | None = None) -> Path:
     spec = BUILTIN_MODELS[name]
     target = cache_root(cache_dir) / "models" / spec.name
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        # Folders converted by older ila versions lack what transformers 4 needs. The fix rewrites two small
+        # files in place, each atomically, and is idempotent: the next call finishes an interrupted one.
+        try:
+            make_folder_portable(target)
+        except OSError as e:
+            log.warning(
+                "could not update %s for transformers 4 (%s); transformers 4 may misread it", target, e
+            )
         return target
     try:
         dist = importlib.metadata.distribution(spec.distribution)
@@ -125,7 +134,82 @@ def builtin_model_folder(name: str, cache_dir: str | None = None) -> Path:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        make_folder_portable(tmp)
     return target
+
+
+# Tokenizer classes that only transformers 5 knows, and the 4.x class that loads the same tokenizer.json
+# unchanged (5.x maps it back to its generic backend).
+_TOKENIZER_CLASSES_4X = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def make_folder_portable(folder: str | Path) -> bool:
+    """Make a model folder written by transformers 5 load the same model and tokenizer in transformers 4.x.
+
+    Tools that pin transformers 4 (ms-swift 3.x, LLaMA-Factory, axolotl, lm-eval) are pointed at folders
+    that ila writes. transformers 5 keeps the RoPE settings only in ``rope_parameters``, which 4.x ignores:
+    4.x then silently runs with its default ``rope_theta`` (10000, where SmolLM2 needs 100000), a different
+    model. 5.x also names the tokenizer class ``TokenizersBackend``, unknown to 4.x, and lists extra special
+    tokens under ``extra_special_tokens``, which 4.x reads as a dict of named tokens. This adds the 4.x keys
+    (``rope_theta``, ``rope_scaling``, ``partial_rotary_factor``, Gemma 3's ``rope_local_base_freq``,
+    ``torch_dtype``, ``additional_special_tokens``) beside 5.x's, and a tokenizer class both know; 5.x reads
+    these back to the values it wrote. Returns whether a file changed; running it again changes nothing.
+    """
+    folder = Path(folder)
+    changed = False
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        legacy = _rope_keys_4x(config.get("rope_parameters"))
+        if config.get("dtype") is not None:
+            legacy["torch_dtype"] = config["dtype"]
+        if any(key not in config or config[key] != value for key, value in legacy.items()):
+            _rewrite_json(config_path, {**config, **legacy})
+            changed = True
+    tokenizer_path = folder / "tokenizer_config.json"
+    if tokenizer_path.is_file():
+        tok = json.loads(tokenizer_path.read_text())
+        new = dict(tok)
+        if new.get("tokenizer_class") in _TOKENIZER_CLASSES_4X:
+            new["tokenizer_class"] = _TOKENIZER_CLASSES_4X[new["tokenizer_class"]]
+        extra = new.get("extra_special_tokens")
+        if isinstance(extra, list):
+            # Without ``extra_special_tokens``, 5.x takes ``additional_special_tokens`` as its extra tokens.
+            known = list(new.get("additional_special_tokens") or [])
+            new["additional_special_tokens"] = known + [t for t in extra if t not in known]
+            del new["extra_special_tokens"]
+        if new != tok:
+            _rewrite_json(tokenizer_path, new)
+            changed = True
+    return changed
+
+
+def _rope_keys_4x(rope: object) -> dict[str, object]:
+    """The transformers 4.x config keys that say what 5.x's ``rope_parameters`` says."""
+    if not isinstance(rope, dict):
+        return {}
+    if "full_attention" in rope or "sliding_attention" in rope:
+        # Per layer type (Gemma 3): 4.x has the global layers' RoPE in the usual keys, the local theta aside.
+        keys = _rope_keys_4x(rope.get("full_attention"))
+        local = rope.get("sliding_attention") or {}
+        if "rope_theta" in local:
+            keys["rope_local_base_freq"] = local["rope_theta"]
+        return keys
+    keys: dict[str, object] = {}
+    if "rope_theta" in rope:
+        keys["rope_theta"] = rope["rope_theta"]
+    if "partial_rotary_factor" in rope:
+        keys["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    keys["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+    return keys
+
+
+def _rewrite_json(path: Path, obj: dict[str, object]) -> None:
+    """Replace a JSON file atomically, formatted as transformers writes it, keeping its permissions."""
+    mode = path.stat().st_mode & 0o777
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    path.chmod(mode)
 
 
 def resolve_model_source(cfg: ModelConfig) -> str:
@@ -244,14 +328,31 @@ def resolve_device(device: str) -> torch.device:
 
 
 def model_identity(model: PreTrainedModel, name: str) -> dict[str, object]:
-    """What a ranking records about its model, to refuse rankings of another model later."""
+    """What a ranking records about its model, to refuse rankings of another model later, and how its
+    embeddings are shared, for exports that name parameters.
+
+    ``tie_word_embeddings`` is whether the output head's weight *is* the input embedding's weight in the
+    loaded model (not merely what the config asks for; None when the model exposes no embeddings), and
+    ``input_embedding_weight`` / ``output_embedding_weight`` are the names ``named_parameters()`` lists those
+    weights under: a shared tensor is listed once, under its first name, so a tied ``lm_head.weight`` is
+    ``model.embed_tokens.weight`` to every tool that selects parameters by name.
+    """
     cfg = model.config
+    try:
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        inputs = outputs = None
+    in_weight, out_weight = getattr(inputs, "weight", None), getattr(outputs, "weight", None)
+    listed = {id(p): n for n, p in model.named_parameters()}
     return {
         "name": name,
         "model_type": getattr(cfg, "model_type", None),
         "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
         "hidden_size": getattr(cfg, "hidden_size", None),
         "vocab_size": getattr(cfg, "vocab_size", None),
+        "tie_word_embeddings": None if in_weight is None or out_weight is None else out_weight is in_weight,
+        "input_embedding_weight": None if in_weight is None else listed.get(id(in_weight)),
+        "output_embedding_weight": None if out_weight is None else listed.get(id(out_weight)),
     }
 
 

@@ -35,7 +35,14 @@ from .config import RunConfig
 from .data import build_datasets
 from .errors import ConfigError, IlaError, ModelError
 from .layers import Layer, adaptable_layers, describe_layers, layer_names_digest
-from .models import count_parameters, load_base_model, load_tokenizer, model_identity, resolve_device
+from .models import (
+    count_parameters,
+    load_base_model,
+    load_tokenizer,
+    make_folder_portable,
+    model_identity,
+    resolve_device,
+)
 from .ranking import Ranking
 from .rundir import STAGES, RunDir, finish_stage, now, prepare_run_dir, stage_done, start_stage
 from .scorers import NEEDS_ADAPTER, NEEDS_DATA
@@ -411,6 +418,7 @@ def _save_stage3(rd: RunDir, model: nn.Module, tokenizer: PreTrainedTokenizerBas
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        make_folder_portable(tmp)  # readable by transformers 4 as by 5 (ms-swift 3.x pins 4.x)
         write_json_atomic(tmp / ADAPTER_META, meta.to_dict())
     return output
 
