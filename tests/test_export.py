@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import warnings
@@ -156,30 +157,34 @@ def test_tool_files_name_exactly_the_selection(tmp_path):
     assert targets == ordered
     assert _adapted(_peft_on_tiny(peft.LoraConfig(target_modules=targets))) == set(names)
 
-    # The ms-swift scripts, run against a stand-in `swift` that prints its arguments.
+    # The ms-swift scripts, run against a stand-in `swift` that prints its arguments and a `python` that
+    # reports ms-swift 4.6.0 (tests/test_export_swift.py covers the flag of each ms-swift version).
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "swift").write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
-    (fake / "swift").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    (fake / "python").write_text("#!/bin/sh\necho 4.6.0\n")
+    for stub in ("swift", "python"):
+        (fake / stub).chmod(0o755)
+    env = {**os.environ, "PATH": str(fake)}
+    bash = shutil.which("bash")
     for script in ("swift.sh", "swift.full.sh"):
         assert os.stat(out / script).st_mode & stat.S_IXUSR
-        subprocess.run(["bash", "-n", str(out / script)], check=True)
+        subprocess.run([bash, "-n", str(out / script)], check=True)
     args = subprocess.run(
-        ["bash", str(out / "swift.sh"), "--dataset", "d.jsonl"],
+        [bash, str(out / "swift.sh"), "--dataset", "d.jsonl"],
         env=env,
         check=True,
         capture_output=True,
         text=True,
     ).stdout.splitlines()
-    assert args[:5] == ["sft", "--model", "/models/tiny", "--train_type", "lora"]
+    assert args[:5] == ["sft", "--model", "/models/tiny", "--tuner_type", "lora"]
     assert args[-2:] == ["--dataset", "d.jsonl"]
     assert args[args.index("--lora_rank") + 1] == "8" and args[args.index("--lora_alpha") + 1] == "16"
     regex = args[args.index("--target_regex") + 1]
     assert {m for m in modules if re.fullmatch(regex, m)} == set(names)  # peft: re.fullmatch on module names
     args = subprocess.run(
-        ["bash", str(out / "swift.full.sh")],
-        env={**env, "TUNER_FLAG": "--tuner_type"},
+        [bash, str(out / "swift.full.sh")],
+        env=env,
         check=True,
         capture_output=True,
         text=True,
@@ -204,6 +209,8 @@ def test_tool_files_name_exactly_the_selection(tmp_path):
         "adapter_config.blocks.json",
         "axolotl.yaml",
         "axolotl.full.yaml",
+        "axolotl.spectrum.yaml",
+        "model_snr_results/snr_results_<model>.json",
         "llamafactory.yaml",
         "llamafactory.freeze.yaml",
         "swift.sh",
@@ -275,7 +282,144 @@ def test_lm_head_and_builtin_base_model(tmp_path):
     assert f["adapter_config.blocks.json"]["status"] == "none" and f["swift.sh"]["status"] == "exact"
     assert f["axolotl.full.yaml"]["status"] == "approximate" and "tied" in f["axolotl.full.yaml"]["reason"]
     lf = yaml.safe_load((tmp_path / "o" / "llamafactory.freeze.yaml").read_text())
-    assert lf["freeze_extra_modules"] == "lm_head" and lf["freeze_trainable_layers"] == 2
+    # the tiny model ties lm_head to the input embeddings: LLaMA-Factory knows its weight as embed_tokens
+    assert lf["freeze_extra_modules"] == "embed_tokens" and lf["freeze_trainable_layers"] == 2
+
+
+def _untied_model(num_blocks=4):
+    """The tiny model with an lm_head of its own."""
+    from transformers import LlamaForCausalLM
+
+    config = make_model(num_blocks=num_blocks).config
+    config.tie_word_embeddings = False
+    return LlamaForCausalLM(config)
+
+
+def _trained_by_name(out, model, tmp_path):
+    """What each parameter-name file of the export in ``out`` trains on ``model``, by each tool's own rule:
+    {file: set of parameter names}. LLaMA-Factory's check of freeze_extra_modules raises as it does."""
+    params = [n for n, _ in model.named_parameters()]
+    trained = {}
+    # axolotl utils/freeze.py: '.' not followed by '+' escaped, then re.match
+    patterns = yaml.safe_load((out / "axolotl.full.yaml").read_text())["unfrozen_parameters"]
+    compiled = [re.compile(re.sub(r"\.(?!\+)", "\\.", p)) for p in patterns]
+    trained["axolotl.full.yaml"] = {p for p in params if any(c.match(p) for c in compiled)}
+    # ms-swift activate_parameters: re.search of --trainable_parameters_regex, run through the script
+    fake = tmp_path / "swift-bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "swift").write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+    (fake / "swift").chmod(0o755)
+    argv = subprocess.run(
+        [shutil.which("bash"), str(out / "swift.full.sh")],
+        env={"PATH": str(fake), "TUNER_FLAG": "--tuner_type", "MODEL": "m"},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    regex = argv[argv.index("--trainable_parameters_regex") + 1]
+    trained["swift.full.sh"] = {p for p in params if re.search(regex, p)}
+    # LLaMA-Factory model/adapter.py _setup_freeze_tuning, the non-block part: extra modules must be the
+    # second-to-last part of a parameter name outside the blocks, then a substring of the trained names
+    lf = yaml.safe_load((out / "llamafactory.freeze.yaml").read_text())
+    non_hidden = {n.split(".")[-2] for n in params if re.search(r"\.\d+\.", n) is None}
+    extra = [m.strip() for m in str(lf.get("freeze_extra_modules", "")).split(",") if m.strip()]
+    for module in extra:
+        if module not in non_hidden:
+            raise ValueError(f"Module {module} is not found, please choose from {', '.join(non_hidden)}")
+    n, num_layers = lf["freeze_trainable_layers"], model.config.num_hidden_layers
+    ids = range(max(0, num_layers - n), num_layers) if n > 0 else range(min(-n, num_layers))
+    entries = [f".{i}.{m}" for m in lf["freeze_trainable_modules"].split(",") for i in ids] + extra
+    trained["llamafactory.freeze.yaml"] = {p for p in params if any(e in p for e in entries)}
+    trained["parameters.txt"] = set((out / "parameters.txt").read_text().splitlines()) & set(params)
+    return trained
+
+
+NAMED = ("axolotl.full.yaml", "swift.full.sh", "llamafactory.freeze.yaml", "parameters.txt")
+
+
+def test_tied_lm_head_is_trained_through_the_embedding_weight(tmp_path):
+    """A tied lm_head has no parameter name of its own: every parameter-name file must train it through the
+    input embedding's weight, and say that this trains the input embeddings too."""
+    model = make_model()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    layers = adaptable_layers(model, include_lm_head=True)
+    ranking = Ranking(
+        scores={x.name: float(i) for i, x in enumerate(layers)},
+        layers=layers,
+        base_model=model_identity(model, "tiny"),
+        include_lm_head=True,
+    )
+    assert ranking.base_model["tie_word_embeddings"] is True
+    names = ["lm_head", "model.layers.2.mlp.up_proj"]
+    summary = export_selection(ranking, names, tmp_path / "o")
+    trained = _trained_by_name(tmp_path / "o", model, tmp_path)
+    tensors = dict(model.named_parameters())
+    for file in NAMED:
+        entry = summary["formats"][file]
+        assert any(tensors[p] is model.lm_head.weight for p in trained[file]), f"{file} leaves lm_head out"
+        assert "model.embed_tokens.weight" in trained[file]  # one tensor: the input embeddings train too
+        assert entry["status"] == "approximate", file
+        assert "superset" in entry["reason"] and "input embeddings" in entry["reason"], file
+    exact_names = {"model.embed_tokens.weight", "model.layers.2.mlp.up_proj.weight"}
+    for file in ("axolotl.full.yaml", "swift.full.sh", "parameters.txt"):
+        assert trained[file] == exact_names, file
+    assert set((tmp_path / "o" / "parameters.txt").read_text().splitlines()) == exact_names
+    # LoRA puts separate factors on the lm_head module: exact, whatever the tie
+    assert summary["formats"]["adapter_config.json"]["status"] == "exact"
+    assert summary["formats"]["swift.sh"]["status"] == "exact"
+
+
+def test_untied_lm_head_is_named_as_itself(tmp_path):
+    model = _untied_model()
+    layers = adaptable_layers(model, include_lm_head=True)
+    ranking = Ranking(
+        scores={x.name: float(i) for i, x in enumerate(layers)},
+        layers=layers,
+        base_model=model_identity(model, "tiny"),
+        include_lm_head=True,
+    )
+    assert ranking.base_model["tie_word_embeddings"] is False
+    names = ["lm_head", "model.layers.2.mlp.up_proj"]
+    summary = export_selection(ranking, names, tmp_path / "o")
+    trained = _trained_by_name(tmp_path / "o", model, tmp_path)
+    for file in ("axolotl.full.yaml", "swift.full.sh", "parameters.txt"):
+        assert trained[file] == {"lm_head.weight", "model.layers.2.mlp.up_proj.weight"}, file
+        assert summary["formats"][file]["status"] == "exact", file
+    assert "lm_head.weight" in trained["llamafactory.freeze.yaml"]
+    assert "model.embed_tokens.weight" not in trained["llamafactory.freeze.yaml"]
+    assert not summary["notes"]
+
+
+def test_unrecorded_tie_does_not_claim_lm_head(tmp_path):
+    """A ranking written before the tie was recorded: the files name lm_head.weight, which a tied model does
+    not list, so no parameter-name file may claim to train the selection."""
+    model = make_model()
+    layers = adaptable_layers(model, include_lm_head=True)
+    old = {
+        k: v
+        for k, v in model_identity(model, "tiny").items()
+        if k not in ("tie_word_embeddings", "input_embedding_weight", "output_embedding_weight")
+    }
+    ranking = Ranking(
+        scores={x.name: float(i) for i, x in enumerate(layers)},
+        layers=layers,
+        base_model=old,
+        include_lm_head=True,
+    )
+    summary = export_selection(ranking, ["lm_head", "model.layers.2.mlp.up_proj"], tmp_path / "o")
+    for file in NAMED:
+        entry = summary["formats"][file]
+        assert entry["status"] == "none" and "may miss lm_head" in entry["reason"], file
+    with pytest.raises(ValueError, match="Module lm_head is not found"):
+        _trained_by_name(tmp_path / "o", model, tmp_path)  # LLaMA-Factory refuses the freeze file
+    # and on the tied model the other files indeed leave the head out
+    (tmp_path / "o" / "llamafactory.freeze.yaml").write_text(
+        "freeze_trainable_layers: 1\nfreeze_trainable_modules: mlp\n"
+    )
+    trained = _trained_by_name(tmp_path / "o", model, tmp_path)
+    for file in ("axolotl.full.yaml", "swift.full.sh", "parameters.txt"):
+        assert "model.embed_tokens.weight" not in trained[file], file
+    assert summary["formats"]["adapter_config.json"]["status"] == "exact"
 
 
 def test_errors_name_the_problem(tmp_path):

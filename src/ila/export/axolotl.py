@@ -7,7 +7,8 @@ module when ``lora_target_linear`` is true), ``peft_layers_to_transform`` and ``
 unfreezes those whose name ``re.match``-es an ``unfrozen_parameters`` pattern, in which every ``.`` not
 followed by ``+`` is rewritten to ``\\.`` (so a pattern must be written with bare dots:
 ``^model.layers.3.mlp.up_proj.weight$``; an already escaped ``\\.`` would become ``\\\\.`` and match
-nothing).
+nothing). A tied ``lm_head``'s weight is named by the input embedding's parameter name, the only name
+``named_parameters()`` lists it under.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .common import ExportContext, Writer, _approx, _comment, _peft_list_matches, _status, _yaml
+from .common import (
+    ExportContext,
+    Writer,
+    _approx,
+    _comment,
+    _named_head,
+    _peft_list_matches,
+    _status,
+    _yaml,
+)
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
@@ -63,7 +73,7 @@ For full fine-tuning of the same layers use axolotl.full.yaml instead (not toget
 
 def _write_full(ctx: ExportContext) -> tuple[dict[str, Any], str]:
     """Full fine-tuning of the selected weights."""
-    plain = all(_PLAIN_NAME.match(n) for n in ctx.model_order)
+    plain = all(_PLAIN_NAME.match(w) for w in ctx.weights)
     unfrozen = [f"^{w}$" for w in ctx.weights]
     axo_full: dict[str, Any] = {}
     if ctx.base_path:
@@ -76,7 +86,7 @@ def _write_full(ctx: ExportContext) -> tuple[dict[str, Any], str]:
 unfrozen_parameters: regexes of parameter names (model.named_parameters()) to keep trainable; axolotl
   (src/axolotl/utils/freeze.py, freeze_layers_except) rewrites every '.' not followed by '+' to a literal
   '\\.' and applies re.match, so the dots below are deliberately unescaped and ^...$ anchors each name.
-""" + (f"{ctx.tied_note}\n" if ctx.tied_note else "")
+""" + (f"{ctx.head_note}\n" if ctx.head_note else "")
     ) + _yaml(axo_full)
     if plain:
         entry = _status(
@@ -90,10 +100,7 @@ unfrozen_parameters: regexes of parameter names (model.named_parameters()) to ke
             "trains": 0,
             "extra": 0,
         }
-    entry = {"method": "full", **entry}
-    if ctx.tied_note:
-        entry = _approx(entry, ctx.tied_note)
-    return entry, text
+    return _named_head(ctx, {"method": "full", **entry}), text
 
 
 LORA = Writer("axolotl.yaml", _write_lora)

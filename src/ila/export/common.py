@@ -42,9 +42,11 @@ class ExportContext:
     model_order: list[str]  # their names
     selected: set[str]
     all_names: list[str]  # every ranked layer: the universe each file is checked over
-    all_params: list[str]  # their weights' parameter names
+    all_params: list[str]  # their weights' parameter names, plus the embedding weights when recorded
     weights: list[str]  # the selected layers' weights, in model order
     selected_params: set[str]
+    tied: bool | None  # lm_head's weight is the input embedding's; None when the ranking does not record it
+    head: str | None  # the selected output head (lm_head), if any
     n_blocks: int
     r: int
     alpha: float
@@ -53,12 +55,12 @@ class ExportContext:
     alpha_note: str | None
     base_path: str | None  # what the tools load as the base model; None when they cannot
     builtin_note: str | None
-    tied_note: str | None
+    head_note: str | None  # what naming the selected lm_head's weight means, when it is tied or may be
     header: str  # the provenance lines every file's comment starts with
 
     @property
     def notes(self) -> list[str]:
-        return [n for n in (self.builtin_note, self.tied_note) if n]
+        return [n for n in (self.builtin_note, self.head_note) if n]
 
 
 # A writer returns the status entry of its file for selection.json and the file's content (a dict is written
@@ -68,10 +70,17 @@ WriteFn = Callable[[ExportContext], tuple[dict[str, Any], dict[str, Any] | str |
 
 @dataclass(frozen=True)
 class Writer:
-    """One exported file: its name and the function that writes it."""
+    """One exported file: its name (its key in ``selection.json``'s formats, and its path in the export
+    folder unless ``path`` gives one) and the function that writes it."""
 
     name: str
     write: WriteFn
+    path: Callable[[ExportContext], str] | None = None
+    """The file's path relative to the export folder, for a file whose name depends on the export (a tool
+    that looks a file up by the model's name); ``name`` then says what varies, e.g. ``<model>``."""
+    stale: str | None = None
+    """A glob, relative to the export folder, of the files this writer may have written in earlier exports
+    (with ``path``); by default just ``name``."""
 
 
 def export_context(
@@ -89,7 +98,10 @@ def export_context(
     """The facts of exporting ``chosen`` (``layers`` in ranking order, as ``_normalise`` returns them)."""
     model_order = [layer.name for layer in chosen]
     all_names = [layer.name for layer in ranking.layers]
-    weights = [f"{n}.weight" for n in model_order]
+    tied, param_of, embeddings = _weight_names(ranking)
+    all_params = [param_of(layer) for layer in ranking.layers]
+    all_params += [p for p in embeddings if p not in all_params]
+    weights = [param_of(layer) for layer in chosen]
     n_blocks = 1 + max((x.block_index for x in ranking.layers if x.block_index is not None), default=-1)
 
     base_name = ranking.base_model.get("name")
@@ -102,12 +114,19 @@ def export_context(
             f"base_model_name_or_path is left empty; point the tools at the converted folder "
             f"(~/.cache/ila/models/{base_name}, or $ILA_CACHE/models/{base_name})"
         )
-    lm_head = [layer.name for layer in chosen if layer.block is None]
-    tied_note = None
-    if lm_head:
-        tied_note = (
-            f"{lm_head[0]}.weight may be tied to the input embeddings; named_parameters() then lists it "
-            f"under the embedding's name only, so a parameter pattern for {lm_head[0]}.weight matches nothing"
+    heads = [layer for layer in chosen if layer.block is None]
+    head = heads[0].name if heads else None
+    head_note = None
+    if heads and tied:
+        head_note = (
+            f"{head} is tied to the input embeddings: named_parameters() lists its weight only as "
+            f"{param_of(heads[0])}, so training it by name trains the input embeddings too (one tensor)"
+        )
+    elif heads and tied is None:
+        head_note = (
+            f"the ranking does not record whether {head} is tied to the input embeddings (it predates ila "
+            f"recording it; score again to record it); if it is, named_parameters() lists its weight only "
+            f"under the embedding's name and {head}.weight names no parameter"
         )
     selection_text = (
         f"{'explicit list' if mode == 'list' else f'{mode} {fraction:g}'}: "
@@ -129,9 +148,11 @@ def export_context(
         model_order=model_order,
         selected=set(model_order),
         all_names=all_names,
-        all_params=[f"{n}.weight" for n in all_names],
+        all_params=all_params,
         weights=weights,
         selected_params=set(weights),
+        tied=tied,
+        head=head,
         n_blocks=n_blocks,
         r=r,
         alpha=alpha,
@@ -140,9 +161,29 @@ def export_context(
         alpha_note=alpha_note,
         base_path=base_path,
         builtin_note=builtin_note,
-        tied_note=tied_note,
+        head_note=head_note,
         header=header,
     )
+
+
+def _weight_names(ranking: Ranking) -> tuple[bool | None, Callable[[Layer], str], list[str]]:
+    """(whether lm_head is tied, each layer's weight as ``named_parameters()`` lists it, the recorded input
+    and output embedding weights) from the ranking's ``base_model`` (:func:`ila.models.model_identity`).
+
+    A tied head's weight is listed under the input embedding's name only; when the ranking does not record
+    the tie (or the names), the tie is None and the head's weight is written as ``<head>.weight``."""
+    base = ranking.base_model
+    tie = base.get("tie_word_embeddings")
+    names = [base.get(k) for k in ("input_embedding_weight", "output_embedding_weight")]
+    known = isinstance(tie, bool) and all(isinstance(n, str) for n in names)
+    embeddings = list(dict.fromkeys(names)) if known else []
+
+    def param_of(layer: Layer) -> str:
+        if layer.block is None and known:  # the output head: the layer ila ranks as lm_head
+            return str(names[1])
+        return f"{layer.name}.weight"
+
+    return (tie if known else None), param_of, embeddings
 
 
 def selection_summary(ctx: ExportContext, formats: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -199,6 +240,20 @@ def _status(selected: set[str], trained: set[str], what: str) -> dict[str, Any]:
         "trains": len(trained),
         "extra": len(extra),
     }
+
+
+def _named_head(ctx: ExportContext, entry: dict[str, Any]) -> dict[str, Any]:
+    """The status of a file that selects parameters by name, given what its selected lm_head's weight is
+    called: tied, the file trains the input embeddings too (a superset); not known to be untied, the file
+    may train no head at all, so it cannot claim the selection."""
+    if ctx.head is None or ctx.tied is False:
+        return entry
+    if ctx.tied:
+        return _approx(entry, f"a superset: {ctx.head_note}")
+    reason = f"may miss {ctx.head}: {ctx.head_note}"
+    if entry["reason"]:
+        reason = f"{reason}; {entry['reason']}"
+    return {**entry, "status": "none", "reason": reason}
 
 
 def _approx(entry: dict[str, Any], reason: str) -> dict[str, Any]:

@@ -9,7 +9,9 @@ substring-matches it against module names for registered multimodal models) and 
 (trainable blocks are the last N for ``freeze_trainable_layers: N > 0`` or the first N for ``-N``; a
 parameter trains when its name contains ``".{block}.{module}"`` for a trainable block and a
 ``freeze_trainable_modules`` entry, which must be a direct child of the block such as ``self_attn`` or
-``mlp``, or ``all``; ``freeze_extra_modules`` adds non-block modules such as ``lm_head``).
+``mlp``, or ``all``; ``freeze_extra_modules`` adds non-block modules such as ``lm_head``, each of which
+must be the second-to-last part of a parameter name outside the blocks, else "Module ... is not found": a
+tied ``lm_head`` is not, its weight being listed as ``model.embed_tokens.weight``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .common import ExportContext, Writer, _approx, _comment, _peft_list_matches, _status, _yaml
+from .common import (
+    ExportContext,
+    Writer,
+    _approx,
+    _comment,
+    _named_head,
+    _peft_list_matches,
+    _status,
+    _yaml,
+)
 
 
 def _llamafactory_freeze(trainable_layers: Sequence[str], params: Sequence[str]) -> set[str]:
@@ -63,7 +74,10 @@ def _write_freeze(ctx: ExportContext) -> tuple[dict[str, Any], str]:
     """LLaMA-Factory freeze tuning: the smallest (first-N or last-N blocks) x (direct children of the block)
     configuration that trains every selected weight, and how far it is from the selection."""
     in_blocks = [x for x in ctx.chosen if x.block_index is not None]
-    extra_modules = sorted({x.name.rsplit(".", 1)[-1] for x in ctx.chosen if x.block_index is None})
+    # LLaMA-Factory accepts as extra modules the second-to-last part of the names of parameters outside the
+    # blocks (name.split(".")[-2]); a tied lm_head is listed only as the input embedding (embed_tokens).
+    outside = [w for x, w in zip(ctx.chosen, ctx.weights, strict=True) if x.block_index is None]
+    extra_modules = sorted({w.split(".")[-2] for w in outside})
     n_blocks = ctx.n_blocks
     intro = f"""LLaMA-Factory freeze tuning (partial-parameter full fine-tuning) arguments.
 {ctx.header}
@@ -115,9 +129,18 @@ freeze_extra_modules: modules outside the blocks to train too (e.g. lm_head)."""
             f"For exactly the selected layers use llamafactory.yaml (LoRA), or a full fine-tuning\n"
             f"tool that takes parameter names (axolotl.full.yaml, swift.full.sh, parameters.txt)."
         )
-    if ctx.tied_note and extra_modules:
-        entry = _approx(entry, ctx.tied_note)
-        verdict += f"\n{ctx.tied_note}; LLaMA-Factory then refuses freeze_extra_modules: lm_head."
+    if ctx.head is not None and ctx.tied is not False:
+        entry = _named_head(ctx, entry)
+        if ctx.tied:
+            verdict += (
+                f"\n{ctx.head_note}: freeze_extra_modules names it as {', '.join(extra_modules)}, since "
+                f"LLaMA-Factory refuses a name that no parameter has ('Module {ctx.head} is not found')."
+            )
+        else:
+            verdict += (
+                f"\nMAY NOT RUN: {ctx.head_note}; LLaMA-Factory then refuses "
+                f"freeze_extra_modules: {ctx.head} ('Module {ctx.head} is not found')."
+            )
     lf: dict[str, Any] = {}
     if ctx.base_path:
         lf["model_name_or_path"] = ctx.base_path

@@ -4,8 +4,15 @@ scripts that run ``swift sft`` with the selection and pass on any further argume
 ms-swift ``docs/source_en/Instruction/Command-line-parameters.md``, Tuner Arguments: ``--target_regex``
 overrides ``--target_modules`` and is handed to peft as a string ``target_modules`` (so ``re.fullmatch``);
 Full Arguments: ``--freeze_parameters_ratio 1`` freezes everything and ``--trainable_parameters_regex``
-makes parameters whose name matches (``re.search``, ``swift/utils`` ``activate_parameters``) trainable
-again. ms-swift 3.x names the tuner flag ``--train_type``; ms-swift 4 renamed it ``--tuner_type``.
+makes parameters whose name matches trainable again (``swift/utils`` ``activate_parameters``, ``re.search``
+over ``named_parameters()``; it runs after ``freeze_parameters`` for ``full``, ``pipelines/train/tuner.py``).
+A tied ``lm_head``'s weight is named by the input embedding's parameter name, the only one listed.
+
+The tuner flag: ms-swift 3.x (``swift/llm/argument/base_args/base_args.py``, 3.12.6) has ``train_type``
+only, so ``--tuner_type`` is left over and ``parse_args`` raises ``ValueError: remaining_argv``; 4.0
+(``swift/arguments/base_args/base_args.py``) renamed it ``tuner_type`` and kept ``train_type`` as a
+deprecated alias; 4.1 dropped the alias, so from then on ``--train_type`` is refused the same way. The
+scripts pick the flag when they run, from the installed version.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from .common import ExportContext, Writer, _alternation, _approx, _comment, _status
+from .common import ExportContext, Writer, _alternation, _approx, _comment, _named_head, _status
 
 
 def _swift_targets(target_regex: str, names: Sequence[str]) -> set[str]:
@@ -28,23 +35,56 @@ def _swift_trainable(trainable_regex: str, params: Sequence[str]) -> set[str]:
     return {p for p in params if re.search(trainable_regex, p)}
 
 
+# The tuner flag is chosen when the script runs, from the installed ms-swift: 3.x takes only --train_type
+# and refuses --tuner_type; 4.0 takes both; 4.1 and later only --tuner_type (ValueError: remaining_argv).
+# importlib.metadata reads the version without importing swift (which pulls in torch and transformers).
+_TUNER_FLAG = r"""if [ -z "${TUNER_FLAG:-}" ]; then
+  if [ -n "${SWIFT_PYTHON:-}" ]; then pythons=("$SWIFT_PYTHON"); else pythons=(python python3); fi
+  swift_version=""
+  for py in "${pythons[@]}"; do
+    if swift_version="$("$py" -c 'import importlib.metadata as m; print(m.version("ms-swift"))' 2>/dev/null)"
+    then break; fi
+    swift_version=""
+  done
+  case "$swift_version" in
+    3.*) TUNER_FLAG=--train_type ;;
+    [0-2].*)
+      echo "$0: ms-swift $swift_version is older than 3.0, whose flags this script uses; upgrade ms-swift" >&2
+      exit 2 ;;
+    "")
+      TUNER_FLAG=--tuner_type
+      echo "$0: no ms-swift found for ${pythons[*]}; using $TUNER_FLAG (ms-swift >= 4)." \
+        "Set SWIFT_PYTHON to the Python that has ms-swift, or TUNER_FLAG=--train_type for ms-swift 3.x" >&2 ;;
+    *) TUNER_FLAG=--tuner_type ;;
+  esac
+fi"""
+
+
 def _swift_script(header: str, base_path: str | None, tuner: str, args: list[str], explain: str) -> str:
+    name = "swift.sh" if tuner == "lora" else "swift.full.sh"
     if base_path:
         model_line = f'if [ -z "${{MODEL:-}}" ]; then MODEL={shlex.quote(base_path)}; fi'
+        model_usage = "[MODEL=<base model id or folder>]"
     else:
         model_line = ': "${MODEL:?set MODEL to the base model id or folder}"'
+        model_usage = "MODEL=<base model id or folder>"
     lines = [
         "#!/usr/bin/env bash",
         _comment(f"""ms-swift {"LoRA" if tuner == "lora" else "full fine-tuning"} of the selected layers.
 {header}
-Usage: MODEL=<base model id or folder> bash {"swift.sh" if tuner == "lora" else "swift.full.sh"} \\
-         --dataset ... [more swift sft arguments]
+Usage: {model_usage} bash {name} --dataset <data> [more swift sft arguments]
+  With a local model folder add ms-swift's model type and chat template, which it cannot always infer from
+  config.json (several of its model types share one architecture):
+  --model_type <ms-swift model type> --template <ms-swift template>; for SmolLM2, a Llama-architecture ChatML
+  model: bash {name} --model_type llama --template chatml --dataset <data>
 {explain}
-TUNER_FLAG: ms-swift 3.x calls the tuner flag --train_type; ms-swift 4 renamed it --tuner_type: set
-  TUNER_FLAG=--tuner_type there.""").rstrip("\n"),
+Tuner flag: ms-swift 3.x takes --train_type and refuses --tuner_type, ms-swift 4.1 and later take only
+  --tuner_type (4.0 both). The script reads the installed ms-swift version with python (or python3;
+  SWIFT_PYTHON=<interpreter> names another) and passes the matching flag; without one it uses --tuner_type.
+  TUNER_FLAG=--train_type or --tuner_type skips the check.""").rstrip("\n"),
         "set -euo pipefail",
         model_line,
-        'TUNER_FLAG="${TUNER_FLAG:---train_type}"',
+        _TUNER_FLAG,
         'exec swift sft --model "$MODEL" "$TUNER_FLAG" ' + tuner + " \\",
     ]
     for i in range(0, len(args), 2):
@@ -96,7 +136,7 @@ def _write_full(ctx: ExportContext) -> tuple[dict[str, Any], str]:
         """--trainable_parameters_regex: then make trainable
   again each parameter whose name matches (re.search; ^...$ anchors the escaped weight names), which takes
   precedence over the freezing (ms-swift docs, Full Arguments)."""
-        + (f"\n{ctx.tied_note}" if ctx.tied_note else ""),
+        + (f"\n{ctx.head_note}" if ctx.head_note else ""),
     )
     entry = {
         "method": "full",
@@ -106,9 +146,7 @@ def _write_full(ctx: ExportContext) -> tuple[dict[str, Any], str]:
             "--trainable_parameters_regex",
         ),
     }
-    if ctx.tied_note:
-        entry = _approx(entry, ctx.tied_note)
-    return entry, text
+    return _named_head(ctx, entry), text
 
 
 LORA = Writer("swift.sh", _write_lora)
