@@ -193,3 +193,13 @@ def test_evaluate_and_compare_strategies_read_a_full_stage3_model(full_run, tmp_
     (result,) = report["results"]
     assert (tmp_path / "strategies" / "top-25-seed0" / "stage3" / "model" / "config.json").is_file()
     assert result["heldout_loss"] != report["base_heldout_loss"]
+
+
+def test_the_full_stage3_model_folder_is_readable_by_transformers_4(full_run):
+    """The model folder stage 3 writes carries what transformers 4 needs, as the builtin conversion does."""
+    _, run_dir, _ = full_run
+    folder = run_dir / "stage3" / "model"
+    config = json.loads((folder / "config.json").read_text())
+    assert "rope_theta" in config and "rope_parameters" in config
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tokenizer_config.get("tokenizer_class") != "TokenizersBackend"
