@@ -45,7 +45,9 @@ def two_seeds(tmp_path_factory, tiny_model_dir, tiny_data_file):
     top = tuple(ranking.top(0.25))
     runs = [Strategy("all", "all", 1.0, tuple(ranking.order), seed=s) for s in (0, 1)]
     runs += [Strategy("ila-top-25", "ila-top", 0.25, top, seed=s) for s in (0, 1)]
-    return tmp, run_strategies(cfg, path, tmp / "s", strategies=runs, isolate=False)
+    report = run_strategies(cfg, path, tmp / "s", strategies=runs, isolate=False)
+    report["cfg"] = cfg
+    return tmp, report
 
 
 def test_two_seeds_of_one_strategy_are_two_different_runs(two_seeds):
@@ -98,3 +100,27 @@ def test_one_run_falls_back_to_the_interval_over_examples():
     vs = summarise_strategies([ref, other])["x"]["vs_all"]
     assert vs["interval_over"] == "held-out examples"
     assert vs["ci95"] == pytest.approx([0.1, 0.1])  # every example is exactly 0.1 worse: no spread
+
+
+def test_every_run_reports_its_forgetting_against_the_base_model_and_all(two_seeds):
+    tmp, report = two_seeds
+    forgot = {r["run"]: r["forgetting_loss"] for r in report["results"]}
+    # The number is the run's model on the general text (not on the alignment held-out split).
+    from ila.adapters import load_result
+    from ila.forgetting import forgetting_loss, general_text_rows
+    from ila.models import load_tokenizer
+
+    cfg = report["cfg"]
+    tok = load_tokenizer(cfg.model)
+    model = load_result(cfg.model, tmp / "s" / "ila-top-25-seed1" / "stage3" / "adapter")
+    rows = general_text_rows(tok, max_length=cfg.data.max_length)
+    assert forgetting_loss(model, tok, rows)["loss"] == pytest.approx(forgot["ila-top-25-seed1"], abs=1e-5)
+    assert report["base_forgetting_loss"] > 0 and report["forgetting_text"]["sha256"]
+    vs = report["strategies"]["ila-top-25"]["forgetting_vs_all"]
+    assert vs["per_seed"] == pytest.approx(
+        [forgot[f"ila-top-25-seed{s}"] - forgot[f"all-seed{s}"] for s in (0, 1)]
+    )
+    from ila.strategy_report import render_markdown
+
+    md = render_markdown({k: v for k, v in report.items() if k != "cfg"}, "test")
+    assert "forgetting vs all" in md and f"{report['base_forgetting_loss']:.4f}" in md

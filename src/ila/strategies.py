@@ -33,7 +33,6 @@ import logging
 import multiprocessing
 import random as _random
 import resource
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +42,14 @@ import numpy as np
 import torch
 
 from .adapters import lm_eval_source, load_result
-from .artifacts import envelope, read_json, write_json_atomic, write_text_atomic
+from .artifacts import envelope, read_json, write_json_atomic
 from .config import RunConfig
 from .errors import IlaError
 from .evaluation import lm_eval_scores, write_generations
+from .forgetting import forgetting_loss, general_text_rows, text_source
 from .heldout import example_losses, heldout_loss, paired_interval, summarise
 from .models import load_base_model, load_tokenizer, resolve_model_source
-from .pipeline import load_datasets, prepare_run_dir, stage2, stage3
-from .plots import new_figure, save_figure
+from .pipeline import load_datasets, prepare_run_dir, stage3
 from .progress import progress
 from .ranking import Ranking
 from .rundir import RunDir
@@ -154,6 +153,7 @@ def _run_strategy(
     folder: Path,
     tokenizer: PreTrainedTokenizerBase,
     heldout: datasets.Dataset,
+    general: datasets.Dataset,
     isolate: bool,
     tasks: tuple[str, ...],
     limit: int | None,
@@ -172,8 +172,11 @@ def _run_strategy(
     seconds = time.perf_counter() - start
     result_dir = RunDir(folder).stage3_output(rc.stage3.method)
     model = load_result(rc.model, result_dir)
-    sums, counts = example_losses(model, tokenizer, heldout, batch_size=rc.stage3.train.batch_size)
+    batch = rc.stage3.train.batch_size
+    sums, counts = example_losses(model, tokenizer, heldout, batch_size=batch)
     quality = summarise(sums, counts)
+    f_sums, f_counts = example_losses(model, tokenizer, general, batch_size=batch)
+    forgetting = summarise(f_sums, f_counts)
     bench = {}
     if tasks:
         pretrained, peft = lm_eval_source(resolve_model_source(rc.model), result_dir)
@@ -197,6 +200,9 @@ def _run_strategy(
         "heldout_perplexity": quality["perplexity"],
         # per held-out example: what the paired comparison with `all` resamples
         "heldout_examples": {"sums": sums.tolist(), "counts": counts.tolist()},
+        "forgetting_loss": forgetting["loss"],
+        "forgetting_ci95": forgetting["ci95"],
+        "forgetting_examples": {"sums": f_sums.tolist(), "counts": f_counts.tolist()},
         "benchmarks": bench,
         "trainable_parameters": summary["trainable_parameters"],
         "steps": summary["steps"],
@@ -235,7 +241,7 @@ def run_strategies(
     strategies = strategies or plan_strategies(ranking, others=others, seeds=seeds)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    heldout = None
+    heldout = general = None
     tokenizer = load_tokenizer(cfg.model)
     for strat in progress(strategies, "strategies", total=len(strategies), unit="strategy"):
         folder = out / strat.run
@@ -245,7 +251,11 @@ def run_strategies(
             continue
         if heldout is None:
             heldout = load_datasets(cfg, tokenizer, out / ".data")[1]
-        result = _run_strategy(cfg, strat, ranking_path, folder, tokenizer, heldout, isolate, tasks, limit)
+        if general is None:
+            general = general_text_rows(tokenizer, max_length=cfg.data.max_length)
+        result = _run_strategy(
+            cfg, strat, ranking_path, folder, tokenizer, heldout, general, isolate, tasks, limit
+        )
         write_json_atomic(done, result)
         results.append(result)
     if generate > 0:
@@ -258,25 +268,44 @@ def run_strategies(
         write_generations(cfg, adapters, generate, out / "generations.md")
     if heldout is None:
         heldout = load_datasets(cfg, tokenizer, out / ".data")[1]
-    # The untuned base model on the same held-out split: how much each strategy's training bought.
-    base = heldout_loss(
-        load_base_model(cfg.model), tokenizer, heldout, batch_size=cfg.stage3.train.batch_size
-    )
+    # The untuned base model on the same texts: what each strategy's training bought, and what it forgot.
+    base_model = load_base_model(cfg.model)
+    batch = cfg.stage3.train.batch_size
+    base = heldout_loss(base_model, tokenizer, heldout, batch_size=batch)
+    general = general if general is not None else general_text_rows(tokenizer, max_length=cfg.data.max_length)
+    base_forgetting = forgetting_loss(base_model, tokenizer, general, batch_size=batch)
     return {
         **envelope("ila.strategies", schema_version=2),
         "ranking": str(ranking_path),
         "base_heldout_loss": base["loss"],
         "base_heldout_ci95": base["ci95"],
+        "base_forgetting_loss": base_forgetting["loss"],
+        "base_forgetting_ci95": base_forgetting["ci95"],
+        "forgetting_text": text_source(),
         "results": results,
         "strategies": summarise_strategies(results),
     }
 
 
-def _paired(run: dict[str, Any], reference: dict[str, Any]) -> tuple[float, list[float]]:
-    """(loss(run) - loss(reference), its interval over held-out examples), on the same examples."""
-    a, b = run["heldout_examples"], reference["heldout_examples"]
+def _paired(run: dict[str, Any], reference: dict[str, Any], metric: str) -> tuple[float, list[float]]:
+    """(loss(run) - loss(reference), its interval over examples) of ``metric`` (``heldout`` or
+    ``forgetting``), on the same examples."""
+    a, b = run[f"{metric}_examples"], reference[f"{metric}_examples"]
     pair = (np.asarray(a["sums"]), np.asarray(a["counts"])), (np.asarray(b["sums"]), np.asarray(b["counts"]))
-    return run["heldout_loss"] - reference["heldout_loss"], paired_interval(*pair)
+    return run[f"{metric}_loss"] - reference[f"{metric}_loss"], paired_interval(*pair)
+
+
+def _versus(runs: list[dict[str, Any]], refs: dict[int, dict[str, Any]], metric: str) -> dict[str, Any]:
+    """The paired difference of ``runs`` with ``all`` (run k against its run k, or its run 0)."""
+    pairs = [_paired(r, refs.get(r["seed"], refs[min(refs)]), metric) for r in runs]
+    diffs = [d for d, _ in pairs]
+    diff, diff_ci = mean_interval(diffs)
+    return {
+        "difference": diff,
+        "ci95": diff_ci if diff_ci is not None else pairs[0][1],
+        "interval_over": "seeds" if diff_ci is not None else "held-out examples",
+        "per_seed": diffs,
+    }
 
 
 def summarise_strategies(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -301,205 +330,13 @@ def summarise_strategies(results: list[dict[str, Any]]) -> dict[str, dict[str, A
             "heldout_sd": float(np.std(losses, ddof=1)) if len(runs) > 1 else 0.0,
             "heldout_ci95": ci if ci is not None else runs[0].get("heldout_ci95"),
         }
-        if refs and name != "all" and all("heldout_examples" in r for r in runs + list(refs.values())):
-            pairs = [_paired(r, refs.get(r["seed"], refs[min(refs)])) for r in runs]
-            diffs = [d for d, _ in pairs]
-            diff, diff_ci = mean_interval(diffs)
-            entry["vs_all"] = {
-                "difference": diff,
-                "ci95": diff_ci if diff_ci is not None else pairs[0][1],
-                "interval_over": "seeds" if diff_ci is not None else "held-out examples",
-                "per_seed": diffs,
-            }
+        if all("forgetting_loss" in r for r in runs):
+            f_mean, f_ci = mean_interval([r["forgetting_loss"] for r in runs])
+            entry["forgetting_loss"] = f_mean
+            entry["forgetting_ci95"] = f_ci if f_ci is not None else runs[0].get("forgetting_ci95")
+        every = runs + list(refs.values())
+        for metric, key in (("heldout", "vs_all"), ("forgetting", "forgetting_vs_all")):
+            if refs and name != "all" and all(f"{metric}_examples" in r for r in every):
+                entry[key] = _versus(runs, refs, metric)
         out[name] = entry
     return out
-
-
-def _spread(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _interval(ci: list[float] | None) -> str:
-    return f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-
-
-def render_markdown(report: dict[str, Any], command: str) -> str:
-    rows = report["results"]
-    summary = report.get("strategies") or summarise_strategies(rows)
-    ref = summary["all"]
-    bench_names = sorted({f"{t}:{k}" for r in rows for t, m in r["benchmarks"].items() for k in m})
-    lines = [f"Command: `{command}`", ""]
-    base = report.get("base_heldout_loss")
-    if base is not None:
-        lines += [
-            f"Held-out loss of the base model, untuned: {base:.4f}"
-            f"{_interval(report.get('base_heldout_ci95'))}; "
-            f"`all` brings it to {ref['heldout_loss']:.4f} ({ref['heldout_loss'] - base:+.4f}).",
-            "",
-        ]
-    lines += [
-        "Held-out loss: mean over a strategy's runs, with the 95 % t-interval over seeds (one run: the "
-        "bootstrap interval over held-out examples). vs all: the paired difference with `all` on the same "
-        "examples and seed, with its 95 % interval (over seeds, or over examples for one run); negative is "
-        "better.",
-        "",
-        "| strategy | runs | layers | trainable params | held-out loss | vs all (paired) | step (s) | "
-        "peak memory (MB) | " + " | ".join(bench_names) + (" |" if bench_names else "|"),
-        "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(bench_names),
-    ]
-    by_name: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_name.setdefault(r["name"], []).append(r)
-    for name, rs in by_name.items():
-        entry = summary[name]
-        loss = f"{entry['heldout_loss']:.4f}{_interval(entry['heldout_ci95'])}"
-        if entry["runs"] > 1:
-            loss += f" (sd {entry['heldout_sd']:.4f})"
-        vs = entry.get("vs_all")
-        paired = "-" if vs is None else f"{vs['difference']:+.4f}{_interval(vs['ci95'])}"
-        step_m, _ = _spread([r["seconds_per_step"] for r in rs])
-        peaks = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb") is not None]
-        peak = f"{statistics.mean(peaks):.0f}" if peaks else "-"
-        cells = []
-        for b in bench_names:
-            task, metric = b.split(":", 1)
-            vals = [r["benchmarks"].get(task, {}).get(metric) for r in rs]
-            vals = [v for v in vals if v is not None]
-            if len(vals) > 1:
-                cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}")
-            else:
-                cells.append(f"{vals[0]:.3f}" if vals else "-")
-        lines.append(
-            f"| {name} | {entry['runs']} | {rs[0]['num_layers']} | {rs[0]['trainable_parameters']:,} | "
-            f"{loss} | {paired} | {step_m:.2f} | {peak} | " + " | ".join(cells) + (" |" if cells else "|")
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _error(entry: dict[str, Any]) -> tuple[float, float]:
-    ci = entry.get("heldout_ci95")
-    return (entry["heldout_loss"] - ci[0], ci[1] - entry["heldout_loss"]) if ci else (0.0, 0.0)
-
-
-def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
-    """Held-out loss (mean over runs, 95 % interval) vs fraction tuned and vs trainable parameters, and the
-    paired difference of every strategy with ``all``."""
-    rows = report["results"]
-    summary = report.get("strategies") or summarise_strategies(rows)
-    first_run = {}
-    for r in rows:
-        first_run.setdefault(r["name"], r)
-    paths = []
-    for xkey, name, xlabel in (
-        ("fraction", "quality-vs-fraction.png", "fraction of layers tuned"),
-        ("trainable_parameters", "quality-vs-cost.png", "trainable parameters"),
-    ):
-        fig = new_figure(6.4, 4.2)
-        ax = fig.add_subplot(1, 1, 1)
-        for family, style, label in (
-            ("ila-top", "o-", "ila-top"),
-            ("first", "s--", "first"),
-            ("last", "^--", "last"),
-            ("random", "x:", "random (runs pooled)"),
-        ):
-            names = [
-                n for n, e in summary.items() if e["family"] == family or (family == "ila-top" and n == "all")
-            ]
-            pts = sorted((first_run[n][xkey], summary[n]) for n in names)
-            if pts:
-                errors = list(zip(*(_error(e) for _, e in pts), strict=True))
-                ax.errorbar(
-                    [x for x, _ in pts],
-                    [e["heldout_loss"] for _, e in pts],
-                    yerr=errors,
-                    fmt=style,
-                    capsize=3,
-                    label=label,
-                )
-        for n, e in summary.items():
-            if e["family"] not in ("all", "ila-top", "first", "last", "random"):  # drop-bottom, other scorers
-                marker = "D" if e["family"] == "ila-drop-bottom" else "*"
-                ax.errorbar(
-                    [first_run[n][xkey]],
-                    [e["heldout_loss"]],
-                    yerr=[[v] for v in _error(e)],
-                    fmt=marker,
-                    markersize=8,
-                    capsize=3,
-                    label=n,
-                )
-        ax.set_xlabel(xlabel)
-        if report.get("base_heldout_loss") is not None:
-            ax.axhline(report["base_heldout_loss"], ls=":", color="grey", label="base model, untuned")
-        ax.set_ylabel("held-out loss (response tokens)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        paths.append(save_figure(fig, out / name))
-    paired = [(n, e["vs_all"]) for n, e in summary.items() if e.get("vs_all")]
-    if paired:
-        fig = new_figure(6.4, 1.2 + 0.28 * len(paired))
-        ax = fig.add_subplot(1, 1, 1)
-        ys = range(len(paired))
-        diffs = [v["difference"] for _, v in paired]
-        errs = [
-            [d - v["ci95"][0] for d, (_, v) in zip(diffs, paired, strict=True)],
-            [v["ci95"][1] - d for d, (_, v) in zip(diffs, paired, strict=True)],
-        ]
-        ax.errorbar(diffs, list(ys), xerr=errs, fmt="o", capsize=3, color="#1f4e79")
-        ax.axvline(0.0, color="grey", ls=":")
-        ax.set_yticks(list(ys))
-        ax.set_yticklabels([n for n, _ in paired], fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("held-out loss minus `all` (paired, 95 % interval); left of 0 is better")
-        ax.grid(alpha=0.3, axis="x")
-        paths.append(save_figure(fig, out / "paired-vs-all.png"))
-    return paths
-
-
-def compare_strategies(
-    cfg: RunConfig,
-    run_dir: Path,
-    out: Path,
-    *,
-    tasks: tuple[str, ...] = (),
-    limit: int | None = None,
-    command: str = "ila compare-strategies",
-    isolate: bool | None = None,
-    scorers: tuple[str, ...] = (),
-    generate: int = 0,
-    seeds: int = 1,
-) -> Path:
-    """Every strategy of :func:`plan_strategies` on the run's stage-3 budget; ``scorers`` adds the top 30 % of
-    other scorers' rankings (``stage2/ranking-<scorer>.json``, computed first where missing)."""
-    ranking_path = Path(cfg.stage3.ranking) if cfg.stage3.ranking else RunDir(run_dir).ranking()
-    if not ranking_path.is_file():
-        raise IlaError(f"no ranking at {ranking_path}; run stages 1 and 2 first (ila train; ila score)")
-    others: dict[str, Ranking] = {}
-    for scorer in scorers:
-        if scorer == "ila":
-            continue
-        path = RunDir(run_dir).ranking(scorer)
-        if not path.is_file():
-            log.info("scoring the layers with %s for the comparison", scorer)
-            stage2(cfg, run_dir, scorer=scorer)
-        others[scorer] = Ranking.load(path)
-    report = run_strategies(
-        cfg,
-        ranking_path,
-        out,
-        tasks=tasks,
-        limit=limit,
-        isolate=isolate,
-        others=others,
-        generate=generate,
-        seeds=seeds,
-    )
-    report["command"] = command
-    write_json_atomic(out / "strategies.json", report)
-    md = render_markdown(report, command)
-    write_text_atomic(out / "strategies.md", md)
-    try:
-        plot_strategies(report, out)
-    except IlaError as e:
-        log.warning("no plots: %s", e)
-    return out / "strategies.md"

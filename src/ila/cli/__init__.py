@@ -160,7 +160,7 @@ def _study_command(args: argparse.Namespace) -> int:
 
 
 def _compare_strategies_command(args: argparse.Namespace) -> int:
-    from ..strategies import compare_strategies
+    from ..strategy_report import compare_strategies
 
     cfg, run_dir = _resolve(args)
     report = compare_strategies(

@@ -1,0 +1,230 @@
+"""``ila compare-strategies``: run every strategy (:mod:`ila.strategies`), then write ``strategies.json``,
+``strategies.md`` (per strategy: held-out loss and forgetting with their intervals, the paired difference
+with ``all``, cost) and the plots."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .artifacts import write_json_atomic, write_text_atomic
+from .config import RunConfig
+from .errors import IlaError
+from .pipeline import stage2
+from .plots import new_figure, save_figure
+from .ranking import Ranking
+from .rundir import RunDir
+from .strategies import run_strategies, summarise_strategies
+
+log = logging.getLogger(__name__)
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _interval(ci: list[float] | None) -> str:
+    return f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+
+
+def render_markdown(report: dict[str, Any], command: str) -> str:
+    rows = report["results"]
+    summary = report.get("strategies") or summarise_strategies(rows)
+    ref = summary["all"]
+    bench_names = sorted({f"{t}:{k}" for r in rows for t, m in r["benchmarks"].items() for k in m})
+    lines = [f"Command: `{command}`", ""]
+    base = report.get("base_heldout_loss")
+    if base is not None:
+        lines += [
+            f"Held-out loss of the base model, untuned: {base:.4f}"
+            f"{_interval(report.get('base_heldout_ci95'))}; "
+            f"`all` brings it to {ref['heldout_loss']:.4f} ({ref['heldout_loss'] - base:+.4f}).",
+            "",
+        ]
+    forgot = report.get("base_forgetting_loss")
+    if forgot is not None:
+        source = report.get("forgetting_text") or {}
+        lines += [
+            f"Forgetting: the loss on general text outside the alignment data ({source.get('text', '-')}, "
+            f"Python {source.get('python', '-')}); the base model's is {forgot:.4f}"
+            f"{_interval(report.get('base_forgetting_ci95'))}, and a higher loss after tuning is what "
+            "tuning forgot.",
+            "",
+        ]
+    lines += [
+        "Held-out loss: mean over a strategy's runs, with the 95 % t-interval over seeds (one run: the "
+        "bootstrap interval over held-out examples). vs all: the paired difference with `all` on the same "
+        "examples and seed, with its 95 % interval (over seeds, or over examples for one run); negative is "
+        "better. Forgetting vs all: the same for the general-text loss.",
+        "",
+        "| strategy | runs | layers | trainable params | held-out loss | vs all (paired) | forgetting | "
+        "forgetting vs all | step (s) | peak memory (MB) | "
+        + " | ".join(bench_names)
+        + (" |" if bench_names else "|"),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(bench_names),
+    ]
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_name.setdefault(r["name"], []).append(r)
+    for name, rs in by_name.items():
+        entry = summary[name]
+        loss = f"{entry['heldout_loss']:.4f}{_interval(entry['heldout_ci95'])}"
+        if entry["runs"] > 1:
+            loss += f" (sd {entry['heldout_sd']:.4f})"
+        vs = entry.get("vs_all")
+        paired = "-" if vs is None else f"{vs['difference']:+.4f}{_interval(vs['ci95'])}"
+        forgetting = "-"
+        if entry.get("forgetting_loss") is not None:
+            forgetting = f"{entry['forgetting_loss']:.4f}{_interval(entry.get('forgetting_ci95'))}"
+        fvs = entry.get("forgetting_vs_all")
+        f_paired = "-" if fvs is None else f"{fvs['difference']:+.4f}{_interval(fvs['ci95'])}"
+        step_m, _ = _spread([r["seconds_per_step"] for r in rs])
+        peaks = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb") is not None]
+        peak = f"{statistics.mean(peaks):.0f}" if peaks else "-"
+        cells = []
+        for b in bench_names:
+            task, metric = b.split(":", 1)
+            vals = [r["benchmarks"].get(task, {}).get(metric) for r in rs]
+            vals = [v for v in vals if v is not None]
+            if len(vals) > 1:
+                cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}")
+            else:
+                cells.append(f"{vals[0]:.3f}" if vals else "-")
+        lines.append(
+            f"| {name} | {entry['runs']} | {rs[0]['num_layers']} | {rs[0]['trainable_parameters']:,} | "
+            f"{loss} | {paired} | {forgetting} | {f_paired} | {step_m:.2f} | {peak} | "
+            + " | ".join(cells)
+            + (" |" if cells else "|")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _error(entry: dict[str, Any]) -> tuple[float, float]:
+    ci = entry.get("heldout_ci95")
+    return (entry["heldout_loss"] - ci[0], ci[1] - entry["heldout_loss"]) if ci else (0.0, 0.0)
+
+
+def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
+    """Held-out loss (mean over runs, 95 % interval) vs fraction tuned and vs trainable parameters, and the
+    paired difference of every strategy with ``all``."""
+    rows = report["results"]
+    summary = report.get("strategies") or summarise_strategies(rows)
+    first_run = {}
+    for r in rows:
+        first_run.setdefault(r["name"], r)
+    paths = []
+    for xkey, name, xlabel in (
+        ("fraction", "quality-vs-fraction.png", "fraction of layers tuned"),
+        ("trainable_parameters", "quality-vs-cost.png", "trainable parameters"),
+    ):
+        fig = new_figure(6.4, 4.2)
+        ax = fig.add_subplot(1, 1, 1)
+        for family, style, label in (
+            ("ila-top", "o-", "ila-top"),
+            ("first", "s--", "first"),
+            ("last", "^--", "last"),
+            ("random", "x:", "random (runs pooled)"),
+        ):
+            names = [
+                n for n, e in summary.items() if e["family"] == family or (family == "ila-top" and n == "all")
+            ]
+            pts = sorted((first_run[n][xkey], summary[n]) for n in names)
+            if pts:
+                errors = list(zip(*(_error(e) for _, e in pts), strict=True))
+                ax.errorbar(
+                    [x for x, _ in pts],
+                    [e["heldout_loss"] for _, e in pts],
+                    yerr=errors,
+                    fmt=style,
+                    capsize=3,
+                    label=label,
+                )
+        for n, e in summary.items():
+            if e["family"] not in ("all", "ila-top", "first", "last", "random"):  # drop-bottom, other scorers
+                marker = "D" if e["family"] == "ila-drop-bottom" else "*"
+                ax.errorbar(
+                    [first_run[n][xkey]],
+                    [e["heldout_loss"]],
+                    yerr=[[v] for v in _error(e)],
+                    fmt=marker,
+                    markersize=8,
+                    capsize=3,
+                    label=n,
+                )
+        ax.set_xlabel(xlabel)
+        if report.get("base_heldout_loss") is not None:
+            ax.axhline(report["base_heldout_loss"], ls=":", color="grey", label="base model, untuned")
+        ax.set_ylabel("held-out loss (response tokens)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        paths.append(save_figure(fig, out / name))
+    paired = [(n, e["vs_all"]) for n, e in summary.items() if e.get("vs_all")]
+    if paired:
+        fig = new_figure(6.4, 1.2 + 0.28 * len(paired))
+        ax = fig.add_subplot(1, 1, 1)
+        ys = range(len(paired))
+        diffs = [v["difference"] for _, v in paired]
+        errs = [
+            [d - v["ci95"][0] for d, (_, v) in zip(diffs, paired, strict=True)],
+            [v["ci95"][1] - d for d, (_, v) in zip(diffs, paired, strict=True)],
+        ]
+        ax.errorbar(diffs, list(ys), xerr=errs, fmt="o", capsize=3, color="#1f4e79")
+        ax.axvline(0.0, color="grey", ls=":")
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels([n for n, _ in paired], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("held-out loss minus `all` (paired, 95 % interval); left of 0 is better")
+        ax.grid(alpha=0.3, axis="x")
+        paths.append(save_figure(fig, out / "paired-vs-all.png"))
+    return paths
+
+
+def compare_strategies(
+    cfg: RunConfig,
+    run_dir: Path,
+    out: Path,
+    *,
+    tasks: tuple[str, ...] = (),
+    limit: int | None = None,
+    command: str = "ila compare-strategies",
+    isolate: bool | None = None,
+    scorers: tuple[str, ...] = (),
+    generate: int = 0,
+    seeds: int = 1,
+) -> Path:
+    """Every strategy of :func:`plan_strategies` on the run's stage-3 budget; ``scorers`` adds the top 30 % of
+    other scorers' rankings (``stage2/ranking-<scorer>.json``, computed first where missing)."""
+    ranking_path = Path(cfg.stage3.ranking) if cfg.stage3.ranking else RunDir(run_dir).ranking()
+    if not ranking_path.is_file():
+        raise IlaError(f"no ranking at {ranking_path}; run stages 1 and 2 first (ila train; ila score)")
+    others: dict[str, Ranking] = {}
+    for scorer in scorers:
+        if scorer == "ila":
+            continue
+        path = RunDir(run_dir).ranking(scorer)
+        if not path.is_file():
+            log.info("scoring the layers with %s for the comparison", scorer)
+            stage2(cfg, run_dir, scorer=scorer)
+        others[scorer] = Ranking.load(path)
+    report = run_strategies(
+        cfg,
+        ranking_path,
+        out,
+        tasks=tasks,
+        limit=limit,
+        isolate=isolate,
+        others=others,
+        generate=generate,
+        seeds=seeds,
+    )
+    report["command"] = command
+    write_json_atomic(out / "strategies.json", report)
+    md = render_markdown(report, command)
+    write_text_atomic(out / "strategies.md", md)
+    try:
+        plot_strategies(report, out)
+    except IlaError as e:
+        log.warning("no plots: %s", e)
+    return out / "strategies.md"
