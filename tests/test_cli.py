@@ -23,6 +23,10 @@ def test_run_train_score_finetune(tmp_path, tiny_config, capsys):
     assert main(["run", "--run-dir", str(run_dir), *_sets(tiny_config)]) == 0
     out = capsys.readouterr().out
     assert "ILA run complete" in out and str(run_dir / "stage2" / "ranking.json") in out
+    s3 = json.loads((run_dir / "stage3" / "summary.json").read_text())
+    lo, hi = s3["heldout"]["ci95"]
+    assert f"held-out loss {s3['heldout_loss']:.4f} (95 % interval {lo:.4f}-{hi:.4f})" in out
+    assert out.count("95 % interval") == 3  # base, stage 1, stage 3
 
     # Stages one at a time, on the same run directory (its config.yaml is reused).
     assert (

@@ -75,8 +75,10 @@ class DataConfig:
     """Tokens per example; longer examples are truncated, and dropped if no response token remains."""
     max_examples: int | None = 2000
     """Examples drawn (seeded) from the dataset before the held-out split; null for all."""
-    heldout_fraction: float = 0.1
-    max_heldout_examples: int | None = 200
+    heldout_fraction: float = 0.2
+    max_heldout_examples: int | None = 400
+    """Several hundred held-out conversations where the data has them: with fewer the held-out loss's 95 %
+    interval is wider than most differences between layer selections (the demo config keeps 32 for time)."""
     seed: int = 0
     """Seed of the sample and of the train/held-out split."""
     skip_bad_records: bool = False

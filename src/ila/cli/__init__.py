@@ -123,7 +123,7 @@ def _train_command(args: argparse.Namespace) -> int:
     prepare_run_dir(cfg, run_dir)
     s = stage1(cfg, run_dir)
     rd = RunDir(run_dir)
-    print(f"stage 1: {s['steps']} steps, held-out loss {s['heldout_loss']}")
+    print(f"stage 1: {s['steps']} steps, held-out loss {_loss(s.get('heldout'), s['heldout_loss'])}")
     print(f"adapters: {rd.milestones} and {rd.stage1_final}")
     return 0
 
@@ -145,7 +145,8 @@ def _finetune_command(args: argparse.Namespace) -> int:
     cfg, run_dir = _resolve(args)
     prepare_run_dir(cfg, run_dir)
     s = stage3(cfg, run_dir)
-    print(f"stage 3: {s['num_selected']} of {s['num_layers']} layers, held-out loss {s['heldout_loss']}")
+    loss = _loss(s.get("heldout"), s["heldout_loss"])
+    print(f"stage 3: {s['num_selected']} of {s['num_layers']} layers, held-out loss {loss}")
     print(f"{'adapter' if 'adapter' in s else 'model'}: {s.get('adapter') or s.get('model')}")
     return 0
 
@@ -282,14 +283,22 @@ def _stability_phrase(s1: dict) -> str:
     return f"epsilon-stable at step {s1['stable_at_step']}"
 
 
+def _loss(entry: dict | None, loss: float | None) -> str:
+    """A held-out loss with its 95 % interval, where the stage recorded one."""
+    if entry and entry.get("ci95"):
+        return f"{entry['loss']:.4f} (95 % interval {entry['ci95'][0]:.4f}-{entry['ci95'][1]:.4f})"
+    return _fmt(loss)
+
+
 def _print_summary(out: dict, run_dir: Path) -> None:
     s1, s2, s3 = out["stage1"], out["stage2"], out["stage3"]
     print()
     print(f"ILA run complete: {run_dir}")
-    print(f"  base     held-out loss {_fmt(s1.get('base_heldout_loss'))}")
+    base = _loss(s1.get("base_heldout"), s1.get("base_heldout_loss"))
+    print(f"  base     held-out loss {base}")
     print(
         f"  stage 1  {s1['steps']} steps on all {s1['layers']['num_layers']} layers, held-out loss "
-        f"{_fmt(s1['heldout_loss'])}, {_stability_phrase(s1)}"
+        f"{_loss(s1.get('heldout'), s1['heldout_loss'])}, {_stability_phrase(s1)}"
     )
     if s1.get("stopped_when_stable"):
         saved = s1["steps_saved"]
@@ -300,7 +309,8 @@ def _print_summary(out: dict, run_dir: Path) -> None:
     print(f"  stage 2  {s2['steps']} steps, top layers: {', '.join(s2['top10'][:3])} ...")
     print(
         f"  stage 3  {s3['num_selected']}/{s3['num_layers']} layers, "
-        f"{s3['trainable_parameters']:,} trainable parameters, held-out loss {_fmt(s3['heldout_loss'])}"
+        f"{s3['trainable_parameters']:,} trainable parameters, held-out loss "
+        f"{_loss(s3.get('heldout'), s3['heldout_loss'])}"
     )
     print("outputs:")
     print(f"  config      {run_dir / 'config.yaml'}")
