@@ -73,3 +73,17 @@ def test_the_progress_bar_shows_only_on_a_terminal_or_when_asked(monkeypatch, ca
     heldout_loss(make_model(), tok, _rows(tok, ["red", "blue", "green"]), batch_size=1)
     err = capfd.readouterr().err
     assert ("held-out loss" in err) is drawn
+
+
+def test_the_output_head_on_response_positions_only_gives_the_full_computation(monkeypatch):
+    """With logits_to_keep (the head only where a response token follows) and without it, the same losses."""
+    import ila.heldout as heldout
+
+    tok = make_tokenizer()
+    model = make_model(seed=4).eval()
+    rows = _rows(tok, ["red", "blue green sun", "cat dog " * 5])
+    assert heldout.supports_response_logits(model)
+    fast = heldout.example_losses(model, tok, rows, batch_size=2)
+    monkeypatch.setattr(heldout, "supports_response_logits", lambda m: False)
+    full = heldout.example_losses(model, tok, rows, batch_size=2)
+    assert fast[0] == pytest.approx(full[0], abs=1e-4) and (fast[1] == full[1]).all()

@@ -10,7 +10,7 @@ from conftest import make_model
 from ila.config import LoraConfig
 from ila.layers import adaptable_layers
 from ila.models import attach_lora
-from ila.training import response_logits_kwargs, supports_response_logits
+from ila.response_logits import response_logits_kwargs, supports_response_logits
 
 
 def _lora_model():

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .data import IGNORE_INDEX, collator
+from .data import collator
 from .errors import DataError
+from .layers import unwrap
 from .progress import progress
+from .response_logits import next_token_targets, supports_response_logits
 
 if TYPE_CHECKING:
     import datasets
@@ -42,6 +44,8 @@ def example_losses(
         raise DataError("no held-out examples: set data.heldout_fraction > 0")
     collate = collator(tokenizer)
     device = next(model.parameters()).device
+    head_on_mask = supports_response_logits(model)
+    vocab = unwrap(model).get_output_embeddings().weight.shape[0] if head_on_mask else 0
     was_training = model.training
     model.eval()
     sums, counts = [], []
@@ -49,16 +53,20 @@ def example_losses(
         starts = range(0, len(dataset), batch_size)
         for start in progress(starts, "held-out loss", total=len(starts), unit="batch"):
             batch = collate([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-            labels = batch["labels"][:, 1:].to(device)  # position t predicts token t+1
-            logits = logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(
-                logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+            targets, keep = next_token_targets(batch["labels"].to(device))
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+            if head_on_mask:  # the output head only where a response token follows (ila.response_logits)
+                logits = model(**inputs, logits_to_keep=keep).logits.reshape(-1, vocab)
+            else:
+                logits = model(**inputs).logits[keep]
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
+            rows = keep.nonzero()[:, 0]
+            sums.append(
+                torch.zeros(len(keep), dtype=torch.float64, device=device)
+                .index_add_(0, rows, loss.double())
+                .cpu()
             )
-            sums.append(loss.sum(dim=1).double().cpu())
-            counts.append((labels != IGNORE_INDEX).sum(dim=1).cpu())
+            counts.append(keep.sum(dim=1).cpu())
     finally:
         model.train(was_training)
     return torch.cat(sums).numpy(), torch.cat(counts).numpy()

@@ -14,7 +14,6 @@ processes come from transformers' Trainer and accelerate.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -27,16 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
-from transformers import Trainer, TrainerCallback, TrainingArguments, modeling_utils
-from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .artifacts import append_jsonl, truncate_jsonl
 from .config import TrainConfig
-from .data import IGNORE_INDEX, collator
+from .data import collator
 from .errors import TrainingError
 from .heldout import heldout_loss
-from .layers import unwrap
 from .models import resolve_device
+from .response_logits import response_logits_kwargs, supports_response_logits
 
 if TYPE_CHECKING:
     import datasets
@@ -142,36 +140,6 @@ def plan_for(
         callbacks=list(callbacks or []),
     )
     return dataclasses.replace(plan, **extra)
-
-
-def supports_response_logits(model: torch.nn.Module) -> bool:
-    """Whether ``model`` can compute its output head on a boolean mask of positions and take its loss targets
-    already shifted: transformers' causal LMs with ``logits_to_keep`` and the stock causal-LM loss."""
-    inner = unwrap(model)
-    if not hasattr(modeling_utils, "slice_logits_to_keep"):  # boolean masks arrived with it
-        return False
-    try:
-        accepts = "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return accepts and getattr(inner, "loss_function", None) is ForCausalLMLoss
-
-
-def response_logits_kwargs(labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Extra model inputs that restrict the output head to the positions whose next token is a response token.
-
-    The loss of a causal LM at position t is the cross-entropy of the logits there against token t+1, and only
-    response tokens carry a label, so the logits (and their softmax over the whole vocabulary) at every other
-    position are computed and thrown away. With the boolean mask ``logits_to_keep`` the model projects only
-    the kept hidden states, and ``shift_labels`` hands the loss the matching targets; the loss, its
-    normalisation by ``num_items_in_batch`` and every gradient are those of the full computation (tested), at
-    a fraction of the output head's cost on chat data, where prompts are a large part of every sequence.
-    """
-    shifted = torch.nn.functional.pad(
-        labels[:, 1:], (0, 1), value=IGNORE_INDEX
-    )  # target of position t: token t+1
-    keep = shifted != IGNORE_INDEX  # (B, T)
-    return {"logits_to_keep": keep, "shift_labels": shifted[keep]}
 
 
 class IlaTrainer(Trainer):
@@ -422,7 +390,8 @@ def train(
     before = None
     if checkpoint is None and heldout_dataset is not None and plan.eval_before:
         # Every process computes the same number on the whole held-out split (no sampler to pad it).
-        before = heldout_loss(trainer.model, tokenizer, heldout_dataset, batch_size=plan.batch_size)
+        with trainer.accelerator.autocast():  # the training precision (bf16 autocast): as fast, same numerics
+            before = heldout_loss(trainer.model, tokenizer, heldout_dataset, batch_size=plan.batch_size)
     device = trainer.args.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -432,7 +401,8 @@ def train(
     steps = trainer.state.global_step
     heldout = None
     if heldout_dataset is not None:
-        heldout = heldout_loss(trainer.model, tokenizer, heldout_dataset, batch_size=plan.batch_size)
+        with trainer.accelerator.autocast():
+            heldout = heldout_loss(trainer.model, tokenizer, heldout_dataset, batch_size=plan.batch_size)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return TrainingResult(
         steps=steps,
