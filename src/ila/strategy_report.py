@@ -33,7 +33,9 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
     rows = report["results"]
     summary = report.get("strategies") or summarise_strategies(rows)
     ref = summary["all"]
-    bench_names = sorted({f"{t}:{k}" for r in rows for t, m in r["benchmarks"].items() for k in m})
+    bench_names = sorted(
+        {f"{t}:{k}" for r in rows for t, m in r["benchmarks"].items() for k in m if "stderr" not in k}
+    )
     lines = [f"Command: `{command}`", ""]
     base = report.get("base_heldout_loss")
     if base is not None:

@@ -186,11 +186,27 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     cfg, run_dir = _resolve(args)
     adapters = dict(a.split("=", 1) if "=" in a else (Path(a).name, a) for a in args.adapter)
     out = evaluate_run(
-        cfg, run_dir, adapters or None, tasks=args.tasks, limit=args.limit, generate=args.generate
+        cfg,
+        run_dir,
+        adapters or None,
+        tasks=args.tasks,
+        limit=args.limit,
+        generate=args.generate,
+        max_gen_toks=args.max_gen_toks,
+        generate_ifeval=args.generate_ifeval,
+        forgetting=args.forgetting,
     )
     for label, entry in out["results"].items():
-        print(f"{label:>20}: " + ", ".join(f"{k} {v}" for k, v in entry.items() if k != "adapter"))
-    if args.generate:
+        parts = [f"{name} {_loss(entry[name], entry[name]['loss'])}" for name in ("heldout", "forgetting")
+                 if entry.get(name)]  # fmt: skip
+        for task, metrics in (entry.get("benchmarks") or {}).items():
+            parts += [
+                f"{task} {k} {v:.4f}"
+                for k, v in metrics.items()
+                if isinstance(v, float) and "stderr" not in k
+            ]
+        print(f"{label:>20}: " + ", ".join(parts))
+    if args.generate or args.generate_ifeval:
         print(f"generations: {out['generations']}")
     print(f"results: {out['path']}")
     return 0

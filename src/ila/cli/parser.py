@@ -111,6 +111,26 @@ def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
         help="an adapter to evaluate (repeatable); default: the run's stage-3 adapter",
     )
     _measure_args(p, "every model")
+    p.add_argument(
+        "--max-gen-toks",
+        type=int,
+        default=512,
+        metavar="N",
+        help="the longest IFEval answer, in tokens (default 512; recorded with the results)",
+    )
+    p.add_argument(
+        "--generate-ifeval",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also answer the first N IFEval prompts with every model, each marked pass or fail",
+    )
+    p.add_argument(
+        "--no-forgetting",
+        dest="forgetting",
+        action="store_false",
+        help="skip the forgetting loss (the loss on general text outside the alignment data)",
+    )
 
     p = sub.add_parser(
         "compare-strategies",
@@ -161,7 +181,7 @@ def _measure_args(p: argparse.ArgumentParser, models: str) -> None:
         "--tasks",
         nargs="*",
         default=[],
-        help="lm-eval tasks: ila_mmlu_dev ila_gsm8k_heldout ila_hhh, or any lm-eval task with Hub access",
+        help="lm-eval tasks: ila_ifeval ila_mmlu_dev ila_gsm8k_heldout ila_hhh, or any with Hub access",
     )
     p.add_argument("--limit", type=int, help="examples per lm-eval task")
     p.add_argument(
