@@ -124,3 +124,19 @@ def test_every_run_reports_its_forgetting_against_the_base_model_and_all(two_see
 
     md = render_markdown({k: v for k, v in report.items() if k != "cfg"}, "test")
     assert "forgetting vs all" in md and f"{report['base_forgetting_loss']:.4f}" in md
+
+
+def test_benchmark_cells_carry_their_spread_or_lm_evals_standard_error():
+    from ila.strategy_report import render_markdown
+
+    def row(seed, acc):
+        metrics = {"inst_level_strict_acc,none": acc, "inst_level_strict_acc_stderr,none": 0.04}
+        return {"name": "all", "run": f"all-seed{seed}", "family": "all", "fraction": 1.0, "seed": seed,
+                "num_layers": 4, "heldout_loss": 2.0 + seed / 100, "heldout_ci95": [1.9, 2.1],
+                "benchmarks": {"ila_ifeval": metrics}, "trainable_parameters": 10, "steps": 1,
+                "seconds_per_step": 1.0, "peak_memory_mb": 1.0}  # fmt: skip
+
+    one = render_markdown({"results": [row(0, 0.2)]}, "x").splitlines()[-1]
+    assert one.startswith("| all |") and one.endswith("| 0.200 ± 0.040 (se) |")
+    two = render_markdown({"results": [row(0, 0.2), row(1, 0.3)]}, "x").splitlines()[-1]
+    assert two.endswith("| 0.250 ± 0.071 (sd) |") and "stderr" not in two

@@ -91,9 +91,15 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             vals = [r["benchmarks"].get(task, {}).get(metric) for r in rs]
             vals = [v for v in vals if v is not None]
             if len(vals) > 1:
-                cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}")
+                cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f} (sd)")
+            elif vals:
+                # one run: lm-eval's standard error (``<metric>_stderr,<filter>``) where it reports one
+                measure, _, flt = metric.partition(",")
+                key = f"{measure}_stderr,{flt}" if flt else f"{measure}_stderr"
+                se = rs[0]["benchmarks"].get(task, {}).get(key)
+                cells.append(f"{vals[0]:.3f}" + (f" ± {se:.3f} (se)" if isinstance(se, float) else ""))
             else:
-                cells.append(f"{vals[0]:.3f}" if vals else "-")
+                cells.append("-")
         lines.append(
             f"| {name} | {entry['runs']} | {rs[0]['num_layers']} | {rs[0]['trainable_parameters']:,} | "
             f"{loss} | {paired} | {forgetting} | {f_paired} | {step_m:.2f} | {peak} | "
