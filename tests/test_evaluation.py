@@ -218,7 +218,8 @@ def _fake_bigbench_archive(cache):
 
 def test_offline_gsm8k_and_hhh_tasks_run_through_lm_eval(tmp_path, tiny_model_dir):
     pytest.importorskip("lm_eval")
-    from ila.evaluation import lm_eval_scores, write_offline_tasks
+    from ila.evaluation import lm_eval_scores
+    from ila.lm_eval_tasks import write_offline_tasks
 
     cache = tmp_path / "cache"
     _fake_bigbench_archive(cache)

@@ -337,18 +337,23 @@ def _trained_by_name(out, model, tmp_path):
 NAMED = ("axolotl.full.yaml", "swift.full.sh", "llamafactory.freeze.yaml", "parameters.txt")
 
 
-def test_tied_lm_head_is_trained_through_the_embedding_weight(tmp_path):
-    """A tied lm_head has no parameter name of its own: every parameter-name file must train it through the
-    input embedding's weight, and say that this trains the input embeddings too."""
-    model = make_model()
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+def _ranking_with_head(model):
+    """A ranking of every layer of ``model``, lm_head included, with the model's recorded identity."""
     layers = adaptable_layers(model, include_lm_head=True)
-    ranking = Ranking(
+    return Ranking(
         scores={x.name: float(i) for i, x in enumerate(layers)},
         layers=layers,
         base_model=model_identity(model, "tiny"),
         include_lm_head=True,
     )
+
+
+def test_tied_lm_head_is_trained_through_the_embedding_weight(tmp_path):
+    """A tied lm_head has no parameter name of its own: every parameter-name file must train it through the
+    input embedding's weight, and say that this trains the input embeddings too."""
+    model = make_model()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ranking = _ranking_with_head(model)
     assert ranking.base_model["tie_word_embeddings"] is True
     names = ["lm_head", "model.layers.2.mlp.up_proj"]
     summary = export_selection(ranking, names, tmp_path / "o")
@@ -371,13 +376,7 @@ def test_tied_lm_head_is_trained_through_the_embedding_weight(tmp_path):
 
 def test_untied_lm_head_is_named_as_itself(tmp_path):
     model = _untied_model()
-    layers = adaptable_layers(model, include_lm_head=True)
-    ranking = Ranking(
-        scores={x.name: float(i) for i, x in enumerate(layers)},
-        layers=layers,
-        base_model=model_identity(model, "tiny"),
-        include_lm_head=True,
-    )
+    ranking = _ranking_with_head(model)
     assert ranking.base_model["tie_word_embeddings"] is False
     names = ["lm_head", "model.layers.2.mlp.up_proj"]
     summary = export_selection(ranking, names, tmp_path / "o")

@@ -3,7 +3,9 @@
 A stage-1 milestone, a stage-3 result and a milestone written by :class:`ila.integration.IlaCallback` are all
 the same thing to the stages that read them: a PEFT LoRA adapter folder (or, for full fine-tuning, the trained
 layer weights in ``layers.safetensors``) plus :class:`AdapterMeta`. Every writer and every reader goes through
-this module, so a field is written once and read with one default.
+this module, so a field is written once and read with one default. So does finding the stage-1 update that
+stage 2 scores (a milestone name or a folder), checking it is of the loaded model, and putting it on that
+model frozen (LoRA) or as Delta_i = W_T - W_0 (full fine-tuning).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from .artifacts import atomic_dir, envelope, read_json, write_json_atomic
 from .errors import ModelError
-from .layers import unwrap
+from .layers import Layer, adaptable_layers, unwrap
 from .models import load_base_model, load_lora
+from .rundir import RunDir
 from .stability import bias_key
 
 if TYPE_CHECKING:
@@ -191,3 +194,70 @@ def frozen_adapter_model(model: PreTrainedModel, adapter_dir: Path) -> peft.Peft
     for p in peft_model.parameters():
         p.requires_grad_(False)
     return peft_model
+
+
+# -------------------------------------------------------------------------------------------------------
+# the stage-1 update that stage 2 scores
+
+
+def check_adapter_model(meta: AdapterMeta, identity: dict[str, Any], adapter_dir: Path) -> None:
+    """Refuse a stage-1 adapter that was trained on another base model."""
+    theirs = meta.base_model or {}
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
+        a, b = theirs.get(key), identity.get(key)
+        if a is not None and b is not None and a != b:
+            raise ModelError(
+                f"the adapter in {adapter_dir} was trained on {theirs.get('name')} ({key} {a}), not on "
+                f"{identity.get('name')} ({key} {b}); score it with the model it was trained on"
+            )
+
+
+def identity_name(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__)
+
+
+def resolve_stage1_adapter(run_dir: Path, milestone: str | Path) -> Path:
+    """The adapter folder that ``stage2.milestone`` names: ``last``, a percentage, or a path (a ``Path`` is
+    always a folder); refused unless it holds a whole stage-1 adapter."""
+    rd = RunDir(run_dir)
+    if isinstance(milestone, Path):
+        folder = milestone
+    elif milestone == "last":
+        folder = rd.stage1_final
+    else:
+        try:
+            folder = rd.milestone(float(milestone) / 100)
+        except ValueError:
+            folder = Path(milestone)
+    if not is_adapter_folder(folder):
+        available = []
+        if rd.milestones.is_dir():
+            available = sorted(p.name for p in rd.milestones.iterdir() if not p.name.startswith("."))
+        raise ModelError(
+            f"no complete stage-1 adapter at {folder}; run stage 1 first (ila train) or pick another "
+            f"stage2.milestone (available milestones: {', '.join(available) or 'none'})"
+        )
+    return folder
+
+
+def adapter_layers(model: nn.Module, meta: AdapterMeta, adapter_dir: Path) -> list[Layer]:
+    """The layers of ``model`` that the adapter's update is on, in model order."""
+    names = set(meta.layers)
+    layers = [layer for layer in adaptable_layers(model, include_lm_head=True) if layer.name in names]
+    if len(layers) != len(names):
+        missing = sorted(names - {layer.name for layer in layers})
+        raise ModelError(
+            f"the stage-1 adapter in {adapter_dir} was trained on {len(names)} layers of "
+            f"{meta.base_model.get('name')}, {len(missing)} of which {identity_name(model)} does not have "
+            f"(e.g. {missing[0]})"
+        )
+    return layers
+
+
+def with_update(
+    model: PreTrainedModel, meta: AdapterMeta, adapter_dir: Path, layers: list[Layer]
+) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    """(the model that scoring runs, Delta_i = W_T - W_0 of a full update or None for LoRA)."""
+    if meta.method == "full":
+        return model, load_full_updates(adapter_dir, model, [layer.name for layer in layers])
+    return frozen_adapter_model(model, adapter_dir), None

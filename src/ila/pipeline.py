@@ -20,10 +20,11 @@ from .adapters import (
     ADAPTER_META,
     AdapterMeta,
     adapter_digest,
-    frozen_adapter_model,
-    is_adapter_folder,
-    load_full_updates,
+    adapter_layers,
+    check_adapter_model,
+    resolve_stage1_adapter,
     save_adapter,
+    with_update,
 )
 from .artifacts import (
     atomic_dir,
@@ -33,7 +34,7 @@ from .artifacts import (
 from .callbacks import MilestoneSaver, StabilityTracker
 from .config import RunConfig
 from .data import build_datasets
-from .errors import ConfigError, IlaError, ModelError
+from .errors import ConfigError, IlaError
 from .layers import Layer, adaptable_layers, describe_layers, layer_names_digest
 from .models import (
     count_parameters,
@@ -101,22 +102,6 @@ def check_model_fits(cfg: RunConfig, model: PreTrainedModel) -> None:
             f"data.max_length: {cfg.data.max_length} tokens is more than {cfg.model.name} takes "
             f"(max_position_embeddings = {limit}); set data.max_length <= {limit}"
         )
-
-
-def check_adapter_model(meta: AdapterMeta, identity: dict[str, Any], adapter_dir: Path) -> None:
-    """Refuse a stage-1 adapter that was trained on another base model."""
-    theirs = meta.base_model or {}
-    for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
-        a, b = theirs.get(key), identity.get(key)
-        if a is not None and b is not None and a != b:
-            raise ModelError(
-                f"the adapter in {adapter_dir} was trained on {theirs.get('name')} ({key} {a}), not on "
-                f"{identity.get('name')} ({key} {b}); score it with the model it was trained on"
-            )
-
-
-def identity_name(model: nn.Module) -> str:
-    return str(getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__)
 
 
 def _log_trainable(
@@ -268,53 +253,6 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
 # stage 2
 
 
-def resolve_stage1_adapter(run_dir: Path, milestone: str | Path) -> Path:
-    """The adapter folder that ``stage2.milestone`` names: ``last``, a percentage, or a path (a ``Path`` is
-    always a folder); refused unless it holds a whole stage-1 adapter."""
-    rd = RunDir(run_dir)
-    if isinstance(milestone, Path):
-        folder = milestone
-    elif milestone == "last":
-        folder = rd.stage1_final
-    else:
-        try:
-            folder = rd.milestone(float(milestone) / 100)
-        except ValueError:
-            folder = Path(milestone)
-    if not is_adapter_folder(folder):
-        available = []
-        if rd.milestones.is_dir():
-            available = sorted(p.name for p in rd.milestones.iterdir() if not p.name.startswith("."))
-        raise ModelError(
-            f"no complete stage-1 adapter at {folder}; run stage 1 first (ila train) or pick another "
-            f"stage2.milestone (available milestones: {', '.join(available) or 'none'})"
-        )
-    return folder
-
-
-def _adapter_layers(model: nn.Module, meta: AdapterMeta, adapter_dir: Path) -> list[Layer]:
-    """The layers of ``model`` that the adapter's update is on, in model order."""
-    names = set(meta.layers)
-    layers = [layer for layer in adaptable_layers(model, include_lm_head=True) if layer.name in names]
-    if len(layers) != len(names):
-        missing = sorted(names - {layer.name for layer in layers})
-        raise ModelError(
-            f"the stage-1 adapter in {adapter_dir} was trained on {len(names)} layers of "
-            f"{meta.base_model.get('name')}, {len(missing)} of which {identity_name(model)} does not have "
-            f"(e.g. {missing[0]})"
-        )
-    return layers
-
-
-def _with_update(
-    model: PreTrainedModel, meta: AdapterMeta, adapter_dir: Path, layers: list[Layer]
-) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
-    """(the model that scoring runs, Delta_i = W_T - W_0 of a full update or None for LoRA)."""
-    if meta.method == "full":
-        return model, load_full_updates(adapter_dir, model, [layer.name for layer in layers])
-    return frozen_adapter_model(model, adapter_dir), None
-
-
 def _stage2_summary(
     cfg: RunConfig, ranking: Ranking, path: Path, seconds: float, facts: dict[str, Any]
 ) -> dict[str, Any]:
@@ -353,8 +291,8 @@ def stage2(
     tokenizer, model, identity = _load(cfg)
     if meta is not None:
         check_adapter_model(meta, identity, adapter_dir)
-        layers = _adapter_layers(model, meta, adapter_dir)
-        scored, deltas = _with_update(model, meta, adapter_dir, layers)
+        layers = adapter_layers(model, meta, adapter_dir)
+        scored, deltas = with_update(model, meta, adapter_dir, layers)
     else:
         layers, scored, deltas = _layers(cfg, model), model, None
     train_ds = load_datasets(cfg, tokenizer, folder)[0] if scorer in NEEDS_DATA else None
