@@ -8,9 +8,13 @@ to gamma_i = sigmoid(s_i) and learns the scores s by gradient descent. For a LoR
 
     y = W_0 x + sigmoid(s_i) * scaling * B_i A_i x
 
-which is implemented here by a forward hook on the layer's ``lora_B`` that multiplies its output by the gate.
-peft adds ``lora_B(lora_A(x)) * scaling`` to the base output, so a gate of exactly 1 reproduces the plain
-peft model bit for bit and a gate of exactly 0 reproduces the base model.
+which is implemented here by a forward hook on the layer's ``lora_A`` that multiplies its output, the r-wide
+``A_i x``, by the gate: ``B_i (g A_i x) = g B_i A_i x`` because B_i is linear, and the multiply (and the
+tensor autograd keeps for the gate's gradient) is r values per token instead of the layer's whole output
+width, 24 to 192 times fewer on SmolLM2 at r = 8. The gate's gradient is then
+``<B_i^T dL/dy, A_i x>``, from the product ``B_i^T dL/dy`` that the backward pass computes anyway for the
+input's gradient. peft adds ``lora_B(lora_A(x)) * scaling`` to the base output, so a gate of exactly 1
+reproduces the plain peft model bit for bit and a gate of exactly 0 reproduces the base model.
 """
 
 from __future__ import annotations
@@ -142,8 +146,8 @@ def attach_gates(peft_model: nn.Module, gates: LayerGates, adapter_name: str | N
     missing = []
     for i, name in enumerate(gates.layer_names):
         module = modules.get(PEFT_PREFIX + name)
-        lora_b = getattr(module, "lora_B", None) if module is not None else None
-        if lora_b is None or adapter_name not in lora_b:
+        lora_a = getattr(module, "lora_A", None) if module is not None else None
+        if lora_a is None or adapter_name not in lora_a:
             missing.append(name)
             continue
         if adapter_name in getattr(module, "lora_variant", {}):
@@ -152,7 +156,7 @@ def attach_gates(peft_model: nn.Module, gates: LayerGates, adapter_name: str | N
         def hook(_mod: nn.Module, _inp: tuple, out: torch.Tensor, i: int = i) -> torch.Tensor:
             return out * gates.gate(i).to(out.dtype)
 
-        handles.append(lora_b[adapter_name].register_forward_hook(hook))
+        handles.append(lora_a[adapter_name].register_forward_hook(hook))
     if missing:
         for h in handles:
             h.remove()
