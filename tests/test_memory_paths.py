@@ -71,8 +71,12 @@ def checkpointed_stage3(request, tmp_path_factory, tiny_model_dir, tiny_data_fil
         blocks[3].mlp.register_forward_pre_hook(counter("last"))
         for block in blocks[:3]:
             block.register_forward_pre_hook(frozen_input, with_kwargs=True)
-        base.register_forward_pre_hook(
-            lambda m, a: seen["is_checkpointing"].append(m.is_gradient_checkpointing)
+        base.register_forward_pre_hook(  # training forwards only (not the padding-free probe)
+            lambda m, a: (
+                seen["is_checkpointing"].append(m.is_gradient_checkpointing)
+                if m.training and torch.is_grad_enabled()
+                else None
+            )
         )
         return real_train(model, plan, *args, **kwargs)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import TINY_OVERRIDES
@@ -45,9 +47,25 @@ def two_seeds(tmp_path_factory, tiny_model_dir, tiny_data_file):
     top = tuple(ranking.top(0.25))
     runs = [Strategy("all", "all", 1.0, tuple(ranking.order), seed=s) for s in (0, 1)]
     runs += [Strategy("ila-top-25", "ila-top", 0.25, top, seed=s) for s in (0, 1)]
-    report = run_strategies(cfg, path, tmp / "s", strategies=runs, isolate=False)
+    from ila import tokenized
+
+    builds = []
+    real = tokenized.build_datasets
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tokenized, "build_datasets", lambda *a: builds.append(1) or real(*a))
+        report = run_strategies(
+            cfg, path, tmp / "s", strategies=runs, isolate=False, data=tmp / "run" / "data"
+        )
     report["cfg"] = cfg
+    report["builds"] = builds
     return tmp, report
+
+
+def test_the_strategies_reuse_the_runs_tokenized_examples(two_seeds):
+    tmp, report = two_seeds
+    assert report["builds"] == []
+    for run in ("all-seed0", "ila-top-25-seed1"):
+        assert json.loads((tmp / "s" / run / "stage3" / "data.json").read_text())["from_cache"]
 
 
 def test_two_seeds_of_one_strategy_are_two_different_runs(two_seeds):

@@ -47,6 +47,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) when ``name`` is a Hub id."""
     cache_dir: str | None = None
     """Where builtin models are converted to safetensors (default ``$ILA_CACHE`` or ``~/.cache/ila``)."""
+    attn_implementation: str | None = None
+    """transformers' attention implementation (``sdpa``, ``eager``, ``flash_attention_2``...); null for
+    transformers' default. ``flash_attention_2`` on a GPU makes padding-free batches varlen kernels."""
 
     def validate(self, prefix: str) -> None:
         _require(bool(self.name.strip()), prefix, "name", "must not be empty")
@@ -83,6 +86,14 @@ class DataConfig:
     """Seed of the sample and of the train/held-out split."""
     skip_bad_records: bool = False
     """Skip malformed records (and count them) instead of stopping at the first one."""
+    padding_free: Literal["auto", "on", "off"] = "auto"
+    """Batch without padding: each batch's examples concatenated, attention kept inside each example
+    (:mod:`ila.batching`). ``auto``: where a check finds the model supports it (logged); ``on``: an error
+    where it does not; ``off``: padded batches. It does not change the numbers, only the time."""
+
+    def tokenization(self) -> dict[str, Any]:
+        """The settings the tokenized examples depend on (all but how they are batched)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "padding_free"}
 
     def validate(self, prefix: str) -> None:
         _require(bool(self.name.strip()), prefix, "name", "must not be empty")
@@ -428,8 +439,14 @@ class RunConfig:
         """
         d = self.to_dict()
         common = {k: d[k] for k in ("seed", "model", "data", "lora")}
-        # The device and cache location do not change what a stage computes.
-        common["model"] = {k: v for k, v in common["model"].items() if k not in ("device", "cache_dir")}
+        # The device, the cache location, the attention kernel and the batching do not change what a stage
+        # computes (beyond floating-point rounding).
+        common["model"] = {
+            k: v
+            for k, v in common["model"].items()
+            if k not in ("device", "cache_dir", "attn_implementation")
+        }
+        common["data"] = self.data.tokenization()
         parts = {
             "stage1": ["stage1"],
             "stage2": ["stage1", "stage2"],

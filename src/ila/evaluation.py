@@ -19,11 +19,8 @@ import torch
 
 from .adapters import lm_eval_source, load_result
 from .artifacts import envelope, write_json_atomic, write_text_atomic
-from .data import (
-    build_datasets,
-    mtbench_questions,
-    render_prompt,
-)
+from .batching import choose_batching
+from .data import mtbench_questions, render_prompt
 from .errors import IlaError
 from .forgetting import forgetting_loss, general_text_rows
 from .heldout import heldout_loss
@@ -40,6 +37,7 @@ from .lm_eval_tasks import OFFLINE_TASKS, write_offline_tasks
 from .models import cache_root, load_base_model, load_tokenizer, resolve_model_source
 from .progress import progress
 from .rundir import RunDir
+from .tokenized import tokenized_datasets
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -245,7 +243,7 @@ def evaluate_run(
         else:
             results = {}
     tokenizer = load_tokenizer(cfg.model)
-    heldout = build_datasets(cfg.data, tokenizer)[1]
+    heldout = tokenized_datasets(cfg.data, tokenizer, rd.data)[1]  # the run's own examples, when they match
     heldout = heldout if len(heldout) > 0 else None
     general = general_text_rows(tokenizer, max_length=cfg.data.max_length) if forgetting else None
     chat = ifeval_chat_template(tokenizer, cfg.data.template)
@@ -256,10 +254,11 @@ def evaluate_run(
     for label, path in [("base", None), *results.items()]:
         model = load_base_model(cfg.model) if path is None else load_result(cfg.model, Path(path))
         entry: dict[str, Any] = {"adapter": None if path is None else str(path)}
+        batching = choose_batching(model, cfg.data.padding_free)
         if heldout is not None:
-            entry["heldout"] = heldout_loss(model, tokenizer, heldout)
+            entry["heldout"] = heldout_loss(model, tokenizer, heldout, batching=batching)
         if general is not None:
-            entry["forgetting"] = forgetting_loss(model, tokenizer, general)
+            entry["forgetting"] = forgetting_loss(model, tokenizer, general, batching=batching)
         if tasks:
             pretrained, peft = lm_eval_source(
                 resolve_model_source(cfg.model), None if path is None else Path(path)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .batching import Batching
 from .heldout import heldout_loss
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ def forgetting_loss(
     rows: datasets.Dataset,
     *,
     batch_size: int = 4,
+    batching: Batching | None = None,
 ) -> dict[str, Any]:
     """The held-out loss (with its interval) of ``model`` on the general-text ``rows``."""
-    return {**heldout_loss(model, tokenizer, rows, batch_size=batch_size), **text_source()}
+    return {**heldout_loss(model, tokenizer, rows, batch_size=batch_size, batching=batching), **text_source()}

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .data import collator
+from .batching import Batching, choose_batching, example_index
 from .errors import DataError
 from .layers import unwrap
 from .progress import progress
@@ -37,12 +37,16 @@ def example_losses(
     dataset: datasets.Dataset,
     *,
     batch_size: int = 4,
+    batching: Batching | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(summed response-token loss, response-token count) of every example of ``dataset`` (rows with
-    input_ids, attention_mask and labels, IGNORE_INDEX on prompt tokens), in dataset order."""
+    input_ids, attention_mask and labels, IGNORE_INDEX on prompt tokens), in dataset order. ``batching``
+    (default: padding-free where the model supports it, :func:`ila.batching.choose_batching`) does not change
+    the numbers beyond floating-point rounding: each example's tokens see only that example."""
     if dataset is None or len(dataset) == 0:
         raise DataError("no held-out examples: set data.heldout_fraction > 0")
-    collate = collator(tokenizer)
+    batching = batching or choose_batching(model)
+    collate = batching.collator(tokenizer)
     device = next(model.parameters()).device
     head_on_mask = supports_response_logits(model)
     vocab = unwrap(model).get_output_embeddings().weight.shape[0] if head_on_mask else 0
@@ -50,26 +54,32 @@ def example_losses(
     model.eval()
     sums, counts = [], []
     try:
-        starts = range(0, len(dataset), batch_size)
-        for start in progress(starts, "held-out loss", total=len(starts), unit="batch"):
-            batch = collate([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
-            targets, keep = next_token_targets(batch["labels"].to(device))
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-            if head_on_mask:  # the output head only where a response token follows (ila.response_logits)
-                logits = model(**inputs, logits_to_keep=keep).logits.reshape(-1, vocab)
-            else:
-                logits = model(**inputs).logits[keep]
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
-            rows = keep.nonzero()[:, 0]
-            sums.append(
-                torch.zeros(len(keep), dtype=torch.float64, device=device)
-                .index_add_(0, rows, loss.double())
-                .cpu()
-            )
-            counts.append(keep.sum(dim=1).cpu())
+        with batching.attending(model):
+            starts = range(0, len(dataset), batch_size)
+            for start in progress(starts, "held-out loss", total=len(starts), unit="batch"):
+                rows = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+                batch = collate(rows)
+                targets, keep = next_token_targets(batch["labels"].to(device))
+                inputs = {k: _to(v, device) for k, v in batch.items() if k != "labels"}
+                if head_on_mask:  # the output head only where a response token follows (ila.response_logits)
+                    logits = model(**inputs, logits_to_keep=keep).logits.reshape(-1, vocab)
+                else:
+                    logits = model(**inputs).logits[keep]
+                loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
+                example = example_index(batch).to(device)[keep]
+                sums.append(
+                    torch.zeros(len(rows), dtype=torch.float64, device=device)
+                    .index_add_(0, example, loss.double())
+                    .cpu()
+                )
+                counts.append(torch.bincount(example, minlength=len(rows)).cpu())
     finally:
         model.train(was_training)
     return torch.cat(sums).numpy(), torch.cat(counts).numpy()
+
+
+def _to(value: object, device: torch.device) -> object:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def interval(sums: np.ndarray, counts: np.ndarray, *, seed: int = 0, level: float = 0.95) -> list[float]:
@@ -104,9 +114,10 @@ def heldout_loss(
     dataset: datasets.Dataset,
     *,
     batch_size: int = 4,
+    batching: Batching | None = None,
 ) -> dict[str, Any]:
     """:func:`summarise` of ``model``'s losses on ``dataset``."""
-    return summarise(*example_losses(model, tokenizer, dataset, batch_size=batch_size))
+    return summarise(*example_losses(model, tokenizer, dataset, batch_size=batch_size, batching=batching))
 
 
 def paired_interval(

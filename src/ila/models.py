@@ -285,6 +285,7 @@ def load_base_model(cfg: ModelConfig) -> PreTrainedModel:
             **extra,
             dtype=DTYPES[cfg.dtype],
             revision=cfg.revision,
+            **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}),
             trust_remote_code=cfg.trust_remote_code,
             # Pickled .bin checkpoints can execute code when loaded; safetensors cannot.
             use_safetensors=None if cfg.allow_pickle else True,

@@ -33,7 +33,6 @@ from .artifacts import (
 )
 from .callbacks import MilestoneSaver, StabilityTracker
 from .config import RunConfig
-from .data import build_datasets
 from .errors import ConfigError, IlaError
 from .layers import Layer, adaptable_layers, describe_layers, layer_names_digest
 from .models import (
@@ -50,6 +49,7 @@ from .scorers import NEEDS_ADAPTER, NEEDS_DATA
 from .scoring import score
 from .selection import apply_selection
 from .stability import weight_snapshot
+from .tokenized import tokenized_datasets
 from .training import TrainingResult, plan_for, train
 
 if TYPE_CHECKING:
@@ -64,26 +64,75 @@ log = logging.getLogger(__name__)
 # loading, shared by the stages
 
 
-def _load(cfg: RunConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, dict[str, Any]]:
-    """(tokenizer, base model theta_0, the model's identity as results record it)."""
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_base_model(cfg.model)
-    check_model_fits(cfg, model)
-    return tokenizer, model, model_identity(model, cfg.model.name)
+class SharedBase:
+    """The base model theta_0 and its tokenizer, loaded once for the stages of one process.
+
+    A LoRA stage leaves the base weights as they were loaded (they are frozen; only the adapter trains), so
+    the next stage can take the same model back once the adapter is removed: :meth:`release` unloads it
+    (peft's ``unload``: the original modules back, nothing merged) and switches off what the Trainer turned
+    on. A stage that changed base weights (full fine-tuning) releases nothing, and the next stage loads
+    theta_0 again. Stage 3's fresh adapter on the shared model equals one on a freshly loaded model (tested).
+    """
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self._loaded: tuple[PreTrainedTokenizerBase, PreTrainedModel, dict[str, Any]] | None = None
+        self.loads = 0
+        """How many times theta_0 was read from disk."""
+
+    def take(self) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, dict[str, Any]]:
+        """(tokenizer, base model theta_0, the model's identity as results record it)."""
+        loaded, self._loaded = self._loaded, None
+        if loaded is None:
+            tokenizer = load_tokenizer(self.cfg.model)
+            model = load_base_model(self.cfg.model)
+            check_model_fits(self.cfg, model)
+            self.loads += 1
+            return tokenizer, model, model_identity(model, self.cfg.model.name)
+        return loaded
+
+    def release(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        model: nn.Module,
+        identity: dict[str, Any],
+        *,
+        pristine: bool,
+    ) -> None:
+        """Hand the model back after a stage; ``pristine``: the stage left every base weight untouched."""
+        if not pristine or self.cfg.model.quantization != "none":
+            return  # quantised weights are not worth the risk of a second adapter on a prepared model
+        base = model.unload() if hasattr(model, "unload") and hasattr(model, "peft_config") else model
+        if any("lora_" in name for name, _ in base.named_modules()) or "ila_gates" in base._modules:
+            return
+        if getattr(base, "is_activation_checkpointing", getattr(base, "is_gradient_checkpointing", False)):
+            base.gradient_checkpointing_disable()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        base.train(False)
+        self._loaded = (tokenizer, base, identity)
+
+
+def _load(
+    cfg: RunConfig, base: SharedBase | None
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, dict[str, Any]]:
+    return (base or SharedBase(cfg)).take()
 
 
 def load_datasets(
-    cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, folder: Path
+    cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, folder: Path, cache: Path | None = None
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """(train, held-out or None when the split left none); their statistics go to ``folder/data.json``."""
-    train_ds, heldout_ds, stats = build_datasets(cfg.data, tokenizer)
-    write_json_atomic(folder / "data.json", stats.to_dict())
+    """(train, held-out or None when the split left none); their statistics go to ``folder/data.json``.
+    With ``cache`` (a run's ``data`` folder, :mod:`ila.tokenized`) the examples are tokenized once and read
+    back by every later reader with the same data config and tokenizer."""
+    train_ds, heldout_ds, stats, cached = tokenized_datasets(cfg.data, tokenizer, cache)
+    write_json_atomic(folder / "data.json", {**stats, "from_cache": cached})
     log.info(
         "data: %d train / %d held-out examples (%s, %s template)",
-        stats.train_examples,
-        stats.heldout_examples,
-        stats.format,
-        stats.template,
+        stats["train_examples"],
+        stats["heldout_examples"],
+        stats["format"],
+        stats["template"],
     )
     return train_ds, (heldout_ds if len(heldout_ds) > 0 else None)
 
@@ -187,22 +236,23 @@ def _stability_tracker(
     )
 
 
-def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
-    """LoRA (or full fine-tuning) on every layer, milestones saved, epsilon-stability recorded."""
+def stage1(cfg: RunConfig, run_dir: str | Path, *, base: SharedBase | None = None) -> dict[str, Any]:
+    """LoRA (or full fine-tuning) on every layer, milestones saved, epsilon-stability recorded. ``base``
+    shares theta_0 with the other stages of the same process."""
     rd = RunDir(run_dir)
     folder, s1 = rd.stage("stage1"), cfg.stage1
     start_stage(cfg, folder, "stage1")
-    torch.manual_seed(cfg.seed)  # LoRA A is initialised randomly when the adapter is attached
 
-    tokenizer, model, identity = _load(cfg)
+    tokenizer, model, identity = _load(cfg, base)
     layers = _layers(cfg, model)
     names = [layer.name for layer in layers]
-    train_ds, heldout_ds = load_datasets(cfg, tokenizer, folder)
+    train_ds, heldout_ds = load_datasets(cfg, tokenizer, folder, rd.data)
 
     base_weights = None
     if s1.method == "full":
         _refuse_tied_full_head(cfg, model)
         base_weights = weight_snapshot(model, names)  # W_0, for epsilon-stability of W_t - W_0
+    torch.manual_seed(cfg.seed)  # LoRA A is initialised randomly when the adapter is attached
     peft_model = apply_selection(model, names, method=s1.method, lora=cfg.lora)
     trainable, total = _log_trainable("stage 1", peft_model, s1.method, cfg.lora.r, len(names), len(names))
 
@@ -218,10 +268,13 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         device=cfg.model.device,
         callbacks=[milestones, stability],
         eval_before=True,
+        padding_free=cfg.data.padding_free,
     )
     result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if s1.train.eval_heldout else None)
 
     save_adapter(peft_model, rd.stage1_final, meta(result.steps, result.steps / planned))
+    if base is not None:
+        base.release(tokenizer, peft_model, identity, pristine=s1.method == "lora")
     summary = {
         "stage": 1,
         "finished": now(),
@@ -240,6 +293,7 @@ def stage1(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "layers": describe_layers(layers),
         "include_lm_head": cfg.lora.include_lm_head,
         "method": s1.method,
+        "batching": result.batching,
         "base_model": identity,
         "config_sha256": cfg.sha256(),
         "stage_sha256": cfg.stage_sha256("stage1"),
@@ -264,6 +318,7 @@ def _stage2_summary(
         **{key: facts.get(key) for key in ("steps", "train_loss", "seconds_per_step", "peak_memory_mb")},
         "trainable_parameters": ranking.num_layers if ranking.scorer == "ila" else 0,
         "mean_gate": facts.get("mean_gate"),
+        "batching": facts.get("batching"),
         "top10": ranking.order[:10],
         "ranking": str(path),
         "stage_sha256": cfg.stage_sha256("stage2"),
@@ -271,10 +326,17 @@ def _stage2_summary(
 
 
 def stage2(
-    cfg: RunConfig, run_dir: str | Path, adapter: str | Path | None = None, scorer: str | None = None
+    cfg: RunConfig,
+    run_dir: str | Path,
+    adapter: str | Path | None = None,
+    scorer: str | None = None,
+    *,
+    base: SharedBase | None = None,
+    data: Path | None = None,
 ) -> Ranking:
     """Score every layer and write the ranking. With the default scorer ``ila`` this is stage 2 of the
-    method: freeze everything and learn one gate per layer."""
+    method: freeze everything and learn one gate per layer. ``base`` shares theta_0 with the other stages of
+    the same process; ``data`` is where the tokenized examples are kept (default: the run directory's)."""
     scorer = scorer or cfg.stage2.scorer
     rd = RunDir(run_dir)
     folder = rd.stage("stage2")
@@ -288,14 +350,14 @@ def stage2(
     digest = None if adapter_dir is None else adapter_digest(adapter_dir)
     start_stage(cfg, folder, "stage2", {"scorer": scorer, "adapter_sha256": digest})
 
-    tokenizer, model, identity = _load(cfg)
+    tokenizer, model, identity = _load(cfg, base)
     if meta is not None:
         check_adapter_model(meta, identity, adapter_dir)
         layers = adapter_layers(model, meta, adapter_dir)
         scored, deltas = with_update(model, meta, adapter_dir, layers)
     else:
         layers, scored, deltas = _layers(cfg, model), model, None
-    train_ds = load_datasets(cfg, tokenizer, folder)[0] if scorer in NEEDS_DATA else None
+    train_ds = load_datasets(cfg, tokenizer, folder, data or rd.data)[0] if scorer in NEEDS_DATA else None
     if scorer != "ila":
         scored.to(resolve_device(cfg.model.device))  # the Trainer places the model for ila
 
@@ -312,8 +374,11 @@ def stage2(
         device=cfg.model.device,
         resume=True,
         deltas=deltas,
+        padding_free=cfg.data.padding_free,
     )
     seconds = time.perf_counter() - start
+    if base is not None:  # the scores trained on a frozen model: theta_0 is as it was loaded
+        base.release(tokenizer, scored, identity, pristine=True)
 
     ranking = Ranking(
         scores=scores,
@@ -361,8 +426,12 @@ def _save_stage3(rd: RunDir, model: nn.Module, tokenizer: PreTrainedTokenizerBas
     return output
 
 
-def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
-    """A fresh LoRA run (or full fine-tuning) from the base model on the selected layers only."""
+def stage3(
+    cfg: RunConfig, run_dir: str | Path, *, base: SharedBase | None = None, data: Path | None = None
+) -> dict[str, Any]:
+    """A fresh LoRA run (or full fine-tuning) from the base model on the selected layers only. ``base``
+    shares theta_0 with the other stages of the same process; ``data`` is where the tokenized examples are
+    kept (default: the run directory's ``data`` folder)."""
     rd = RunDir(run_dir)
     folder, s3 = rd.stage("stage3"), cfg.stage3
     start_stage(cfg, folder, "stage3")
@@ -370,17 +439,17 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     if not ranking_file.is_file():
         raise IlaError(f"no ranking at {ranking_file}; run stage 2 first (ila score) or set stage3.ranking")
     ranking = Ranking.load(ranking_file)
-    torch.manual_seed(cfg.seed)
 
-    tokenizer, model, identity = _load(cfg)
+    tokenizer, model, identity = _load(cfg, base)
     layers = adaptable_layers(
         model, include_lm_head=ranking.include_lm_head, module_types=cfg.lora.module_types
     )
     ranking.check_matches(layers, identity)
     sel = s3.selection
     selected = ranking.select(sel.mode, sel.fraction, sel.layers)
-    train_ds, heldout_ds = load_datasets(cfg, tokenizer, folder)
+    train_ds, heldout_ds = load_datasets(cfg, tokenizer, folder, data or rd.data)
 
+    torch.manual_seed(cfg.seed)  # LoRA A is initialised randomly when the adapter is attached
     peft_model = apply_selection(model, selected, method=s3.method, lora=cfg.lora)
     trainable, total = _log_trainable(
         "stage 3", peft_model, s3.method, cfg.lora.r, len(selected), len(layers)
@@ -391,7 +460,9 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     )
     write_json_atomic(rd.selection, {**record, "method": s3.method, "lora": lora})
 
-    plan = plan_for(s3.train, folder, seed=cfg.seed, device=cfg.model.device)
+    plan = plan_for(
+        s3.train, folder, seed=cfg.seed, device=cfg.model.device, padding_free=cfg.data.padding_free
+    )
     result = train(peft_model, plan, tokenizer, train_ds, heldout_ds if s3.train.eval_heldout else None)
 
     out_meta = AdapterMeta(
@@ -416,6 +487,7 @@ def stage3(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "num_selected": len(selected),
         "num_layers": len(layers),
         "method": s3.method,
+        "batching": result.batching,
         ("adapter" if s3.method == "lora" else "model"): str(output),
         "stage_sha256": cfg.stage_sha256("stage3"),
     }
@@ -437,9 +509,10 @@ def run_all(cfg: RunConfig, run_dir: str | Path, *, redo: bool = False) -> dict[
     prepare_run_dir(cfg, run_dir)
     out: dict[str, Any] = {"run_dir": str(run_dir)}
     rerun = False
+    base = SharedBase(cfg)  # theta_0 read once for the stages that run
     for name, fn in zip(STAGES, (stage1, stage2, stage3), strict=True):
         if rerun or not done[name]:
-            fn(cfg, run_dir)
+            fn(cfg, run_dir, base=base)
             rerun = True
         else:
             log.info("%s already complete in %s; skipping", name.replace("stage", "stage "), run_dir)

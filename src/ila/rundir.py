@@ -12,6 +12,7 @@
       stage3/model/               transformers model folder (stage3.method: full)
       stage3/selection.json       the selected layers;  stage3/summary.json
       eval/                       ila evaluate's results
+      data/<key>/                 the tokenized train and held-out examples, shared by the stages
 
 Each stage reads only files written by earlier stages, so any stage can be re-run alone or fed a ranking or
 an adapter from another run.
@@ -96,6 +97,11 @@ class RunDir:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def data(self) -> Path:
+        """The tokenized examples, one folder per data config and tokenizer (:mod:`ila.tokenized`)."""
+        return self.root / "data"
 
 
 def now() -> str:

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .batching import PADDED, Batching, PaddingFree, choose_batching
 from .callbacks import ScoreTrajectory
-from .data import collator
 from .errors import IlaError
 from .gates import LayerGates, ScoreSGD, attach_gates, attach_update_gates
 from .layers import Layer, find_blocks, unwrap
@@ -81,6 +81,7 @@ def ila_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dict[str, Any]]
         folder=t["folder"],
         resume=t.get("resume", False),
         deltas=inputs.deltas,
+        padding_free=t.get("padding_free", "auto"),
     )
 
 
@@ -199,10 +200,11 @@ def block_influence_scores(inputs: ScoringInputs) -> tuple[dict[str, float], dic
         model.eval()
         with torch.no_grad():
             for batch in inputs.batches():  # type: ignore[misc]
-                mask = batch["attention_mask"].float()
+                # a padded batch marks its real tokens; a padding-free one has no other
+                mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).float()
                 mask_holder["mask"] = mask
                 count += float(mask.sum())
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                model(**{k: v for k, v in batch.items() if k != "labels"})
                 n += 1
     finally:
         for h in handles:
@@ -243,6 +245,7 @@ def learn_gates(
     folder: Path,
     resume: bool = False,
     deltas: dict[str, torch.Tensor] | None = None,
+    padding_free: PaddingFree = "auto",
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Stage 2 of ILA on a frozen peft model: only the N scores train (ila-method.md, stage 2).
 
@@ -274,6 +277,7 @@ def learn_gates(
         penalty=penalty if s2.budget_lambda > 0 else None,
         resume=resume,
         deterministic=True,  # stage 2 must see the model it scores, not a dropped-out copy of it
+        padding_free=padding_free,
     )
     try:
         result = train(peft_model, plan, tokenizer, train_dataset, None)
@@ -295,6 +299,7 @@ def learn_gates(
         "seconds": result.seconds,
         "seconds_per_step": result.seconds_per_step,
         "peak_memory_mb": result.peak_memory_mb,
+        "batching": result.batching,
         "mean_gate": float(torch.sigmoid(torch.tensor(list(scores.values()))).mean()),
     }
     return scores, meta
@@ -308,9 +313,11 @@ def data_batches(
     max_batches: int,
     device: torch.device,
     seed: int,
+    batching: Batching,
 ) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
-    """A re-iterable sample of ``max_batches`` padded batches (the same ones every time)."""
-    collate = collator(tokenizer)
+    """A re-iterable sample of ``max_batches`` batches (the same ones every time), padded or padding-free as
+    ``batching`` says (the model must then run inside ``batching.attending``)."""
+    collate = batching.collator(tokenizer)
     order = list(range(len(dataset)))
     _random.Random(seed).shuffle(order)
     order = order[: batch_size * max_batches]
@@ -320,9 +327,7 @@ def data_batches(
         for start in progress(starts, "scoring batches", total=len(starts), unit="batch"):
             rows = [dataset[i] for i in order[start : start + batch_size]]
             batch = collate(rows)
-            yield {
-                k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")
-            }
+            yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     return batches
 
@@ -362,6 +367,7 @@ def score(
     device: str = "auto",
     resume: bool = False,
     deltas: dict[str, torch.Tensor] | None = None,
+    padding_free: PaddingFree = "auto",
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """(score of every layer, facts about the scoring) with ``scorer``: the one way into the scorers, for
     stage 2 (:func:`ila.pipeline.stage2`) and for :func:`ila.integration.rank_layers`.
@@ -374,6 +380,7 @@ def score(
     entry = scorer_entry(scorer)
     if entry.needs_data and (dataset is None or tokenizer is None):
         raise IlaError(f"the {scorer} scorer needs a dataset and a tokenizer")
+    batching = PADDED
     with scoring_mode(model):
         training: dict[str, Any] = {}
         batches = None
@@ -385,9 +392,11 @@ def score(
                 "device": device,
                 "folder": folder,
                 "resume": resume,
+                "padding_free": padding_free,
             }
         elif dataset is not None and tokenizer is not None:
             dev = next(model.parameters()).device if device == "auto" else resolve_device(device)
+            batching = choose_batching(model, padding_free)
             batches = data_batches(
                 dataset,
                 tokenizer,
@@ -395,6 +404,7 @@ def score(
                 max_batches=s2.sample_batches,
                 device=dev,
                 seed=seed,
+                batching=batching,
             )
         inputs = ScoringInputs(
             model=model,
@@ -405,7 +415,8 @@ def score(
             deltas=deltas,
             training=training,
         )
-        return score_layers(scorer, inputs)
+        with batching.attending(model):
+            return score_layers(scorer, inputs)
 
 
 __all__ = [

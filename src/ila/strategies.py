@@ -43,6 +43,7 @@ import torch
 
 from .adapters import lm_eval_source, load_result
 from .artifacts import envelope, read_json, write_json_atomic
+from .batching import choose_batching
 from .config import RunConfig
 from .errors import IlaError
 from .evaluation import lm_eval_scores, write_generations
@@ -126,9 +127,9 @@ def plan_strategies(
     return runs + out
 
 
-def _finetune(rc: RunConfig, folder: Path, isolated: bool = True) -> dict[str, Any]:
+def _finetune(rc: RunConfig, folder: Path, data: Path, isolated: bool = True) -> dict[str, Any]:
     """Stage 3 for one strategy; without a CUDA peak, the process's peak resident set size stands in."""
-    summary = stage3(rc, folder)
+    summary = stage3(rc, folder, data=data)
     if summary.get("peak_memory_mb") is None:
         summary["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         summary["peak_memory_kind"] = (
@@ -139,11 +140,11 @@ def _finetune(rc: RunConfig, folder: Path, isolated: bool = True) -> dict[str, A
     return summary
 
 
-def _finetune_isolated(rc: RunConfig, folder: Path) -> dict[str, Any]:
+def _finetune_isolated(rc: RunConfig, folder: Path, data: Path) -> dict[str, Any]:
     # spawn, not fork: a forked child inherits the parent's resident pages and its peak RSS with them.
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_finetune, rc, folder).result()
+        return pool.submit(_finetune, rc, folder, data).result()
 
 
 def _run_strategy(
@@ -157,6 +158,7 @@ def _run_strategy(
     isolate: bool,
     tasks: tuple[str, ...],
     limit: int | None,
+    data: Path,
 ) -> dict[str, Any]:
     """Fine-tune one strategy in ``folder`` (stage 3 with its selection) and measure it."""
     log.info("strategy %s (seed %d): %d layers", strat.name, strat.seed, len(strat.layers))
@@ -168,14 +170,15 @@ def _run_strategy(
     rc.stage3.train.eval_heldout = False
     prepare_run_dir(rc, folder)
     start = time.perf_counter()
-    summary = _finetune_isolated(rc, folder) if isolate else _finetune(rc, folder, isolated=False)
+    summary = _finetune_isolated(rc, folder, data) if isolate else _finetune(rc, folder, data, isolated=False)
     seconds = time.perf_counter() - start
     result_dir = RunDir(folder).stage3_output(rc.stage3.method)
     model = load_result(rc.model, result_dir)
     batch = rc.stage3.train.batch_size
-    sums, counts = example_losses(model, tokenizer, heldout, batch_size=batch)
+    batching = choose_batching(model, rc.data.padding_free)
+    sums, counts = example_losses(model, tokenizer, heldout, batch_size=batch, batching=batching)
     quality = summarise(sums, counts)
-    f_sums, f_counts = example_losses(model, tokenizer, general, batch_size=batch)
+    f_sums, f_counts = example_losses(model, tokenizer, general, batch_size=batch, batching=batching)
     forgetting = summarise(f_sums, f_counts)
     bench = {}
     if tasks:
@@ -226,13 +229,16 @@ def run_strategies(
     others: dict[str, Ranking] | None = None,
     generate: int = 0,
     seeds: int = 1,
+    data: Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune and evaluate every run (:func:`plan_strategies` with ``seeds``); completed ones (their
     ``result.json``) are reused.
 
     ``isolate`` (default: on unless the model runs on CUDA) fine-tunes each strategy in its own process so
-    that peak memory is measured per strategy. ``generate`` > 0 also answers the first ``generate`` MT-Bench
-    questions with the base model, ``all`` and the ILA selections (``generations.md``)."""
+    that peak memory is measured per strategy. ``data`` holds the tokenized examples (default ``out/data``;
+    the run directory's ``data`` folder shares the run's). ``generate`` > 0 also answers the first
+    ``generate`` MT-Bench questions with the base model, ``all`` and the ILA selections
+    (``generations.md``)."""
     if isolate is None:
         isolate = not (
             cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
@@ -240,6 +246,7 @@ def run_strategies(
     ranking = Ranking.load(ranking_path)
     strategies = strategies or plan_strategies(ranking, others=others, seeds=seeds)
     out.mkdir(parents=True, exist_ok=True)
+    data = data or out / "data"
     results = []
     heldout = general = None
     tokenizer = load_tokenizer(cfg.model)
@@ -250,11 +257,11 @@ def run_strategies(
             results.append(read_json(done))
             continue
         if heldout is None:
-            heldout = load_datasets(cfg, tokenizer, out / ".data")[1]
+            heldout = load_datasets(cfg, tokenizer, out / ".data", data)[1]
         if general is None:
             general = general_text_rows(tokenizer, max_length=cfg.data.max_length)
         result = _run_strategy(
-            cfg, strat, ranking_path, folder, tokenizer, heldout, general, isolate, tasks, limit
+            cfg, strat, ranking_path, folder, tokenizer, heldout, general, isolate, tasks, limit, data
         )
         write_json_atomic(done, result)
         results.append(result)
@@ -267,13 +274,14 @@ def run_strategies(
         }
         write_generations(cfg, adapters, generate, out / "generations.md")
     if heldout is None:
-        heldout = load_datasets(cfg, tokenizer, out / ".data")[1]
+        heldout = load_datasets(cfg, tokenizer, out / ".data", data)[1]
     # The untuned base model on the same texts: what each strategy's training bought, and what it forgot.
     base_model = load_base_model(cfg.model)
     batch = cfg.stage3.train.batch_size
-    base = heldout_loss(base_model, tokenizer, heldout, batch_size=batch)
+    batching = choose_batching(base_model, cfg.data.padding_free)
+    base = heldout_loss(base_model, tokenizer, heldout, batch_size=batch, batching=batching)
     general = general if general is not None else general_text_rows(tokenizer, max_length=cfg.data.max_length)
-    base_forgetting = forgetting_loss(base_model, tokenizer, general, batch_size=batch)
+    base_forgetting = forgetting_loss(base_model, tokenizer, general, batch_size=batch, batching=batching)
     return {
         **envelope("ila.strategies", schema_version=2),
         "ranking": str(ranking_path),

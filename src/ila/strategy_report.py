@@ -220,6 +220,7 @@ def compare_strategies(
         cfg,
         ranking_path,
         out,
+        data=RunDir(run_dir).data,
         tasks=tasks,
         limit=limit,
         isolate=isolate,

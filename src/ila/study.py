@@ -22,7 +22,7 @@ from .artifacts import envelope, write_json_atomic, write_text_atomic
 from .config import load_config, resolve_config
 from .errors import ConfigError
 from .overlap import compare_rankings
-from .pipeline import prepare_run_dir, stage1, stage2, stage_done
+from .pipeline import SharedBase, prepare_run_dir, stage1, stage2, stage_done
 from .plots import PlotsUnavailable, new_figure, plot_jaccard_matrix, plot_overlap_curve, plot_ranking_heatmap
 from .ranking import Ranking
 from .rundir import RunDir, milestone_name
@@ -150,10 +150,12 @@ def execute(cfg: StudyConfig, out: Path) -> dict[str, dict[str, Path]]:
     for run in planned_runs(cfg):
         rc = _run_config(cfg, run)
         run_dir = out / "runs" / run.key
+        base = SharedBase(rc)  # theta_0 read once for the run's stage 1 and all its stage-2 runs
+        data = RunDir(run_dir).data  # and the examples tokenized once
         if not stage_done(run_dir, "stage1", rc):
             log.info("study: stage 1 of %s", run.key)
             prepare_run_dir(rc, run_dir)
-            stage1(rc, run_dir)
+            stage1(rc, run_dir, base=base)
         done[run.key] = {}
         for m in cfg.milestones:
             target = ranking_file(out, run, m)
@@ -161,14 +163,15 @@ def execute(cfg: StudyConfig, out: Path) -> dict[str, dict[str, Path]]:
                 log.info("study: stage 2 of %s at %s%%", run.key, milestone_name(m))
                 sub = target.parent.parent
                 prepare_run_dir(rc, sub)
-                stage2(rc, sub, adapter=RunDir(run_dir).milestone(m))
+                stage2(rc, sub, adapter=RunDir(run_dir).milestone(m), base=base, data=data)
             done[run.key][milestone_name(m)] = target
         last = max(cfg.milestones)
         for scorer in cfg.scorers:
             target = ranking_file(out, run, last, scorer)
             if not target.is_file():
                 log.info("study: %s scores of %s", scorer, run.key)
-                stage2(rc, target.parent.parent, adapter=RunDir(run_dir).milestone(last), scorer=scorer)
+                adapter = RunDir(run_dir).milestone(last)
+                stage2(rc, target.parent.parent, adapter=adapter, scorer=scorer, base=base, data=data)
             done[run.key][f"{milestone_name(last)}:{scorer}"] = target
     return done
 

@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .artifacts import append_jsonl, truncate_jsonl
+from .batching import Batching, PaddingFree, choose_batching
 from .config import TrainConfig
-from .data import collator
 from .errors import TrainingError
 from .heldout import heldout_loss
 from .models import resolve_device
@@ -85,6 +85,8 @@ class TrainingPlan:
     :func:`response_logits_kwargs`)."""
     deterministic: bool = False
     """Train with the model in eval mode: every dropout (LoRA's and the base model's own) off."""
+    padding_free: PaddingFree = "auto"
+    """Concatenate each batch's examples without padding where the model supports it (:mod:`ila.batching`)."""
 
 
 @dataclass
@@ -100,6 +102,8 @@ class TrainingResult:
     peak_memory_mb: float | None
     stopped_early: bool
     resumed_from: str | None
+    batching: dict[str, Any] = field(default_factory=dict)
+    """:meth:`ila.batching.Batching.to_dict`: padded or padding-free, and why."""
 
     @property
     def heldout_loss(self) -> float | None:
@@ -344,10 +348,12 @@ def make_trainer(
     plan: TrainingPlan,
     tokenizer: PreTrainedTokenizerBase,
     train_dataset: datasets.Dataset,
+    batching: Batching | None = None,
 ) -> IlaTrainer:
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError("nothing to train: no parameter requires a gradient")
-    collate = collator(tokenizer)
+    batching = batching or choose_batching(model, plan.padding_free)
+    collate = batching.collator(tokenizer)
     ref: list[IlaTrainer] = []
     trainer = IlaTrainer(
         model=model,
@@ -380,29 +386,35 @@ def train(
     """Train whatever in ``model`` requires a gradient, as the plan says; evaluate held-out loss at the
     end."""
     heldout_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) > 0 else None
-    trainer = make_trainer(model, plan, tokenizer, train_dataset)
+    batching = choose_batching(model, plan.padding_free)
+    trainer = make_trainer(model, plan, tokenizer, train_dataset, batching)
     checkpoint = None
     if plan.resume and plan.output_dir.is_dir():
         checkpoint = last_complete_checkpoint(plan.output_dir)
         if checkpoint:
             log.info("resuming from %s", checkpoint)
             _restore_callbacks(plan, Path(checkpoint))
-    before = None
-    if checkpoint is None and heldout_dataset is not None and plan.eval_before:
-        # Every process computes the same number on the whole held-out split (no sampler to pad it).
-        with trainer.accelerator.autocast():  # the training precision (bf16 autocast): as fast, same numerics
-            before = heldout_loss(trainer.model, tokenizer, heldout_dataset, batch_size=plan.batch_size)
-    device = trainer.args.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - start
-    steps = trainer.state.global_step
-    heldout = None
-    if heldout_dataset is not None:
+
+    def evaluate() -> dict[str, Any]:
+        # Every process computes the same number on the whole held-out split (no sampler to pad it), in the
+        # training precision (bf16 autocast): as fast, same numerics.
         with trainer.accelerator.autocast():
-            heldout = heldout_loss(trainer.model, tokenizer, heldout_dataset, batch_size=plan.batch_size)
+            return heldout_loss(
+                trainer.model, tokenizer, heldout_dataset, batch_size=plan.batch_size, batching=batching
+            )
+
+    before = None
+    device = trainer.args.device
+    with batching.attending(model):
+        if checkpoint is None and heldout_dataset is not None and plan.eval_before:
+            before = evaluate()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        out = trainer.train(resume_from_checkpoint=checkpoint)
+        seconds = time.perf_counter() - start
+        steps = trainer.state.global_step
+        heldout = evaluate() if heldout_dataset is not None else None
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return TrainingResult(
         steps=steps,
@@ -414,4 +426,5 @@ def train(
         peak_memory_mb=peak,
         stopped_early=steps < plan.max_steps,
         resumed_from=checkpoint,
+        batching=batching.to_dict(),
     )

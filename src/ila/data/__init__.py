@@ -42,12 +42,11 @@ from .templates import (
 
 if TYPE_CHECKING:  # datasets and transformers are imported lazily: they are slow to import.
     import datasets
-    from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
     from ila.config import DataConfig
 
 __all__ = [
-    "collator",
     "BUILTIN_DATASETS",
     "FORMATS",
     "IGNORE_INDEX",
@@ -96,16 +95,6 @@ class DataStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
-    """Batches of tokenized examples, padded to the longest (to a multiple of 8, which tensor cores like), the
-    labels padded with IGNORE_INDEX: the one collator of training, scoring and the held-out loss."""
-    from transformers import DataCollatorForSeq2Seq  # transformers is slow to import: only when batching
-
-    return DataCollatorForSeq2Seq(
-        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
-    )
 
 
 def build_datasets(
