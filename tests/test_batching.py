@@ -55,15 +55,15 @@ def loss_and_grads(model, batch, choice):
     return loss.detach(), grads
 
 
-def test_padding_free_loss_and_every_gradient_equal_padded():
+@pytest.mark.parametrize("lengths", [LENGTHS, (16, 16, 16)], ids=["ragged", "equal"])
+def test_padding_free_loss_and_every_gradient_equal_padded(lengths):
     model = lora_model()
     choice = choose_batching(model, "auto")
     assert choice.padding_free and choice.attention == SEGMENTED_SDPA
-    examples = rows()
+    examples = rows(lengths)
     padded = padded_collator(make_tokenizer())(examples)
     flat = flattening_collator()(examples)
-    assert flat["input_ids"].shape == (1, sum(LENGTHS))  # no padding token at all
-    assert padded["input_ids"].numel() > flat["input_ids"].numel()
+    assert flat["input_ids"].shape == (1, sum(lengths))  # no padding token at all
     loss_p, grads_p = loss_and_grads(model, padded, PADDED)
     loss_f, grads_f = loss_and_grads(model, flat, choice)
     assert torch.allclose(loss_p, loss_f, rtol=1e-5, atol=1e-6)
@@ -72,6 +72,16 @@ def test_padding_free_loss_and_every_gradient_equal_padded():
         assert torch.allclose(g, grads_f[name], rtol=1e-4, atol=1e-6), name
     # the model runs with its own attention again afterwards
     assert model.base_model.model.config._attn_implementation == "sdpa"
+
+
+def test_auto_flattens_the_batches_that_padding_would_swell():
+    tok = make_tokenizer()
+    ragged, even = rows((23, 9, 31, 14)), rows((32, 32, 31, 32))
+    auto = choose_batching(lora_model(), "auto").collator(tok)
+    assert "position_ids" in auto(ragged)  # 128 padded tokens for 77 real ones: flattened
+    assert "attention_mask" in auto(even) and "position_ids" not in auto(even)  # 1 % padding: padded
+    on = choose_batching(lora_model(), "on").collator(tok)
+    assert all("position_ids" in on(batch) for batch in (ragged, even))
 
 
 def test_attention_that_crosses_examples_is_caught(monkeypatch):
