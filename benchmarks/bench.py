@@ -5,6 +5,15 @@
     .venv/bin/python benchmarks/bench.py --model tiny --quick # a random tiny Llama, seconds (smoke test)
     .venv/bin/python benchmarks/bench.py --growth             # also: how stage times grow with depth
                                                               # and length
+    .venv/bin/python benchmarks/bench.py --throughput         # tokens per second on real chat data: ila's
+                                                              # stage 1 against the plain Trainer + peft
+
+``--throughput`` trains both on the builtin datasets (``--datasets``, tokenized by ila as a run would, at
+``--max-length``) at each ``--batches`` size, on the same examples in the same order, and counts the real
+tokens (no padding) of every timed step: tokens per second of each, and their ratio, all in one run. ila
+batches padding-free where the model allows (``data.padding_free: auto``), the plain Trainer pads with
+``DataCollatorForSeq2Seq`` as its users write it. On a GPU, ``--device cuda --attn flash_attention_2``
+gives the varlen kernels.
 
 Every configuration runs in its own subprocess (peak memory is per process: resident set size on the CPU,
 ``torch.cuda.max_memory_allocated`` on a GPU), trains ``--steps`` optimiser steps on the same batches, and
@@ -92,9 +101,30 @@ def _peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def step_clock(times: list[float], device: str):
+    """A Trainer callback class that appends every optimiser step's seconds to ``times``."""
+    import torch
+    from transformers import TrainerCallback
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            sync()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            sync()
+            times.append(time.perf_counter() - self.t)
+
+    return Clock
+
+
 def worker(spec: dict) -> dict:
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from ila.config import LoraConfig, Stage2Config
     from ila.gates import LayerGates, attach_gates
@@ -151,6 +181,28 @@ def worker(spec: dict) -> dict:
         s2 = Stage2Config()
         if s2.budget_lambda > 0:  # as stage 2 does: the penalty only when it is on
             penalty = lambda: s2.budget_lambda * gates.budget_penalty(s2.budget_fraction)  # noqa: E731
+    elif kind in ("lora-path", "gates-wide"):
+        # Where stage 2's time over the floor goes. lora-path: the floor with every layer's frozen LoRA path
+        # in the forward and backward (no gate); gates-wide: stage 2 with each gate multiplying the layer's
+        # whole LoRA output (lora_B's), where ila multiplies the r-wide lora_A output.
+        model = attach_lora(model, names, lora, dropout=0.0)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.01)
+        if kind == "lora-path":
+            scale = torch.nn.Parameter(torch.ones(()))
+            model.register_parameter("floor_scale", scale)
+            model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out * scale)
+        else:
+            gates = LayerGates(names)
+            modules = dict(model.named_modules())
+            for i, name in enumerate(names):
+                lora_b = modules["base_model.model." + name].lora_B["default"]
+                lora_b.register_forward_hook(lambda _m, _i, out, i=i: out * gates.gate(i).to(out.dtype))
+            model.add_module("ila_gates", gates)
+            kind = "gates"  # trained as stage 2 is
     elif kind == "floor":
         # The floor of any gradient-based layer score: one forward pass and the backward pass through every
         # activation, with no weight gradient at all. One scalar on the embeddings' output is the only
@@ -163,17 +215,7 @@ def worker(spec: dict) -> dict:
     trainable, total = count_parameters(model)
 
     times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if spec["device"].startswith("cuda"):
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if spec["device"].startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
+    Clock = step_clock(times, spec["device"])  # noqa: N806
 
     out_dir = tempfile.mkdtemp()
     common = dict(
@@ -182,7 +224,7 @@ def worker(spec: dict) -> dict:
         per_device_train_batch_size=spec["batch"],
         # stage 2 as configured by default: plain SGD on the scores (no optimiser state)
         learning_rate=100.0 if kind == "gates" else 2e-4,
-        optim="sgd" if kind in ("gates", "floor") else "adamw_torch",
+        optim="sgd" if kind in ("gates", "floor", "lora-path") else "adamw_torch",
         report_to=[],
         save_strategy="no",
         logging_steps=10**6,
@@ -246,6 +288,175 @@ def worker(spec: dict) -> dict:
     }
 
 
+def throughput_worker(spec: dict) -> dict:
+    """Real tokens per second of ila's stage-1 training or of the plain Trainer + peft on builtin data."""
+    import peft
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from ila.config import DataConfig, LoraConfig, ModelConfig
+    from ila.data import IGNORE_INDEX, build_datasets
+    from ila.layers import adaptable_layers
+    from ila.models import attach_lora, load_base_model, load_tokenizer
+    from ila.training import TrainingPlan, make_trainer
+
+    mcfg = ModelConfig(name=spec["model"], device=spec["device"], attn_implementation=spec.get("attn"))
+    tokenizer = load_tokenizer(mcfg)
+    steps, batch = spec["steps"], spec["batch"]
+    data, _, _ = build_datasets(
+        DataConfig(
+            name=spec["data"], max_length=spec["max_length"], max_examples=steps * batch, heldout_fraction=0.0
+        ),
+        tokenizer,
+    )
+    torch.manual_seed(0)
+    model = load_base_model(mcfg)
+    names = [layer.name for layer in adaptable_layers(model)]
+    real_tokens: list[int] = []  # per batch, in the order the Trainer asks for them
+
+    def counting(collate):
+        def wrapped(rows):
+            real_tokens.append(sum(len(r["input_ids"]) for r in rows))
+            return collate(rows)
+
+        return wrapped
+
+    times: list[float] = []
+    Clock = step_clock(times, spec["device"])  # noqa: N806
+
+    out_dir = Path(tempfile.mkdtemp())
+    batching = None
+    if spec["kind"] == "plain":
+        types = sorted({n.rsplit(".", 1)[-1] for n in names})
+        model = peft.get_peft_model(
+            model,
+            peft.LoraConfig(
+                r=8, lora_alpha=16, lora_dropout=0.05, target_modules=types, task_type="CAUSAL_LM"
+            ),
+        )
+        args = TrainingArguments(
+            output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch, learning_rate=2e-4,
+            lr_scheduler_type="constant", optim="adamw_torch", bf16=spec["precision"] == "bf16",
+            use_cpu=spec["device"] == "cpu", report_to=[], save_strategy="no", logging_steps=10**6,
+            disable_tqdm=True, seed=0, remove_unused_columns=False,
+        )  # fmt: skip
+        collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            data_collator=counting(collate),
+            callbacks=[Clock()],
+        )
+        trainer.train()
+    else:
+        model = attach_lora(model, names, LoraConfig(r=8, alpha=16, dropout=0.05))
+        plan = TrainingPlan(
+            output_dir=out_dir, metrics_path=out_dir / "metrics.jsonl", max_steps=steps, batch_size=batch,
+            learning_rate=2e-4, lr_scheduler="constant", precision=spec["precision"], logging_steps=10**6,
+            device=spec["device"], callbacks=[Clock()], padding_free=spec.get("padding_free", "auto"),
+        )  # fmt: skip
+        from ila.batching import choose_batching
+
+        batching = choose_batching(model, plan.padding_free)
+        trainer = make_trainer(model, plan, tokenizer, data, batching)
+        trainer.data_collator = counting(trainer.data_collator)
+        with batching.attending(model):
+            trainer.train()
+    warm = spec["warmup"]
+    seconds = sum(times[warm:])
+    tokens = sum(real_tokens[warm : len(times)])
+    return {
+        "tokens_per_s": tokens / seconds,
+        "median_step_s": statistics.median(times[warm:]),
+        "real_tokens_per_step": tokens / max(1, len(times) - warm),
+        "steps_timed": len(times) - warm,
+        "peak_memory_mb": _peak_mb(spec["device"]),
+        "batching": None if batching is None else batching.to_dict(),
+    }
+
+
+def throughput(args: argparse.Namespace) -> list[dict]:
+    """Every (dataset, batch) cell: ila's stage 1 and the plain Trainer, interleaved, with their ratio."""
+    base = {
+        "model": args.model, "steps": args.steps, "warmup": args.warmup, "device": args.device,
+        "precision": args.precision, "max_length": args.max_length, "attn": args.attn, "worker": "throughput",
+    }  # fmt: skip
+    specs = []
+    for data in args.datasets:
+        for batch in args.batches:
+            for kind in ("plain", "ila"):
+                who = "plain Trainer + peft" if kind == "plain" else "ila stage 1"
+                label = f"{data}, batch {batch}, {who}"
+                specs.append({**base, "data": data, "batch": batch, "kind": kind, "label": label})
+    rows = run_specs(specs, args.repeats)
+    cells = []
+    for i in range(0, len(rows), 2):
+        plain, ila = rows[i], rows[i + 1]
+        cells.append(
+            {
+                "data": plain["data"],
+                "batch": plain["batch"],
+                "plain_tokens_per_s": plain["tokens_per_s"],
+                "ila_tokens_per_s": ila["tokens_per_s"],
+                "ratio": ila["tokens_per_s"] / plain["tokens_per_s"],
+                "ratio_runs": [
+                    a / b for a, b in zip(ila["tokens_per_s_runs"], plain["tokens_per_s_runs"], strict=True)
+                ],
+                "real_tokens_per_step": ila["real_tokens_per_step"],
+                "plain_peak_mb": plain["peak_memory_mb"],
+                "ila_peak_mb": ila["peak_memory_mb"],
+                "batching": ila["batching"],
+            }
+        )
+    return cells
+
+
+def padding_waste(args: argparse.Namespace, data: str, batch: int, batches: int = 200) -> float:
+    """Padded tokens over real tokens when ``batch`` examples of ``data`` are padded to the longest of them:
+    the work that padding-free batches do not do (random batches of up to 1,000 examples, seed 0)."""
+    import random
+
+    from ila.config import DataConfig, ModelConfig
+    from ila.data import build_datasets
+    from ila.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name=args.model))
+    train, _, _ = build_datasets(
+        DataConfig(name=data, max_length=args.max_length, max_examples=1000, heldout_fraction=0.0), tokenizer
+    )
+    lengths = [len(ids) for ids in train["input_ids"]]
+    rng = random.Random(0)
+    padded = real = 0
+    for _ in range(batches):
+        chosen = rng.sample(lengths, batch)
+        padded += batch * max(chosen)
+        real += sum(chosen)
+    return padded / real
+
+
+def throughput_markdown(cells: list[dict], command: str, machine: str) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine}",
+        "",
+        "| data | batch | real tokens / step | padded / real | plain Trainer + peft (tokens/s) "
+        "| ila stage 1 (tokens/s) | ila / plain | per repeat | peak MB plain / ila | ila batching |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in cells:
+        how = "padding-free" if (c["batching"] or {}).get("padding_free") else "padded"
+        runs = ", ".join(f"{r:.2f}" for r in c["ratio_runs"])
+        lines.append(
+            f"| {c['data']} | {c['batch']} | {c['real_tokens_per_step']:.0f} | {c['padding_waste']:.2f} "
+            f"| {c['plain_tokens_per_s']:.0f} "
+            f"| {c['ila_tokens_per_s']:.0f} | **{c['ratio']:.2f}** | {runs} "
+            f"| {c['plain_peak_mb']:.0f} / {c['ila_peak_mb']:.0f} | {how} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the suite
 
@@ -264,6 +475,9 @@ def run_once(spec: dict) -> dict:
 def median_of(results: list[dict]) -> dict:
     """The first run's counts with the median step time and peak memory of all runs."""
     out = dict(results[0])
+    if "tokens_per_s" in out:
+        out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in results)
+        out["tokens_per_s_runs"] = [r["tokens_per_s"] for r in results]
     out["median_step_s"] = statistics.median(r["median_step_s"] for r in results)
     out["peak_memory_mb"] = statistics.median(r["peak_memory_mb"] for r in results)
     out["step_s_runs"] = [r["median_step_s"] for r in results]
@@ -299,6 +513,8 @@ def suite(args: argparse.Namespace) -> list[dict]:
         {"label": "stage 1: ila LoRA, all layers", "kind": "lora"},
         {"label": "stage 2: gates only", "kind": "gates"},
         {"label": "floor: forward + activation backward, no weight gradient", "kind": "floor"},
+        {"label": "floor + the frozen LoRA path of every layer (no gate)", "kind": "lora-path"},
+        {"label": "stage 2 with each gate on the whole LoRA output (vs the floor)", "kind": "gates-wide"},
         {"label": "stage 3: LoRA top 10 %", "kind": "lora", "fraction": 0.1},
         {"label": "stage 3: LoRA top 30 %", "kind": "lora", "fraction": 0.3},
         {"label": "stage 3: LoRA freeze bottom 25 %", "kind": "lora", "fraction": 0.25, "drop": True},
@@ -377,9 +593,15 @@ def schedule_ratios(rows: list[dict], run_dir: Path | None) -> dict:
             by["plain Trainer + peft LoRA, all layers"]["median_step_s"] / s1
         )
     if "floor: forward + activation backward, no weight gradient" in by:
-        out["stage2_step_over_floor"] = (
-            s2 / by["floor: forward + activation backward, no weight gradient"]["median_step_s"]
-        )
+        floor = by["floor: forward + activation backward, no weight gradient"]["median_step_s"]
+        out["stage2_step_over_floor"] = s2 / floor
+        path = by.get("floor + the frozen LoRA path of every layer (no gate)")
+        wide = by.get("stage 2 with each gate on the whole LoRA output (vs the floor)")
+        if path:  # what the LoRA path costs, and what the gates cost on top of it
+            out["lora_path_over_floor"] = path["median_step_s"] / floor
+            out["stage2_over_lora_path"] = s2 / path["median_step_s"]
+        if wide:
+            out["gate_on_whole_output_over_floor"] = wide["median_step_s"] / floor
     for stage, own in (("1", s1), ("2", s2)):
         every = by.get(f"stage {stage}, output head at every position")
         if every:  # what computing the output head only at response positions saves
@@ -467,10 +689,21 @@ def main() -> None:
     )
     p.add_argument("--growth", action="store_true", help="also measure growth with depth and sequence length")
     p.add_argument("--name", default=None, help="results file name (default: model-device-precision)")
+    p.add_argument(
+        "--throughput", action="store_true", help="tokens/s on real chat data against the plain Trainer"
+    )
+    p.add_argument("--datasets", nargs="+", default=["sharegpt", "chitchat", "gsm8k"])
+    p.add_argument("--batches", nargs="+", type=int, default=[4, 16])
+    p.add_argument("--max-length", type=int, default=256, help="tokens per example (--throughput)")
+    p.add_argument("--attn", default=None, help="attention implementation, e.g. flash_attention_2 on a GPU")
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        run = throughput_worker if spec.get("worker") == "throughput" else worker
+        print(json.dumps(run(spec)))
         return
+    if args.throughput:
+        return throughput_main(args)
     start = time.time()
     rows = suite(args)
     ratios = schedule_ratios(rows, Path(args.schedule) if args.schedule else None)
@@ -494,6 +727,25 @@ def main() -> None:
     }
     md = markdown(rows, ratios, growth_rows, command, machine)
     save(name, result, md)
+    print(md)
+
+
+def throughput_main(args: argparse.Namespace) -> None:
+    import torch
+    from results_io import command_line, save
+    from results_io import machine as machine_name
+
+    start = time.time()
+    cells = throughput(args)
+    for c in cells:
+        c["padding_waste"] = padding_waste(args, c["data"], c["batch"])
+    machine = f"{machine_name()}, torch {torch.__version__}" + (
+        f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
+    )
+    command = command_line("bench.py")
+    name = args.name or f"throughput-{args.model.replace('/', '_')}-{args.device}-{args.precision}"
+    md = throughput_markdown(cells, command, machine)
+    save(name, {"command": command, "machine": machine, "seconds": time.time() - start, "cells": cells}, md)
     print(md)
 
 

@@ -1,4 +1,5 @@
-"""Trainer callbacks of stage 1 and stage 2: milestone adapters, epsilon-stability, score trajectories.
+"""Trainer callbacks of the stages: milestone adapters, epsilon-stability, score trajectories, the held-out
+curve and early stopping on it.
 
 The Trainer calls them; nothing here orchestrates a stage (ILA inside someone else's Trainer is
 :mod:`ila.integration`)."""
@@ -234,3 +235,120 @@ class ScoreTrajectory(TrainerCallback):
                     "scores": self.gates.as_dict(),
                 },
             )
+
+
+BEST_STATE = "ila_best.json"
+BEST_WEIGHTS = "ila_best.safetensors"
+
+
+class HeldoutCurve(TrainerCallback):
+    """The held-out loss every ``every`` steps, written to ``path`` (the curve that shows where training
+    stops improving), and optional early stopping on it.
+
+    With ``patience`` > 0, training stops once ``patience`` evaluations in a row have not improved the best
+    loss by more than ``min_delta``, and the trainable weights of the lowest loss are put back when
+    training ends, so that the stage saves the model at its held-out optimum. The loss is then chosen on the
+    split it is reported on, which flatters it; to compare selections, read a fixed schedule off the curve
+    instead and train every selection on it."""
+
+    def __init__(
+        self,
+        evaluate: Callable[[], dict[str, Any]],
+        every: int,
+        path: Path,
+        *,
+        patience: int = 0,
+        min_delta: float = 0.0,
+    ):
+        self.evaluate = evaluate
+        self.every = every
+        self.path = path
+        self.patience = patience
+        self.min_delta = min_delta
+        self.history: list[dict[str, Any]] = []
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.misses = 0
+        self.restored_step: int | None = None
+        """The step whose weights were put back at the end (None: the last step's were kept)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        if state.global_step % self.every == 0:
+            self._record(state, control, model)
+        if control.should_save and state.is_world_process_zero:  # inside the checkpoint, as stability's
+            self.save_state(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def _record(self, state, control, model) -> None:  # noqa: ANN001
+        result = self.evaluate()
+        loss = result["loss"]
+        # as transformers' EarlyStoppingCallback: the best weights are the lowest loss's, but only an
+        # improvement by more than min_delta resets the patience
+        improved = self.best is None or loss < self.best - self.min_delta
+        self.misses = 0 if improved else self.misses + 1
+        if self.best is None or loss < self.best:
+            self.best, self.best_step = loss, state.global_step
+            if self.patience:
+                self.best_weights = {
+                    n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad
+                }
+        record = {
+            "step": state.global_step,
+            "loss": loss,
+            "ci95": result["ci95"],
+            "tokens": result["tokens"],
+            "best_step": self.best_step,
+            "improved": improved,
+            "time": time.time(),
+        }
+        self.history.append(record)
+        if state.is_world_process_zero:
+            append_jsonl(self.path, record)
+        # the loss is computed on the whole split by every process: they all take the same decision
+        if self.patience and self.misses >= self.patience:
+            log.info(
+                "held-out loss has not improved for %d evaluations (best %.4f at step %d); stopping",
+                self.misses,
+                self.best,
+                self.best_step,
+            )
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        if not self.patience or self.best_weights is None or self.best_step == state.global_step:
+            return
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, weight in self.best_weights.items():
+                params[name].copy_(weight.to(params[name].device))
+        self.restored_step = self.best_step
+        log.info("put back the weights of step %d, the best held-out loss (%.4f)", self.best_step, self.best)
+
+    def save_state(self, checkpoint: Path) -> None:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        if self.best_weights:
+            weights = {n: w.contiguous() for n, w in self.best_weights.items()}
+            save_file(weights, str(checkpoint / BEST_WEIGHTS))
+        write_json_atomic(
+            checkpoint / BEST_STATE,
+            {
+                **envelope("ila.heldout_curve_state"),
+                "best": self.best,
+                "best_step": self.best_step,
+                "misses": self.misses,
+                "history": [finite_or_null(r) for r in self.history],
+            },
+        )
+
+    def restore(self, checkpoint: Path, step: int) -> None:
+        """Continue from ``checkpoint``: the curve so far, the best loss and its weights."""
+        truncate_jsonl(self.path, step)
+        path = checkpoint / BEST_STATE
+        if not path.is_file():
+            log.warning("%s holds no held-out curve state; the curve restarts at step %d", checkpoint, step)
+            return
+        saved = read_json(path, "held-out curve state")
+        self.history = [r for r in saved["history"] if r["step"] <= step]
+        self.best, self.best_step, self.misses = saved["best"], saved["best_step"], saved["misses"]
+        if (checkpoint / BEST_WEIGHTS).is_file():
+            self.best_weights = load_file(str(checkpoint / BEST_WEIGHTS))

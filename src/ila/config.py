@@ -165,6 +165,14 @@ class TrainConfig:
     """Trainer checkpoints for resuming every this many steps; 0 picks a quarter of the run."""
     eval_heldout: bool = True
     """Report held-out loss at the end of the stage."""
+    eval_steps: int = 0
+    """Also evaluate the held-out loss every this many steps (``stageN/heldout_curve.jsonl``: where training
+    stops improving); 0: at the end only."""
+    early_stopping_patience: int = 0
+    """Stop once this many held-out evaluations in a row improved the best loss by no more than
+    ``early_stopping_min_delta``, and keep the weights of the best one (needs ``eval_steps``); 0: never. The
+    held-out loss is then chosen on the split it is reported on: compare selections on a fixed schedule."""
+    early_stopping_min_delta: float = 0.0
     dataloader_workers: int = 0
     response_logits_only: bool = True
     """Compute the output head (and its softmax over the vocabulary) only at positions whose next token is a
@@ -187,6 +195,15 @@ class TrainConfig:
         _require(self.logging_steps >= 1, prefix, "logging_steps", f"must be >= 1, got {self.logging_steps}")
         _require(self.save_steps >= 0, prefix, "save_steps", f"must be >= 0, got {self.save_steps}")
         _require(self.dataloader_workers >= 0, prefix, "dataloader_workers", "must be >= 0")
+        _require(self.eval_steps >= 0, prefix, "eval_steps", f"must be >= 0, got {self.eval_steps}")
+        _require(
+            self.early_stopping_patience == 0 or (self.eval_steps > 0 and self.eval_heldout),
+            prefix,
+            "early_stopping_patience",
+            "needs eval_steps > 0 and eval_heldout: true (it stops on the held-out loss)",
+        )
+        _require(self.early_stopping_patience >= 0, prefix, "early_stopping_patience", "must be >= 0")
+        _require(self.early_stopping_min_delta >= 0, prefix, "early_stopping_min_delta", "must be >= 0")
 
 
 @dataclass

@@ -182,6 +182,7 @@ def _train_summary(result: TrainingResult) -> dict[str, Any]:
         "seconds_per_step": result.seconds_per_step,
         "peak_memory_mb": result.peak_memory_mb,
         "resumed_from": result.resumed_from,
+        "best_step": result.best_step,  # early stopping: the step whose weights were kept
     }
 
 

@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .artifacts import append_jsonl, truncate_jsonl
-from .batching import Batching, PaddingFree, choose_batching
+from .batching import PADDED, Batching, PaddingFree, choose_batching, padded_collator
+from .callbacks import HeldoutCurve
 from .config import TrainConfig
 from .errors import TrainingError
 from .heldout import heldout_loss
@@ -87,6 +88,10 @@ class TrainingPlan:
     """Train with the model in eval mode: every dropout (LoRA's and the base model's own) off."""
     padding_free: PaddingFree = "auto"
     """Concatenate each batch's examples without padding where the model supports it (:mod:`ila.batching`)."""
+    eval_steps: int = 0
+    """Held-out loss every this many steps into ``heldout_curve.jsonl`` beside the metrics (0: none)."""
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
 
 
 @dataclass
@@ -104,6 +109,8 @@ class TrainingResult:
     resumed_from: str | None
     batching: dict[str, Any] = field(default_factory=dict)
     """:meth:`ila.batching.Batching.to_dict`: padded or padding-free, and why."""
+    best_step: int | None = None
+    """With early stopping: the step whose weights were kept (None: the last step's)."""
 
     @property
     def heldout_loss(self) -> float | None:
@@ -141,6 +148,9 @@ def plan_for(
         device=device,
         dataloader_workers=train.dataloader_workers,
         response_logits_only=train.response_logits_only,
+        eval_steps=train.eval_steps if train.eval_heldout else 0,
+        early_stopping_patience=train.early_stopping_patience,
+        early_stopping_min_delta=train.early_stopping_min_delta,
         callbacks=list(callbacks or []),
     )
     return dataclasses.replace(plan, **extra)
@@ -165,6 +175,8 @@ class IlaTrainer(Trainer):
         self.save_trainable_only = save_trainable_only
         self.last_penalty: float | None = None
         self.response_logits_only = response_logits_only and supports_response_logits(self.model)
+        self.batching: Batching = PADDED
+        """How the batches are made (set by :func:`make_trainer`)."""
 
     def _save_checkpoint(self, model, trial):  # type: ignore[override]
         # Never write a checkpoint that a resume would trust but that holds NaN or infinite weights.
@@ -332,12 +344,12 @@ def _complete_trainer_state(path: Path, step: int) -> bool:
     return isinstance(state, dict) and state.get("global_step") == step
 
 
-def _restore_callbacks(plan: TrainingPlan, checkpoint: Path) -> None:
+def _restore_callbacks(plan: TrainingPlan, checkpoint: Path, extra: list[TrainerCallback]) -> None:
     """Bring the run's logs and stateful callbacks back to the checkpoint's step: the steps after it are
     trained, and logged, again."""
     step = int(checkpoint.name.split("-", 1)[1])
     truncate_jsonl(plan.metrics_path, step)
-    for callback in plan.callbacks:
+    for callback in [*plan.callbacks, *extra]:
         restore = getattr(callback, "restore", None)
         if restore is not None:
             restore(checkpoint, step)
@@ -350,16 +362,17 @@ def make_trainer(
     train_dataset: datasets.Dataset,
     batching: Batching | None = None,
 ) -> IlaTrainer:
+    """The Trainer of a plan. Its batches are padding-free where the model supports it (``batching``, or
+    decided by :func:`ila.batching.choose_batching` once the Trainer has put the model on its device: the
+    check runs the model, and flash-attention runs on a GPU only); ``trainer.batching`` says which."""
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError("nothing to train: no parameter requires a gradient")
-    batching = batching or choose_batching(model, plan.padding_free)
-    collate = batching.collator(tokenizer)
     ref: list[IlaTrainer] = []
     trainer = IlaTrainer(
         model=model,
         args=training_arguments(plan),
         train_dataset=train_dataset,
-        data_collator=collate,
+        data_collator=padded_collator(tokenizer),  # replaced below once the batching is decided
         processing_class=tokenizer,
         callbacks=[
             JsonlMetrics(plan.metrics_path, ref),
@@ -373,6 +386,8 @@ def make_trainer(
         optimizer_cls_and_kwargs=plan.optimizer_cls_and_kwargs,
     )
     ref.append(trainer)
+    trainer.batching = batching or choose_batching(trainer.model, plan.padding_free)
+    trainer.data_collator = trainer.batching.collator(tokenizer)
     return trainer
 
 
@@ -386,14 +401,8 @@ def train(
     """Train whatever in ``model`` requires a gradient, as the plan says; evaluate held-out loss at the
     end."""
     heldout_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) > 0 else None
-    batching = choose_batching(model, plan.padding_free)
-    trainer = make_trainer(model, plan, tokenizer, train_dataset, batching)
-    checkpoint = None
-    if plan.resume and plan.output_dir.is_dir():
-        checkpoint = last_complete_checkpoint(plan.output_dir)
-        if checkpoint:
-            log.info("resuming from %s", checkpoint)
-            _restore_callbacks(plan, Path(checkpoint))
+    trainer = make_trainer(model, plan, tokenizer, train_dataset)
+    batching = trainer.batching
 
     def evaluate() -> dict[str, Any]:
         # Every process computes the same number on the whole held-out split (no sampler to pad it), in the
@@ -402,6 +411,23 @@ def train(
             return heldout_loss(
                 trainer.model, tokenizer, heldout_dataset, batch_size=plan.batch_size, batching=batching
             )
+
+    curve = None
+    if plan.eval_steps > 0 and heldout_dataset is not None:
+        curve = HeldoutCurve(
+            evaluate,
+            plan.eval_steps,
+            plan.metrics_path.with_name("heldout_curve.jsonl"),
+            patience=plan.early_stopping_patience,
+            min_delta=plan.early_stopping_min_delta,
+        )
+        trainer.add_callback(curve)
+    checkpoint = None
+    if plan.resume and plan.output_dir.is_dir():
+        checkpoint = last_complete_checkpoint(plan.output_dir)
+        if checkpoint:
+            log.info("resuming from %s", checkpoint)
+            _restore_callbacks(plan, Path(checkpoint), [curve] if curve else [])
 
     before = None
     device = trainer.args.device
@@ -427,4 +453,5 @@ def train(
         stopped_early=steps < plan.max_steps,
         resumed_from=checkpoint,
         batching=batching.to_dict(),
+        best_step=None if curve is None else curve.restored_step,
     )
