@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -165,7 +165,14 @@ def _side_by_side(t: torch.Tensor, where: torch.Tensor, examples: int, longest: 
 
 
 def _causal_sdpa(
-    sdpa, module, query, key, value, dropout, scaling, window  # noqa: ANN001
+    sdpa: Callable[..., tuple[torch.Tensor, Any]],
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+    window: int | None,
 ) -> torch.Tensor:
     """Causal SDPA over (batch, heads, length, head_dim), within ``window`` tokens when given."""
     length = query.shape[2]
