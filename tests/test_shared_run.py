@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import make_tokenizer
 
-from ila import models, pipeline, tokenized
+from ila import models, pipeline, shared_base, tokenized
 from ila.config import DataConfig, load_config
 from ila.pipeline import run_all, stage1, stage2, stage3
 from ila.ranking import Ranking
@@ -81,7 +81,7 @@ def test_one_load_one_tokenization_and_the_same_results(tmp_path, tiny_config, m
     cfg = load_config(None, tiny_config)
     loads, builds = [], []
     real_load, real_build = models.load_base_model, tokenized.build_datasets
-    monkeypatch.setattr(pipeline, "load_base_model", lambda c: loads.append(1) or real_load(c))
+    monkeypatch.setattr(shared_base, "load_base_model", lambda c: loads.append(1) or real_load(c))
     monkeypatch.setattr(tokenized, "build_datasets", lambda *a: builds.append(1) or real_build(*a))
     run_all(cfg, tmp_path / "shared")
     assert len(loads) == 1 and len(builds) == 1
@@ -113,7 +113,7 @@ def test_one_load_one_tokenization_and_the_same_results(tmp_path, tiny_config, m
 def test_the_shared_model_is_theta_0_again(tiny_config):
     """After a LoRA stage, the model handed on is the loaded one: same weights, no adapter module left."""
     cfg = load_config(None, tiny_config)
-    base = pipeline.SharedBase(cfg)
+    base = shared_base.SharedBase(cfg)
     tok, model, identity = base.take()
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     peft_model = models.attach_lora(model, ["model.layers.0.self_attn.q_proj"], cfg.lora)
