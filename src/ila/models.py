@@ -21,6 +21,7 @@ import torch
 
 from .artifacts import atomic_dir, write_text_atomic
 from .errors import ModelError
+from .lora_dropout import use_lora_dropout
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -377,7 +378,9 @@ def attach_lora(
     with warnings.catch_warnings():
         # peft warns when lm_head is tied to the input embeddings; the adapter itself is separate.
         warnings.simplefilter("ignore", UserWarning)
-        return peft.get_peft_model(model, lora_cfg)
+        peft_model = peft.get_peft_model(model, lora_cfg)
+    use_lora_dropout(peft_model)
+    return peft_model
 
 
 def load_lora(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: bool = False) -> PeftModel:
@@ -391,7 +394,9 @@ def load_lora(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: boo
         raise ModelError(f"{adapter_dir} has no adapter_model.safetensors; the adapter is incomplete")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+        peft_model = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    use_lora_dropout(peft_model)
+    return peft_model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
