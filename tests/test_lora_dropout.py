@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
+from conftest import make_model
 
 from ila.config import LoraConfig
 from ila.layers import adaptable_layers
 from ila.lora_dropout import LoraDropout
 from ila.models import attach_lora
-
-from conftest import make_model
 
 
 def test_drops_each_element_with_probability_p_and_rescales_the_rest():
