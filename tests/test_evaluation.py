@@ -156,6 +156,16 @@ def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file,
         (tmp_path / "s" / "update-norm-top-30-seed0" / "stage3" / "selection.json").read_text()
     )["layers"]
     assert set(chosen) == set(norm.top(0.3))
+    # every layer at the rank whose trainable parameters are nearest ILA's top 30 % at the run's rank
+    by_name = {r["name"]: r for r in report["results"]}
+    matched = next(r for r in report["results"] if r["family"] == "all-matched")
+    full, top30 = by_name["all"], by_name["ila-top-30"]
+    per_rank = full["trainable_parameters"] / full["lora_rank"]
+    assert matched["name"] == f"all-rank-{matched['lora_rank']}"
+    assert matched["num_layers"] == full["num_layers"]
+    assert matched["trainable_parameters"] == matched["lora_rank"] * per_rank
+    gap = abs(matched["trainable_parameters"] - top30["trainable_parameters"])
+    assert all(gap <= abs(k * per_rank - top30["trainable_parameters"]) for k in range(1, full["lora_rank"]))
     generations = (tmp_path / "s" / "generations.md").read_text()
     assert "**base**" in generations and "**all**" in generations and "**ila-top-30**" in generations
     assert all(math.isfinite(r["heldout_loss"]) for r in report["results"])

@@ -10,9 +10,10 @@ from conftest import TINY_OVERRIDES
 from safetensors.torch import load_file
 
 from ila.config import load_config
+from ila.errors import IlaError
 from ila.heldout import interval, paired_interval
 from ila.ranking import Ranking
-from ila.strategies import Strategy, plan_strategies, run_strategies, summarise_strategies
+from ila.strategies import Strategy, matched_rank, plan_strategies, run_strategies, summarise_strategies
 
 
 def test_every_strategy_gets_every_seed_and_random_at_least_three_draws(
@@ -33,6 +34,25 @@ def test_every_strategy_gets_every_seed_and_random_at_least_three_draws(
     assert len(fixed) == 1  # the seed changes the training, not the selection
     assert len({s.layers for s in five if s.name == "random-20"}) == 5  # except for random
     assert len({s.run for s in five}) == len(five)
+    assert not any(s.rank for s in five)  # without the layers' widths there is no matched-rank baseline
+    widths = {name: 10 for name in ranking.order}
+    matched = [
+        s for s in plan_strategies(ranking, seeds=2, widths=widths, rank=8) if s.family == "all-matched"
+    ]
+    assert [s.seed for s in matched] == [0, 1]
+    rank = round(8 * ranking.count(0.3) / ranking.num_layers)
+    assert all(s.layers == tuple(ranking.order) and s.rank == rank for s in matched)
+
+
+def test_the_matched_rank_spreads_the_chosen_layers_budget_over_every_layer():
+    widths = {f"l{i}": w for i, w in enumerate([10] * 8 + [100] * 2)}  # eight narrow layers, two wide
+    every = list(widths)
+    # rank 8 on the two wide layers is 1,600 parameters per unit: rank 6 on all ten (280 per unit) is nearest
+    assert matched_rank(widths, every, ["l8", "l9"], 8) == 6
+    assert matched_rank(widths, every, ["l0", "l1"], 8) == 1  # never below rank 1
+    assert matched_rank(widths, every, every, 8) == 8
+    with pytest.raises(IlaError, match="no linear module"):
+        matched_rank(widths, [*every, "elsewhere"], ["l0"], 8)
 
 
 @pytest.fixture(scope="module")

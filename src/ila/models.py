@@ -383,6 +383,23 @@ def attach_lora(
     return peft_model
 
 
+def layer_widths(cfg: ModelConfig) -> dict[str, int]:
+    """``in_features + out_features`` of every linear module of ``cfg``'s model, by full name: a rank-r LoRA
+    on a layer trains r times its width. Read from the model's config on the meta device; no weight is
+    loaded."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_model_source(cfg))
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return {
+        name: module.in_features + module.out_features
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
 def load_lora(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: bool = False) -> PeftModel:
     """Load a saved PEFT LoRA adapter onto ``model``."""
     import peft

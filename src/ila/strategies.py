@@ -13,6 +13,9 @@ LoRA rank), each strategy is a stage-3 run from theta_0 on a different selection
 - ``random-F``: random selections of the same sizes, one draw per seed (at least three);
 - ``first-F`` / ``last-F``: the first or last blocks, the same number of layers;
 - ``ila-top-F`` for the sweep fractions (e.g. 50 %, 75 %), for the quality-vs-fraction curve;
+- ``all-rank-R``: every layer at the LoRA rank R whose trainable parameter count is nearest ILA's top 30 %
+  at the run's rank (the scale alpha / r kept): does choosing layers beat spreading the same budget over
+  every layer?
 - ``<scorer>-top-30`` for other scorers (``taylor``, ``update-norm``, ``snr``, ``block-influence``...): is the
   learnt ranking better than a cheap one on the same budget?
 
@@ -49,7 +52,7 @@ from .errors import IlaError
 from .evaluation import lm_eval_scores, write_generations
 from .forgetting import forgetting_loss, general_text_rows, text_source
 from .heldout import example_losses, heldout_loss, paired_interval, summarise
-from .models import load_base_model, load_tokenizer, resolve_model_source
+from .models import layer_widths, load_base_model, load_tokenizer, resolve_model_source
 from .pipeline import load_datasets, prepare_run_dir, stage3
 from .progress import progress
 from .ranking import Ranking
@@ -76,6 +79,8 @@ class Strategy:
     seed: int = 0
     """The run's seed, added to the config's: LoRA initialisation and data order (and, for ``random``, the
     draw of the selection)."""
+    rank: int | None = None
+    """The LoRA rank of this run (None: the config's ``lora.r``)."""
 
     @property
     def run(self) -> str:
@@ -93,11 +98,16 @@ def plan_strategies(
     sweep: tuple[float, ...] = (0.5, 0.75),
     others: dict[str, Ranking] | None = None,
     other_fractions: tuple[float, ...] = (0.3,),
+    widths: dict[str, int] | None = None,
+    rank: int = 8,
+    matched_fraction: float = 0.3,
 ) -> list[Strategy]:
     """The runs to fine-tune: every strategy with ``seeds`` seeds (0, 1, ...), and ``random`` with at least
     ``random_runs`` (each seed draws its own selection). ``others`` maps a scorer name to its ranking
     (``taylor``, ``update-norm`` ...): each adds ``<scorer>-top-F`` for the ``other_fractions``, so cheap
-    rankings face the learnt one on the same budget."""
+    rankings face the learnt one on the same budget. ``widths`` (:func:`ila.models.layer_widths`) adds
+    ``all-rank-R``: every layer at the rank whose parameter count is nearest ILA's top ``matched_fraction``
+    at ``rank``."""
     if seeds < 1:
         raise IlaError(f"seeds must be at least 1, got {seeds}")
     order = ranking.order
@@ -124,7 +134,21 @@ def plan_strategies(
             fixed.append((f"{scorer}-top-{round(f * 100)}", scorer, tuple(other.order[: other.count(f)])))
     runs = [Strategy(name, family, len(layers) / n, layers, seed=s) for name, family, layers in fixed
             for s in range(seeds)]  # fmt: skip
+    if widths is not None:
+        matched = matched_rank(widths, order, order[: ranking.count(matched_fraction)], rank)
+        runs += [Strategy(f"all-rank-{matched}", "all-matched", 1.0, tuple(order), seed=s, rank=matched)
+                 for s in range(seeds)]  # fmt: skip
     return runs + out
+
+
+def matched_rank(widths: dict[str, int], every: list[str], chosen: list[str], rank: int) -> int:
+    """The LoRA rank R >= 1 at which ``every`` layer trains the number of parameters nearest to ``chosen``
+    at ``rank``: a rank-r LoRA on a layer of width in + out trains r * (in + out)."""
+    missing = [name for name in every if name not in widths]
+    if missing:
+        raise IlaError(f"the model has no linear module {missing[0]}; the ranking is not of this model")
+    budget = rank * sum(widths[name] for name in chosen)
+    return max(1, round(budget / sum(widths[name] for name in every)))
 
 
 def _finetune(rc: RunConfig, folder: Path, data: Path, isolated: bool = True) -> dict[str, Any]:
@@ -164,6 +188,9 @@ def _run_strategy(
     log.info("strategy %s (seed %d): %d layers", strat.name, strat.seed, len(strat.layers))
     rc = copy.deepcopy(cfg)  # the run's settings, with this strategy's selection and seed
     rc.seed = cfg.seed + strat.seed
+    if strat.rank is not None:  # the same scale alpha / r at another rank
+        rc.lora.alpha = cfg.lora.alpha * strat.rank / cfg.lora.r
+        rc.lora.r = strat.rank
     rc.stage3.ranking = str(ranking_path)
     rc.stage3.selection.mode = "list"
     rc.stage3.selection.layers = list(strat.layers)
@@ -198,6 +225,7 @@ def _run_strategy(
         "fraction": strat.fraction,
         "seed": strat.seed,
         "num_layers": len(strat.layers),
+        "lora_rank": rc.lora.r,
         "heldout_loss": quality["loss"],
         "heldout_ci95": quality["ci95"],
         "heldout_perplexity": quality["perplexity"],
@@ -244,7 +272,9 @@ def run_strategies(
             cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
         )
     ranking = Ranking.load(ranking_path)
-    strategies = strategies or plan_strategies(ranking, others=others, seeds=seeds)
+    if strategies is None:
+        widths = layer_widths(cfg.model) if cfg.stage3.method == "lora" else None
+        strategies = plan_strategies(ranking, others=others, seeds=seeds, widths=widths, rank=cfg.lora.r)
     out.mkdir(parents=True, exist_ok=True)
     data = data or out / "data"
     results = []
