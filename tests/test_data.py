@@ -484,8 +484,18 @@ def builtins() -> dict[str, tuple[list, str, int]]:
     return {name: data.read_records(name) for name in data.BUILTIN_DATASETS}
 
 
+def test_humaneval_answers_complete_the_function_they_are_given(builtins):
+    convs, _, bad = builtins["humaneval"]
+    assert len(convs) == 164 and bad == 0
+    for user, assistant in convs:
+        signature = user["content"].split("```python\n", 1)[1].removesuffix("\n```")
+        answer = assistant["content"].removeprefix("```python\n").removesuffix("\n```")
+        assert answer.startswith(signature) and len(answer) > len(signature)
+
+
 @pytest.mark.parametrize(
-    "name,at_least", [("sharegpt", 17000), ("chitchat", 4000), ("mtbench", 30), ("gsm8k", 1000)]
+    "name,at_least",
+    [("sharegpt", 17000), ("chitchat", 4000), ("mtbench", 30), ("gsm8k", 1000), ("humaneval", 164)],
 )
 def test_builtin_loads(builtins, name, at_least):
     convs, fmt, _ = builtins[name]

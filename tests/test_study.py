@@ -21,6 +21,10 @@ def test_study_on_tiny_models(tmp_path, tiny_model_dir, tiny_data_file, capsys):
                 )
                 + "\n"
             )
+    code = tmp_path / "code.jsonl"
+    with code.open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"def add_{i}(x):", "completion": f"    return x + {i}"}) + "\n")
     base = tmp_path / "base.yaml"
     base.write_text(
         yaml.safe_dump(
@@ -43,6 +47,7 @@ def test_study_on_tiny_models(tmp_path, tiny_model_dir, tiny_data_file, capsys):
                 "models": {str(tiny_model_dir): [], str(deeper): []},
                 "alignment": [str(tiny_data_file), str(other)],
                 "reasoning": [],
+                "code": [str(code)],
                 "seeds": [0, 1],
                 "seed_dataset": str(tiny_data_file),
                 "milestones": [0.5, 1.0],
@@ -64,15 +69,17 @@ def test_study_on_tiny_models(tmp_path, tiny_model_dir, tiny_data_file, capsys):
         "update-norm: seeds",
         "snr: alignment datasets",
         "ila vs update-norm on",
+        "alignment vs code (code)",
     ):
         assert group in report
     # the paper's figure stands beside the comparisons it is about, and only those
     rows = [line for line in report.splitlines() if line.startswith("| ")]
     assert any("vs deeper" in row and "weaker across models" in row for row in rows)
     assert not any("ila vs update-norm" in row and "weaker across models" in row for row in rows)
+    assert any("alignment vs code" in row and "not in the paper" in row for row in rows)
     assert not any("seeds" in row and "update-norm" in row and "stable across seeds" in row for row in rows)
     data = json.loads((out / "study.json").read_text())
-    assert data["kind"] == "ila.study" and len(data["runs"]) == 4
+    assert data["kind"] == "ila.study" and len(data["runs"]) == 5
     norm = data["groups"]["update-norm: seeds"]
     assert all(r["scorer"] == "update-norm" for r in norm["rankings"])
     assert list((out / "plots").glob("*.png"))

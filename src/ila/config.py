@@ -66,8 +66,8 @@ class DataConfig:
     """The alignment dataset and how it becomes tokens (see :mod:`ila.data`)."""
 
     name: str = "sharegpt"
-    """A builtin (``sharegpt``, ``chitchat``, ``mtbench``, ``gsm8k``), a .json/.jsonl file, a ``save_to_disk``
-    folder, or a ``datasets`` Hub name."""
+    """A builtin (``sharegpt``, ``chitchat``, ``mtbench``, ``gsm8k``, ``humaneval``), a .json/.jsonl file, a
+    ``save_to_disk`` folder, or a ``datasets`` Hub name."""
     format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = "auto"
     split: str = "train"
     subset: str | None = None

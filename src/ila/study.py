@@ -38,6 +38,7 @@ PAPER = {
     "seeds": "stable across seeds",
     "milestone": "25 % of training already agrees",
     "models": "weaker across models (~0.7 in one summary)",
+    "code": "not in the paper (an open question: do alignment rankings transfer to code?)",
 }
 
 
@@ -51,6 +52,8 @@ class StudyConfig:
     """Model name -> extra overrides for that model (e.g. a smaller batch)."""
     alignment: list[str] = field(default_factory=lambda: ["sharegpt", "chitchat", "mtbench"])
     reasoning: list[str] = field(default_factory=lambda: ["gsm8k"])
+    code: list[str] = field(default_factory=list)
+    """Code datasets (``humaneval``): a third domain, each compared with the alignment seed dataset."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     seed_dataset: str = "sharegpt"
     """Dataset on which every seed is run (the other datasets use the first seed)."""
@@ -71,7 +74,7 @@ class StudyConfig:
             raise ConfigError("seeds: name at least one seed")
         if not self.milestones or any(not 0 < m <= 1 for m in self.milestones):
             raise ConfigError("milestones: fractions in (0, 1]")
-        if self.seed_dataset not in self.alignment + self.reasoning:
+        if self.seed_dataset not in self.alignment + self.reasoning + self.code:
             raise ConfigError(f"seed_dataset: {self.seed_dataset} is not among the datasets")
 
         for scorer in self.scorers:
@@ -117,7 +120,7 @@ def _slug(name: str) -> str:
 def planned_runs(cfg: StudyConfig) -> list[StudyRun]:
     models = list(cfg.models)
     first = models[0]
-    runs = [StudyRun(first, d, cfg.seeds[0]) for d in cfg.alignment + cfg.reasoning]
+    runs = [StudyRun(first, d, cfg.seeds[0]) for d in cfg.alignment + cfg.reasoning + cfg.code]
     runs += [StudyRun(first, cfg.seed_dataset, s) for s in cfg.seeds[1:]]
     for m in models[1:]:
         runs += [StudyRun(m, d, cfg.seeds[0]) for d in cfg.cross_model_datasets]
@@ -237,6 +240,13 @@ def analyse(cfg: StudyConfig, files: dict[str, dict[str, Path]], out: Path) -> d
             [load(first_model, cfg.seed_dataset, seed0), load(first_model, cfg.reasoning[0], seed0)],
             [_slug(cfg.seed_dataset), _slug(cfg.reasoning[0])],
         )
+    for d in cfg.code:
+        add(
+            f"alignment vs code ({_slug(d)})",
+            [load(first_model, cfg.seed_dataset, seed0), load(first_model, d, seed0)],
+            [_slug(cfg.seed_dataset), _slug(d)],
+            PAPER["code"],
+        )
     add(
         "seeds",
         [load(first_model, cfg.seed_dataset, s) for s in cfg.seeds],
@@ -305,7 +315,8 @@ def render_report(cfg: StudyConfig, analysis: dict[str, Any], seconds: float, co
         f"Command: `{command}`",
         "",
         f"Models: {', '.join(cfg.models)}. Alignment data: {', '.join(cfg.alignment)}. Reasoning data: "
-        f"{', '.join(cfg.reasoning)}. Seeds: {', '.join(map(str, cfg.seeds))} (on {cfg.seed_dataset}). "
+        f"{', '.join(cfg.reasoning)}. Code data: {', '.join(cfg.code) or 'none'}. "
+        f"Seeds: {', '.join(map(str, cfg.seeds))} (on {cfg.seed_dataset}). "
         f"Milestones ranked: {', '.join(f'{m:.0%}' for m in cfg.milestones)}. "
         f"Run settings: `{cfg.base}` with `{' '.join(cfg.overrides) or 'no overrides'}`. "
         f"Wall time {seconds / 60:.0f} min.",

