@@ -84,3 +84,21 @@ def test_without_matplotlib_the_report_has_no_figures_and_says_so(run_dir, tmp_p
 def test_report_refuses_a_folder_that_is_no_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "is it an ila run directory" in capsys.readouterr().err
+
+
+def test_the_loss_figure_draws_the_held_out_curve_where_a_stage_wrote_one(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from ila import report
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig) or path)
+    training = [{"step": s, "loss": 2.0 - 0.01 * s} for s in range(5, 55, 5)]
+    curve = [
+        {"step": s, "loss": 2.1 - 0.005 * s, "ci95": [2.0 - 0.005 * s, 2.2 - 0.005 * s]} for s in (20, 40)
+    ]
+    report.plot_losses({"stage1": training, "stage3": training}, tmp_path / "a.png", {"stage3": curve})
+    stage1, stage3 = figures[0].axes
+    assert [line.get_label() for line in stage1.lines] == ["training"]
+    held = [line for line in stage3.lines if line.get_label() == "held-out"]
+    assert len(held) == 1 and list(held[0].get_xdata()) == [20, 40]
+    assert list(held[0].get_ydata()) == [r["loss"] for r in curve]

@@ -58,8 +58,15 @@ def _with_interval(entry: dict[str, Any] | None, loss: float | None) -> str:
 # figures
 
 
-def plot_losses(curves: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """Training loss against step, one panel per stage that logged one."""
+def plot_losses(
+    curves: dict[str, list[dict[str, Any]]],
+    path: Path,
+    heldout: dict[str, list[dict[str, Any]]] | None = None,
+) -> Path:
+    """Training loss against step, one panel per stage that logged one, with the held-out curve
+    (``heldout_curve.jsonl``, its 95 % interval as a band) where the stage wrote one: where the held-out loss
+    levels off is where training has converged."""
+    heldout = heldout or {}
     stages = [s for s in ("stage1", "stage3") if any("loss" in r for r in curves.get(s, []))]
     fig = new_figure(5.2 * len(stages), 3.4)
     first = None
@@ -67,9 +74,23 @@ def plot_losses(curves: dict[str, list[dict[str, Any]]], path: Path) -> Path:
         ax = fig.add_subplot(1, len(stages), i + 1, sharey=first)  # one scale: the stages compare
         first = first or ax
         rows = [r for r in curves[stage] if "loss" in r]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=_STAGE1 if i == 0 else _STAGE3)
+        color = _STAGE1 if stage == "stage1" else _STAGE3
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=color, label="training")
+        points = [r for r in heldout.get(stage, []) if r.get("loss") is not None]
+        if points:
+            steps = [r["step"] for r in points]
+            ax.plot(steps, [r["loss"] for r in points], "o-", color="black", ms=3, label="held-out")
+            bands = [r for r in points if r.get("ci95")]
+            ax.fill_between(
+                [r["step"] for r in bands],
+                [r["ci95"][0] for r in bands],
+                [r["ci95"][1] for r in bands],
+                color="black",
+                alpha=0.12,
+            )
+            ax.legend(fontsize=8)
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set_ylabel("loss")
         ax.set_title(stage.replace("stage", "stage "), fontsize=10)
         ax.grid(alpha=0.3)
     return save_figure(fig, path)
@@ -325,7 +346,9 @@ def write_report(run_dir: str | Path) -> Path:
         _image(lines, _figure(plot_heldout, heldout, figures / "heldout.png"), "held-out losses", rd.root)
     curves = {s: _records(rd.stage(s) / "metrics.jsonl") for s in ("stage1", "stage3")}
     if any(any("loss" in r for r in c) for c in curves.values()):
-        _image(lines, _figure(plot_losses, curves, figures / "loss.png"), "training loss", rd.root)
+        heldout_curves = {s: _records(rd.stage(s) / "heldout_curve.jsonl") for s in ("stage1", "stage3")}
+        figure = _figure(plot_losses, curves, figures / "loss.png", heldout_curves)
+        _image(lines, figure, "training loss and held-out curve", rd.root)
     _stage1_section(rd, s1, figures, lines)
     _stage2_section(rd, ranking, figures, lines)
     _stage3_section(rd, ranking, figures, lines)
