@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -9,11 +10,19 @@ import pytest
 from conftest import TINY_OVERRIDES
 from safetensors.torch import load_file
 
+from ila import strategies
 from ila.config import load_config
 from ila.errors import IlaError
 from ila.heldout import interval, paired_interval
 from ila.ranking import Ranking
-from ila.strategies import Strategy, matched_rank, plan_strategies, run_strategies, summarise_strategies
+from ila.strategies import (
+    Strategy,
+    matched_rank,
+    only_strategies,
+    plan_strategies,
+    run_strategies,
+    summarise_strategies,
+)
 
 
 def test_every_strategy_gets_every_seed_and_random_at_least_three_draws(
@@ -62,6 +71,7 @@ def two_seeds(tmp_path_factory, tiny_model_dir, tiny_data_file):
     tmp = tmp_path_factory.mktemp("seeds")
     cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + ["stage3.train.max_steps=2"])
     run_all(cfg, tmp / "run")
+    cfg.stage3.train.eval_steps = 1  # the strategies' held-out curves
     path = tmp / "run" / "stage2" / "ranking.json"
     ranking = Ranking.load(path)
     top = tuple(ranking.top(0.25))
@@ -110,6 +120,43 @@ def test_the_paired_difference_is_per_seed_and_over_seeds(two_seeds):
     lo, hi = vs["ci95"]
     assert lo <= vs["difference"] <= hi
     assert "vs_all" not in report["strategies"]["all"]
+
+
+def test_every_run_records_its_heldout_curve(two_seeds):
+    _, report = two_seeds
+    for row in report["results"]:
+        assert [c["step"] for c in row["heldout_curve"]] == [1, 2]
+        assert all(c["ci95"][0] <= c["loss"] <= c["ci95"][1] for c in row["heldout_curve"])
+
+
+def test_a_later_call_reuses_the_finished_runs_and_reports_their_other_seeds(two_seeds, monkeypatch):
+    tmp, report = two_seeds
+    ranking = Ranking.load(tmp / "run" / "stage2" / "ranking.json")
+    seed0 = [Strategy("all", "all", 1.0, tuple(ranking.order)),
+             Strategy("ila-top-25", "ila-top", 0.25, tuple(ranking.top(0.25)))]  # fmt: skip
+    monkeypatch.setattr(strategies, "_run_strategy", lambda *a: pytest.fail("a finished run ran again"))
+    cfg = report["cfg"]
+    again = run_strategies(cfg, tmp / "run" / "stage2" / "ranking.json", tmp / "s", strategies=seed0,
+                           isolate=False, data=tmp / "run" / "data")  # fmt: skip
+    assert sorted(r["run"] for r in again["results"]) == sorted(r["run"] for r in report["results"])
+    assert again["strategies"]["ila-top-25"]["seeds"] == [0, 1]
+    other = copy.deepcopy(cfg)
+    other.stage3.train.learning_rate *= 2
+    with pytest.raises(IlaError, match="other settings"):
+        run_strategies(other, tmp / "run" / "stage2" / "ranking.json", tmp / "s", strategies=seed0,
+                       isolate=False, data=tmp / "run" / "data")  # fmt: skip
+
+
+def test_only_keeps_the_strategies_it_names_and_refuses_a_pattern_that_matches_none(two_seeds):
+    tmp, _ = two_seeds
+    ranking = Ranking.load(tmp / "run" / "stage2" / "ranking.json")
+    runs = plan_strategies(ranking, seeds=1, widths={n: 16 for n in ranking.order}, rank=8)
+    kept = only_strategies(runs, ["all", "random-*", "all-rank-*"])
+    matched = next(s.name for s in runs if s.family == "all-matched")
+    assert {s.name for s in kept} == {"all", "random-10", "random-20", "random-30", matched}
+    assert len([s for s in kept if s.name == "random-30"]) == 3
+    with pytest.raises(IlaError, match="no strategy matches 'ila-top-33'"):
+        only_strategies(runs, ["all", "ila-top-33"])
 
 
 def test_a_paired_interval_is_narrower_than_the_two_intervals_side_by_side():

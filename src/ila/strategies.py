@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import fnmatch
+import hashlib
 import logging
 import multiprocessing
 import random as _random
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 
 from .adapters import lm_eval_source, load_result
-from .artifacts import envelope, read_json, write_json_atomic
+from .artifacts import envelope, read_json, read_jsonl, write_json_atomic
 from .batching import choose_batching
 from .config import RunConfig
 from .errors import IlaError
@@ -151,6 +153,35 @@ def matched_rank(widths: dict[str, int], every: list[str], chosen: list[str], ra
     return max(1, round(budget / sum(widths[name] for name in every)))
 
 
+def only_strategies(runs: list[Strategy], patterns: list[str]) -> list[Strategy]:
+    """The runs whose strategy name matches one of ``patterns`` (names or shell patterns such as
+    ``random-*``); a pattern that matches none is an error, so that a typo does not silently drop a
+    strategy from the comparison."""
+    names = list(dict.fromkeys(r.name for r in runs))
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise IlaError(f"no strategy matches {pattern!r}; the strategies are: {', '.join(names)}")
+    return [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in patterns)]
+
+
+def _settings_sha256(cfg: RunConfig, ranking_path: Path) -> str:
+    """What a strategy run depends on besides its selection and seed: the stage-3 settings (model, data,
+    LoRA, schedule) and the ranking the selections come from."""
+    blob = cfg.stage_sha256("stage3") + hashlib.sha256(ranking_path.read_bytes()).hexdigest()
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _reuse(done: Path, settings: str) -> dict[str, Any]:
+    """A finished run's result, if it was fine-tuned with these settings."""
+    result = read_json(done, "strategy result")
+    if result.get("settings_sha256") != settings:
+        raise IlaError(
+            f"{done.parent} was fine-tuned with other settings (config or ranking) than this comparison's; "
+            "use another --out, or remove that folder to run it again"
+        )
+    return result
+
+
 def _finetune(rc: RunConfig, folder: Path, data: Path, isolated: bool = True) -> dict[str, Any]:
     """Stage 3 for one strategy; without a CUDA peak, the process's peak resident set size stands in."""
     summary = stage3(rc, folder, data=data)
@@ -194,12 +225,19 @@ def _run_strategy(
     rc.stage3.ranking = str(ranking_path)
     rc.stage3.selection.mode = "list"
     rc.stage3.selection.layers = list(strat.layers)
-    rc.stage3.train.eval_heldout = False
+    # the final held-out loss is measured below; during training only where a curve is asked for
+    rc.stage3.train.eval_heldout = rc.stage3.train.eval_steps > 0
     prepare_run_dir(rc, folder)
     start = time.perf_counter()
     summary = _finetune_isolated(rc, folder, data) if isolate else _finetune(rc, folder, data, isolated=False)
     seconds = time.perf_counter() - start
-    result_dir = RunDir(folder).stage3_output(rc.stage3.method)
+    run_dir = RunDir(folder)
+    result_dir = run_dir.stage3_output(rc.stage3.method)
+    curve_path = run_dir.stage("stage3") / "heldout_curve.jsonl"
+    curve = [
+        {"step": c["step"], "loss": c["loss"], "ci95": c["ci95"]}
+        for c in (read_jsonl(curve_path) if curve_path.is_file() else [])
+    ]
     model = load_result(rc.model, result_dir)
     batch = rc.stage3.train.batch_size
     batching = choose_batching(model, rc.data.padding_free)
@@ -241,6 +279,8 @@ def _run_strategy(
         "peak_memory_mb": summary["peak_memory_mb"],
         "peak_memory_kind": summary.get("peak_memory_kind", "CUDA max allocated"),
         "train_seconds": seconds,
+        # the held-out loss during training (stage3.train.eval_steps): where each strategy levels off
+        "heldout_curve": curve,
     }
     return result
 
@@ -258,13 +298,15 @@ def run_strategies(
     generate: int = 0,
     seeds: int = 1,
     data: Path | None = None,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune and evaluate every run (:func:`plan_strategies` with ``seeds``); completed ones (their
     ``result.json``) are reused.
 
     ``isolate`` (default: on unless the model runs on CUDA) fine-tunes each strategy in its own process so
     that peak memory is measured per strategy. ``data`` holds the tokenized examples (default ``out/data``;
-    the run directory's ``data`` folder shares the run's). ``generate`` > 0 also answers the first
+    the run directory's ``data`` folder shares the run's). ``only`` keeps the strategies whose names match
+    one of these patterns (:func:`only_strategies`). ``generate`` > 0 also answers the first
     ``generate`` MT-Bench questions with the base model, ``all`` and the ILA selections
     (``generations.md``)."""
     if isolate is None:
@@ -275,16 +317,19 @@ def run_strategies(
     if strategies is None:
         widths = layer_widths(cfg.model) if cfg.stage3.method == "lora" else None
         strategies = plan_strategies(ranking, others=others, seeds=seeds, widths=widths, rank=cfg.lora.r)
+    if only:
+        strategies = only_strategies(strategies, only)
     out.mkdir(parents=True, exist_ok=True)
     data = data or out / "data"
     results = []
     heldout = general = None
     tokenizer = load_tokenizer(cfg.model)
+    settings = _settings_sha256(cfg, ranking_path)
     for strat in progress(strategies, "strategies", total=len(strategies), unit="strategy"):
         folder = out / strat.run
         done = folder / "result.json"
         if done.is_file():
-            results.append(read_json(done))
+            results.append(_reuse(done, settings))
             continue
         if heldout is None:
             heldout = load_datasets(cfg, tokenizer, out / ".data", data)[1]
@@ -293,8 +338,15 @@ def run_strategies(
         result = _run_strategy(
             cfg, strat, ranking_path, folder, tokenizer, heldout, general, isolate, tasks, limit, data
         )
+        result["settings_sha256"] = settings
         write_json_atomic(done, result)
         results.append(result)
+    # the other seeds of these strategies that an earlier call ran (--seeds 3 --only ...): reported too
+    planned = {s.run for s in strategies}
+    for name in dict.fromkeys(s.name for s in strategies):
+        for done in sorted(out.glob(f"{name}-seed*/result.json")):
+            if done.parent.name not in planned and done.parent.name[len(name) + 5 :].isdigit():
+                results.append(_reuse(done, settings))
     if generate > 0:
         # The base model, plain LoRA and the ILA selections: enough for a person to read the difference.
         adapters = {

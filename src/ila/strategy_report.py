@@ -201,6 +201,7 @@ def compare_strategies(
     scorers: tuple[str, ...] = (),
     generate: int = 0,
     seeds: int = 1,
+    only: list[str] | None = None,
 ) -> Path:
     """Every strategy of :func:`plan_strategies` on the run's stage-3 budget; ``scorers`` adds the top 30 % of
     other scorers' rankings (``stage2/ranking-<scorer>.json``, computed first where missing)."""
@@ -227,6 +228,7 @@ def compare_strategies(
         others=others,
         generate=generate,
         seeds=seeds,
+        only=only,
     )
     report["command"] = command
     write_json_atomic(out / "strategies.json", report)

@@ -174,6 +174,7 @@ def _compare_strategies_command(args: argparse.Namespace) -> int:
         scorers=tuple(args.scorers),
         generate=args.generate,
         seeds=args.seeds,
+        only=args.only,
         command=args.invocation,
     )
     print(report.read_text())

@@ -165,6 +165,14 @@ def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
         choices=[n for n in SCORER_NAMES if n != "ila"],
         help="also fine-tune the top 30 %% of these scorers' rankings (computed first where missing)",
     )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="STRATEGY",
+        help="run and report only these strategies (names or shell patterns, e.g. all ila-top-30 "
+        "'random-*' 'all-rank-*'); the others' finished runs stay in --out for a later call",
+    )
 
     p = sub.add_parser(
         "study", help="the stability study: rankings across datasets, seeds, milestones, models"

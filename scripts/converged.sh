@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The converged strategy comparison of one model (config converged-<model>): stages 1 and 2, the cheap
+# scorers, then the strategies the verdicts rest on with 3 seeds, then the rest of the grid with one.
+#
+#   bash scripts/converged.sh smollm2 > runs/converged-smollm2.log 2>&1 &
+#
+# Resumable: a finished strategy run (its result.json) is never run again, and every minute the small files
+# that the report needs (rankings, each run's result.json and curves) are copied into
+# docs/results/converged/<model>/, from where a fresh checkout restores them before it starts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=${1:-smollm2}
+config=converged-$model
+run=runs/converged-$model
+out=runs/converged-$model-strategies
+keep=docs/results/converged/$model
+verdict=(all ila-drop-bottom-25 ila-top-30 random-30 'all-rank-*')
+scorers=(taylor update-norm snr)
+
+[ -x .venv/bin/ila ] || bash scripts/bootstrap.sh
+# shellcheck disable=SC1091
+source .venv/bin/activate
+
+restore() {  # what an earlier run kept, back where the commands look for it
+    mkdir -p "$run/stage2" "$out"
+    for f in "$keep"/stage2/ranking*.json; do
+        [ -e "$f" ] && [ ! -e "$run/stage2/$(basename "$f")" ] && cp "$f" "$run/stage2/"
+    done
+    for f in "$keep"/runs/*/result.json; do
+        [ -e "$f" ] || continue
+        dest=$out/$(basename "$(dirname "$f")")
+        [ -e "$dest/result.json" ] || { mkdir -p "$dest" && cp "$f" "$dest/"; }
+    done
+    return 0
+}
+
+save() {  # the small files, into the results folder
+    mkdir -p "$keep/stage2" "$keep/runs"
+    for f in "$run"/stage2/ranking*.json "$run"/stage1/summary.json "$run"/stage1/stability.json \
+        "$run"/stage1/heldout_curve.jsonl "$run"/stage2/summary.json; do
+        [ -e "$f" ] || continue
+        mkdir -p "$keep/$(basename "$(dirname "$f")")"
+        cp "$f" "$keep/$(basename "$(dirname "$f")")/"
+    done
+    for f in "$out"/*/result.json; do
+        [ -e "$f" ] || continue
+        mkdir -p "$keep/runs/$(basename "$(dirname "$f")")"
+        cp "$f" "$keep/runs/$(basename "$(dirname "$f")")/"
+    done
+    for f in "$out"/strategies.json "$out"/strategies.md "$out"/*.png; do [ -e "$f" ] && cp "$f" "$keep/"; done
+    return 0
+}
+
+restore
+if [ ! -f "$run/stage2/ranking.json" ]; then
+    ila train --config "$config" --run-dir "$run"
+    ila score --config "$config" --run-dir "$run"
+fi
+save
+(while sleep 60; do save; done) &
+watcher=$!
+trap 'kill $watcher 2>/dev/null || true; save' EXIT
+
+common=(--config "$config" --run-dir "$run" --out "$out" --scorers "${scorers[@]}")
+ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}"
+ila compare-strategies "${common[@]}" --seeds 1
