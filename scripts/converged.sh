@@ -36,7 +36,7 @@ restore() {  # what an earlier run kept, back where the commands look for it
 
 save() {  # the small files, into the results folder
     mkdir -p "$keep/stage2" "$keep/runs"
-    for f in "$run"/stage2/ranking*.json "$run"/stage1/summary.json "$run"/stage1/stability.json \
+    for f in "$run"/stage2/ranking*.json "$run"/stage1/summary.json "$run"/stage1/stability.jsonl \
         "$run"/stage1/heldout_curve.jsonl "$run"/stage2/summary.json; do
         [ -e "$f" ] || continue
         mkdir -p "$keep/$(basename "$(dirname "$f")")"

@@ -147,6 +147,26 @@ def test_a_later_call_reuses_the_finished_runs_and_reports_their_other_seeds(two
                        isolate=False, data=tmp / "run" / "data")  # fmt: skip
 
 
+def test_a_comparison_runs_the_first_seed_of_every_strategy_before_any_second(two_seeds, monkeypatch):
+    tmp, report = two_seeds
+    ranking = Ranking.load(tmp / "run" / "stage2" / "ranking.json")
+    planned = [Strategy(name, "x", 1.0, tuple(ranking.order), seed=s)
+               for name in ("all", "ila-top-25") for s in (0, 1)]  # fmt: skip
+    order = []
+
+    def record(cfg, strat, *args):  # noqa: ANN001, ANN002
+        order.append(strat.run)
+        if len(order) == 2:
+            raise KeyboardInterrupt  # the session is cut off
+        return {"run": strat.run}
+
+    monkeypatch.setattr(strategies, "_run_strategy", record)
+    with pytest.raises(KeyboardInterrupt):
+        run_strategies(report["cfg"], tmp / "run" / "stage2" / "ranking.json", tmp / "fresh",
+                       strategies=planned, isolate=False, data=tmp / "run" / "data")  # fmt: skip
+    assert order == ["all-seed0", "ila-top-25-seed0"]
+
+
 def test_only_keeps_the_strategies_it_names_and_refuses_a_pattern_that_matches_none(two_seeds):
     tmp, _ = two_seeds
     ranking = Ranking.load(tmp / "run" / "stage2" / "ranking.json")

@@ -319,6 +319,8 @@ def run_strategies(
         strategies = plan_strategies(ranking, others=others, seeds=seeds, widths=widths, rank=cfg.lora.r)
     if only:
         strategies = only_strategies(strategies, only)
+    # seed by seed: a comparison cut short has the first seed of every strategy before any second one
+    strategies = sorted(strategies, key=lambda s: s.seed)
     out.mkdir(parents=True, exist_ok=True)
     data = data or out / "data"
     results = []
@@ -385,8 +387,12 @@ def _paired(run: dict[str, Any], reference: dict[str, Any], metric: str) -> tupl
     return run[f"{metric}_loss"] - reference[f"{metric}_loss"], paired_interval(*pair)
 
 
-def _versus(runs: list[dict[str, Any]], refs: dict[int, dict[str, Any]], metric: str) -> dict[str, Any]:
-    """The paired difference of ``runs`` with ``all`` (run k against its run k, or its run 0)."""
+def paired_difference(
+    runs: list[dict[str, Any]], refs: dict[int, dict[str, Any]], metric: str = "heldout"
+) -> dict[str, Any]:
+    """The paired difference of ``runs`` (results of one strategy) with ``refs`` (another's, by seed): run k
+    against ref k, or against the first ref where there is no k, on the same examples. With two or more runs
+    the interval is the t-interval over seeds; with one, the bootstrap over examples."""
     pairs = [_paired(r, refs.get(r["seed"], refs[min(refs)]), metric) for r in runs]
     diffs = [d for d, _ in pairs]
     diff, diff_ci = mean_interval(diffs)
@@ -427,6 +433,6 @@ def summarise_strategies(results: list[dict[str, Any]]) -> dict[str, dict[str, A
         every = runs + list(refs.values())
         for metric, key in (("heldout", "vs_all"), ("forgetting", "forgetting_vs_all")):
             if refs and name != "all" and all(f"{metric}_examples" in r for r in every):
-                entry[key] = _versus(runs, refs, metric)
+                entry[key] = paired_difference(runs, refs, metric)
         out[name] = entry
     return out
