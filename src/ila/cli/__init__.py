@@ -182,6 +182,27 @@ def _compare_strategies_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verdict_command(args: argparse.Namespace) -> int:
+    from ..artifacts import envelope, read_json, write_json_atomic, write_text_atomic
+    from ..verdict import render_verdicts, to_json, verdicts
+
+    reports = []
+    for spec in args.reports:
+        path, _, regime = spec.partition("=")
+        reports.append((read_json(path, "report"), regime or Path(path).parent.name))
+    rows = verdicts(reports)
+    table = render_verdicts(rows)
+    if args.out:
+        write_text_atomic(args.out, table)
+    if args.json:
+        write_json_atomic(
+            args.json, {**envelope("ila.verdict"), "reports": args.reports, "rows": to_json(rows)}
+        )
+    print(table)
+    print("How each verdict is decided: python -c 'import ila.verdict; help(ila.verdict)'")
+    return 0
+
+
 def _evaluate_command(args: argparse.Namespace) -> int:
 
     cfg, run_dir = _resolve(args)
@@ -348,6 +369,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "evaluate": _evaluate_command,
     "compare-strategies": _compare_strategies_command,
     "study": _study_command,
+    "verdict": _verdict_command,
     "select": _selection_command,
     "export": _selection_command,
     "compare": _compare_command,

@@ -280,6 +280,21 @@ def _add_ranking_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plots", action="store_true", help="write compare.json and compare.md only")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
+    p = sub.add_parser(
+        "verdict",
+        help="the paper's claims against a strategy comparison and a study: agrees, does not, cannot tell",
+    )
+    p.add_argument(
+        "reports",
+        nargs="+",
+        metavar="REPORT[=REGIME]",
+        help="strategies.json or study.json files, each with the regime its numbers come from "
+        "(default: its folder's name), e.g. runs/s/strategies.json=converged",
+    )
+    p.add_argument("--out", metavar="FILE", help="also write the table (Markdown) to FILE")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ranking", metavar="RANKING", help="a ranking.json (e.g. runs/demo/stage2/ranking.json)")

@@ -1,0 +1,281 @@
+"""The paper's claims held against measured numbers: one row per claim, with our number, its interval or
+p-value, and "agrees", "does not" or "cannot tell at this scale".
+
+    ila verdict docs/results/converged/smollm2/strategies.json=converged docs/results/study/study.json
+
+The claims (Shi et al., arXiv 2410.17875, as summarised in ``shared/ila-method.md``) and the rules that
+decide each row, so that a verdict is computed, never written by hand:
+
+- *Freezing the bottom 25 % beats tuning every layer*: the paired held-out difference of
+  ``ila-drop-bottom-25`` with ``all``; agrees when its 95 % interval lies below 0, does not when above,
+  cannot tell when it straddles 0.
+- *The top 10-30 % come close to tuning every layer*: the share of ``all``'s gain over the base model that
+  ``ila-top-F`` recovers, (base - F) / (base - all), with the interval the paired difference gives it;
+  "close" is :data:`CLOSE` or more: agrees when the interval is above it, does not when below.
+- Two checks a sceptic asks for, which the paper does not state: ILA's top 30 % against a random 30 % and
+  against every layer at the equal-parameter rank (``all-rank-R``); agrees when ILA is better with an
+  interval below 0.
+- *~90 % of the important layers are shared across alignment datasets*: the mean Jaccard of the top 30 %;
+  agrees at :data:`HIGH_OVERLAP` or more. Below it, the seed-to-seed overlap on one dataset is the ceiling
+  that noise leaves: when that is below :data:`HIGH_OVERLAP` too and the datasets reach it within
+  :data:`NOISE_MARGIN`, the run cannot tell a dataset effect from noise; otherwise the claim does not hold.
+- *Stable across seeds* and *at 25 % of training*: agrees when the top-30 % overlap is beyond chance
+  (the largest p-value of the pairs under :data:`ALPHA`) and the Spearman correlation of all scores is
+  :data:`STABLE_SPEARMAN` or more; does not when the overlap is at chance.
+- *Weaker across models*: agrees when the cross-model Jaccard is below the within-model cross-dataset one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import IlaError
+from .strategies import paired_difference
+
+CLOSE = 0.9
+"""The share of ``all``'s gain that counts as "close to all"."""
+HIGH_OVERLAP = 0.85
+"""The top-30 % Jaccard that counts as the paper's "~90 %"."""
+NOISE_MARGIN = 0.05
+"""How far below the seed-to-seed overlap the cross-dataset overlap may fall and still be noise."""
+STABLE_SPEARMAN = 0.9
+"""The rank correlation of all scores that counts as "stable"."""
+ALPHA = 0.01
+FRACTION = 0.3
+"""The top fraction the overlap claims are read at."""
+
+Outcome = Literal["agrees", "does not", "cannot tell at this scale"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One claim against one measurement."""
+
+    claim: str
+    paper: str
+    measured: str
+    verdict: Outcome
+    regime: str
+    """Which results: the label given with the report (e.g. ``20 steps``, ``converged``)."""
+
+
+def _interval(ci: Sequence[float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def _sign(ci: Sequence[float], better_below: bool = True) -> Outcome:
+    """agrees when the interval lies on the claimed side of 0, does not when on the other."""
+    lo, hi = ci
+    if hi < 0:
+        return "agrees" if better_below else "does not"
+    if lo > 0:
+        return "does not" if better_below else "agrees"
+    return "cannot tell at this scale"
+
+
+def _over(diff: Mapping[str, Any]) -> str:
+    return f"{diff['interval_over']}, n={len(diff['per_seed'])}"
+
+
+def strategy_verdicts(report: Mapping[str, Any], regime: str) -> list[Verdict]:
+    """The rows that a strategy comparison (``strategies.json``) decides."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in report["results"]:
+        by_name.setdefault(r["name"], []).append(r)
+    if "all" not in by_name:
+        raise IlaError("the strategy comparison has no `all` runs: nothing to hold the claims against")
+    base = report.get("base_heldout_loss")
+    all_loss = float(np.mean([r["heldout_loss"] for r in by_name["all"]]))
+    rows = []
+
+    def versus(name: str, other: str = "all") -> dict[str, Any] | None:
+        if name not in by_name or other not in by_name:
+            return None
+        return paired_difference(by_name[name], {r["seed"]: r for r in by_name[other]})
+
+    drop = next((n for n in by_name if n.startswith("ila-drop-bottom-")), None)
+    if drop:
+        d = versus(drop)
+        rows.append(
+            Verdict(
+                f"freezing the bottom {drop.rsplit('-', 1)[1]} % beats tuning every layer",
+                "better than all layers",
+                f"held-out loss vs all {d['difference']:+.4f}{_interval(d['ci95'])} ({_over(d)})",
+                _sign(d["ci95"]),
+                regime,
+            )
+        )
+    gain = None if base is None else base - all_loss
+    for pct in (10, 20, 30):
+        name = f"ila-top-{pct}"
+        d = versus(name)
+        if d is None or gain is None:
+            continue
+        if gain <= 0:
+            rows.append(
+                Verdict(
+                    f"the top {pct} % come close to all layers",
+                    "close to all layers",
+                    f"all layers did not improve on the base model ({all_loss:.4f} vs {base:.4f})",
+                    "cannot tell at this scale",
+                    regime,
+                )
+            )
+            continue
+        share = 1 - d["difference"] / gain
+        lo, hi = 1 - d["ci95"][1] / gain, 1 - d["ci95"][0] / gain
+        outcome: Outcome = (
+            "agrees" if lo >= CLOSE else "does not" if hi < CLOSE else "cannot tell at this scale"
+        )
+        rows.append(
+            Verdict(
+                f"the top {pct} % come close to all layers",
+                f"close to all layers (here: at least {CLOSE:.0%} of its gain)",
+                f"{share:.0%} of the gain [{lo:.0%}, {hi:.0%}] ({_over(d)})",
+                outcome,
+                regime,
+            )
+        )
+    matched = next((n for n in by_name if n.startswith("all-rank-")), None)
+    for other, claim in (
+        ("random-30", "ILA's top 30 % beats a random 30 %"),
+        (matched, "ILA's top 30 % beats every layer at the same parameter count"),
+    ):
+        d = versus("ila-top-30", other) if other else None
+        if d is None:
+            continue
+        rows.append(
+            Verdict(
+                claim + (f" ({other})" if other == matched else ""),
+                "not stated (a sceptic's baseline)",
+                f"held-out loss vs {other} {d['difference']:+.4f}{_interval(d['ci95'])} ({_over(d)})",
+                _sign(d["ci95"]),
+                regime,
+            )
+        )
+    return rows
+
+
+def _overlap(group: Mapping[str, Any], fraction: float = FRACTION) -> dict[str, float]:
+    """Mean Jaccard, its random expectation, the largest p-value and the mean Spearman over a group's
+    pairs, at ``fraction``."""
+    cells = []
+    for pair in group["pairs"]:
+        at = [f for f in pair["fractions"] if abs(f["fraction"] - fraction) < 1e-9]
+        if not at:
+            raise IlaError(f"the comparison has no top-{fraction:.0%} overlap")
+        cells.append((at[0], pair.get("spearman")))
+    if not cells:
+        raise IlaError("the comparison has no pairs")
+    rhos = [rho for _, rho in cells if rho is not None]
+    return {
+        "jaccard": float(np.mean([c["jaccard"] for c, _ in cells])),
+        "random": float(np.mean([c["expected_random"] for c, _ in cells])),
+        "p": max(c["p_value"] for c, _ in cells),
+        "spearman": float(np.mean(rhos)) if rhos else float("nan"),
+        "pairs": len(cells),
+    }
+
+
+def _models(group: Mapping[str, Any]) -> int:
+    """How many base models a comparison's rankings come from."""
+    return len({r["base_model"].get("name") for r in group["rankings"]})
+
+
+def _describe(o: Mapping[str, float]) -> str:
+    return (
+        f"Jaccard {o['jaccard']:.2f} (random {o['random']:.2f}, max p {o['p']:.2g}), "
+        f"Spearman {o['spearman']:.2f}, {o['pairs']} pair{'s' if o['pairs'] != 1 else ''}"
+    )
+
+
+def study_verdicts(study: Mapping[str, Any], regime: str) -> list[Verdict]:
+    """The rows that a study (``study.json``) decides, from the groups it compared."""
+    groups = study["groups"]
+    rows = []
+    seeds = _overlap(groups["seeds"]) if "seeds" in groups else None
+    datasets = _overlap(groups["alignment datasets"]) if "alignment datasets" in groups else None
+    if datasets:
+        j = datasets["jaccard"]
+        if j >= HIGH_OVERLAP:
+            outcome: Outcome = "agrees"
+        elif seeds and seeds["jaccard"] < HIGH_OVERLAP and j >= seeds["jaccard"] - NOISE_MARGIN:
+            outcome = "cannot tell at this scale"
+        else:
+            outcome = "does not"
+        ceiling = f"; seeds on one dataset: {seeds['jaccard']:.2f}" if seeds else ""
+        rows.append(
+            Verdict(
+                "~90 % of the important layers are shared across alignment datasets",
+                "~0.90 (LLaMA-2-7B; Alpaca-GPT4, LIMA, No Robots)",
+                _describe(datasets) + ceiling,
+                outcome,
+                regime,
+            )
+        )
+    stable = [("seeds", "the ranking is stable across seeds", "stable across seeds")]
+    stable += [
+        (name, "the ranking at 25 % of training already agrees", "25-50 % of training gives the ranking")
+        for name in groups
+        if name.startswith("milestone 025")
+    ]
+    for name, claim, paper in stable:
+        if name not in groups:
+            continue
+        o = _overlap(groups[name])
+        if o["p"] < ALPHA and o["spearman"] >= STABLE_SPEARMAN:
+            outcome = "agrees"
+        elif o["p"] >= ALPHA:
+            outcome = "does not"
+        else:
+            outcome = "cannot tell at this scale"
+        rows.append(Verdict(claim, paper, _describe(o), outcome, regime))
+    across = [name for name, g in groups.items() if _models(g) > 1]
+    if datasets and across:
+        models = [_overlap(groups[name]) for name in across]
+        j = float(np.mean([m["jaccard"] for m in models]))
+        rows.append(
+            Verdict(
+                "the important layers agree less across models",
+                "weaker across models",
+                f"across models Jaccard {j:.2f} ({', '.join(across)}) vs across datasets "
+                f"{datasets['jaccard']:.2f}",
+                "agrees" if j < datasets["jaccard"] else "does not",
+                regime,
+            )
+        )
+    return rows
+
+
+def verdicts(reports: Sequence[tuple[Mapping[str, Any], str]]) -> list[Verdict]:
+    """Every row that the given reports (strategy comparisons and studies, each with its regime label)
+    decide, in the order given."""
+    rows: list[Verdict] = []
+    for report, regime in reports:
+        kind = report.get("kind")
+        if kind == "ila.strategies":
+            rows += strategy_verdicts(report, regime)
+        elif kind == "ila.study" or "groups" in report:
+            rows += study_verdicts(report, regime)
+        else:
+            raise IlaError(f"not a strategy comparison or a study (kind {kind!r})")
+    return rows
+
+
+def render_verdicts(rows: Sequence[Verdict]) -> str:
+    """The rows as a Markdown table, claims in the order given."""
+    lines = [
+        "| the paper's claim | the paper | measured (95 % interval) | regime | verdict |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for v in rows:
+        lines.append(f"| {v.claim} | {v.paper} | {v.measured} | {v.regime} | **{v.verdict}** |")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(rows: Sequence[Verdict]) -> list[dict[str, Any]]:
+    return [asdict(v) for v in rows]

@@ -1,0 +1,141 @@
+"""The verdict rows: computed from a strategy comparison and a study, in the direction each claim states."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ila.cli import main
+from ila.errors import IlaError
+from ila.verdict import CLOSE, render_verdicts, strategy_verdicts, study_verdicts, verdicts
+
+BASE = 2.0
+COUNTS = np.full(60, 20.0)
+
+
+def _run(name: str, loss: float, seed: int = 0, noise: float = 0.01) -> dict:
+    """A run whose held-out loss is ``loss`` on average, per example ``loss`` plus seeded noise."""
+    rng = np.random.default_rng(seed)
+    difficulty = np.random.default_rng(99).normal(0, 0.3, COUNTS.size)  # shared by every run: pairs cancel it
+    per = loss + difficulty + rng.normal(0, noise, COUNTS.size)
+    per += loss - float((per * COUNTS).sum() / COUNTS.sum())  # exactly ``loss``, token-weighted
+    return {
+        "name": name,
+        "seed": seed,
+        "heldout_loss": loss,
+        "heldout_examples": {"sums": (per * COUNTS).tolist(), "counts": COUNTS.tolist()},
+    }
+
+
+def _report(losses: dict[str, list[float]]) -> dict:
+    rows = [_run(name, loss, seed) for name, per_seed in losses.items() for seed, loss in enumerate(per_seed)]
+    return {"kind": "ila.strategies", "base_heldout_loss": BASE, "results": rows}
+
+
+def _rows(report: dict) -> dict[str, object]:
+    return {v.claim: v for v in strategy_verdicts(report, "converged")}
+
+
+def test_freezing_the_bottom_agrees_only_when_it_is_better_than_all():
+    better = _rows(_report({"all": [1.80, 1.81, 1.79], "ila-drop-bottom-25": [1.78, 1.79, 1.77]}))
+    worse = _rows(_report({"all": [1.80, 1.81, 1.79], "ila-drop-bottom-25": [1.82, 1.83, 1.81]}))
+    mixed = _rows(_report({"all": [1.80, 1.81, 1.79], "ila-drop-bottom-25": [1.79, 1.82, 1.79]}))
+    claim = "freezing the bottom 25 % beats tuning every layer"
+    assert better[claim].verdict == "agrees"
+    assert worse[claim].verdict == "does not"
+    assert mixed[claim].verdict == "cannot tell at this scale"
+    assert "seeds, n=3" in better[claim].measured
+
+
+def test_close_to_all_is_read_as_the_share_of_the_gain():
+    # all gains 0.20 over the base model; the top 30 % gains 0.19 (95 %) or 0.10 (50 %)
+    close = _rows(_report({"all": [1.80, 1.80], "ila-top-30": [1.81, 1.81]}))
+    far = _rows(_report({"all": [1.80, 1.80], "ila-top-30": [1.90, 1.90]}))
+    claim = "the top 30 % come close to all layers"
+    assert close[claim].verdict == "agrees" and close[claim].measured.startswith("95%")
+    assert far[claim].verdict == "does not" and far[claim].measured.startswith("50%")
+    assert f"{CLOSE:.0%}" in far[claim].paper
+
+
+def test_the_sceptics_baselines_compare_ila_with_random_and_the_matched_rank():
+    rows = _rows(_report({"all": [1.8], "ila-top-30": [1.85], "random-30": [1.9], "all-rank-2": [1.82]}))
+    assert rows["ILA's top 30 % beats a random 30 %"].verdict == "agrees"
+    matched = rows["ILA's top 30 % beats every layer at the same parameter count (all-rank-2)"]
+    assert matched.verdict == "does not"
+    assert "held-out examples, n=1" in matched.measured
+
+
+def test_a_comparison_without_all_or_a_base_is_refused_or_skipped():
+    with pytest.raises(IlaError, match="no `all` runs"):
+        strategy_verdicts(_report({"ila-top-30": [1.8]}), "x")
+    no_base = _report({"all": [1.8], "ila-top-30": [1.85]})
+    del no_base["base_heldout_loss"]
+    assert not [v for v in strategy_verdicts(no_base, "x") if "close" in v.claim]
+
+
+def _group(jaccard: float, p: float, spearman: float, models: tuple[str, ...] = ("m", "m")) -> dict:
+    return {
+        "rankings": [{"base_model": {"name": m}} for m in models],
+        "pairs": [
+            {
+                "spearman": spearman,
+                "fractions": [{"fraction": 0.3, "jaccard": jaccard, "expected_random": 0.18, "p_value": p}],
+            }
+        ],
+    }
+
+
+def _study(datasets: float, seeds: float, across: float, seeds_p: float = 1e-9) -> dict:
+    return {
+        "kind": "ila.study",
+        "groups": {
+            "alignment datasets": _group(datasets, 1e-9, 0.9),
+            "seeds": _group(seeds, seeds_p, 0.95),
+            "milestone 025% vs 100%": _group(0.8, 1e-9, 0.8),
+            "a vs b on sharegpt": _group(across, 0.04, 0.5, ("a", "b")),
+        },
+    }
+
+
+def test_the_dataset_overlap_is_held_against_the_paper_and_the_seed_noise():
+    def verdict(study: dict) -> str:
+        rows = {v.claim: v.verdict for v in study_verdicts(study, "converged")}
+        return rows["~90 % of the important layers are shared across alignment datasets"]
+
+    assert verdict(_study(datasets=0.9, seeds=0.95, across=0.3)) == "agrees"
+    assert verdict(_study(datasets=0.58, seeds=0.95, across=0.3)) == "does not"
+    assert verdict(_study(datasets=0.58, seeds=0.60, across=0.3)) == "cannot tell at this scale"
+    assert verdict(_study(datasets=0.50, seeds=0.69, across=0.3)) == "does not"
+
+
+def test_stability_needs_overlap_beyond_chance_and_rank_agreement():
+    rows = {v.claim: v.verdict for v in study_verdicts(_study(0.6, 0.7, 0.3), "x")}
+    assert rows["the ranking is stable across seeds"] == "agrees"
+    assert rows["the ranking at 25 % of training already agrees"] == "cannot tell at this scale"  # rho 0.8
+    at_chance = {v.claim: v.verdict for v in study_verdicts(_study(0.6, 0.2, 0.3, seeds_p=0.4), "x")}
+    assert at_chance["the ranking is stable across seeds"] == "does not"
+
+
+def test_weaker_across_models_compares_with_the_within_model_overlap():
+    weaker = {v.claim: v.verdict for v in study_verdicts(_study(0.6, 0.7, across=0.3), "x")}
+    stronger = {v.claim: v.verdict for v in study_verdicts(_study(0.6, 0.7, across=0.7), "x")}
+    claim = "the important layers agree less across models"
+    assert weaker[claim] == "agrees" and stronger[claim] == "does not"
+
+
+def test_the_command_prints_one_row_per_claim_and_its_regime(tmp_path, capsys):
+    strategies = tmp_path / "strategies.json"
+    strategies.write_text(json.dumps(_report({"all": [1.8], "ila-drop-bottom-25": [1.79]})))
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps(_study(0.6, 0.7, 0.3)))
+    out = tmp_path / "verdict.md"
+    assert main(["verdict", f"{strategies}=converged", f"{study}=40 steps", "--out", str(out)]) == 0
+    table = out.read_text()
+    assert table == capsys.readouterr().out.split("\n\n", 1)[0] + "\n"
+    assert "| converged | **" in table and "| 40 steps | **" in table
+    assert table == render_verdicts(verdicts([(json.loads(strategies.read_text()), "converged"),
+                                              (json.loads(study.read_text()), "40 steps")]))  # fmt: skip
+    assert main(["verdict", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
