@@ -129,6 +129,17 @@ def test_every_run_records_its_heldout_curve(two_seeds):
         assert all(c["ci95"][0] <= c["loss"] <= c["ci95"][1] for c in row["heldout_curve"])
 
 
+def test_the_curves_are_drawn_where_the_runs_recorded_them(two_seeds, tmp_path):
+    from ila.strategy_report import plot_strategies
+
+    _, report = two_seeds
+    drawn = {p.name for p in plot_strategies(report, tmp_path)}
+    assert "heldout-curves.png" in drawn
+    assert (tmp_path / "heldout-curves.png").read_bytes()[:4] == b"\x89PNG"
+    bare = {**report, "results": [{**r, "heldout_curve": []} for r in report["results"]]}
+    assert "heldout-curves.png" not in {p.name for p in plot_strategies(bare, tmp_path / "bare")}
+
+
 def test_a_later_call_reuses_the_finished_runs_and_reports_their_other_seeds(two_seeds, monkeypatch):
     tmp, report = two_seeds
     ranking = Ranking.load(tmp / "run" / "stage2" / "ranking.json")

@@ -186,7 +186,30 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xlabel("held-out loss minus `all` (paired, 95 % interval); left of 0 is better")
         ax.grid(alpha=0.3, axis="x")
         paths.append(save_figure(fig, out / "paired-vs-all.png"))
+    curves = [r for r in rows if r.get("heldout_curve") and r["seed"] == 0]
+    if curves:
+        paths.append(plot_heldout_curves(curves, out / "heldout-curves.png", report.get("base_heldout_loss")))
     return paths
+
+
+def plot_heldout_curves(runs: list[dict[str, Any]], path: Path, base: float | None = None) -> Path:
+    """Each run's held-out loss during training against its training time (step x seconds a step): where
+    every strategy levels off, and which is ahead at equal wall-clock time. The points of one run share
+    its schedule, so a point at half the time is not what a run half as long would reach."""
+    fig = new_figure(6.4, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for r in runs:
+        curve = r["heldout_curve"]
+        minutes = [c["step"] * r["seconds_per_step"] / 60 for c in curve]
+        style = "o-" if r["family"] == "all" else "s-" if r["family"].startswith("ila") else "x--"
+        ax.plot(minutes, [c["loss"] for c in curve], style, markersize=4, label=r["name"])
+    if base is not None:
+        ax.axhline(base, ls=":", color="grey", label="base model, untuned")
+    ax.set_xlabel("training time (minutes: step x seconds a step)")
+    ax.set_ylabel("held-out loss during training")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
 
 
 def compare_strategies(
