@@ -25,10 +25,10 @@ def test_defaults_are_valid():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    if path.name == "study.yaml":  # a study config names run configs; it is not one itself
-        from ila.study import load_study
+    if path.name.startswith("study"):  # a study config names run configs; it is not one itself
+        from ila.study import load_study, planned_runs
 
-        load_study(path)
+        assert planned_runs(load_study(path))
     else:
         load_config(path)
 

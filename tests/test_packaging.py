@@ -27,20 +27,6 @@ def test_builtin_configs_resolve_by_name_from_any_folder(tmp_path, monkeypatch):
         load_config("smollm3")
 
 
-def test_every_builtin_config_loads_and_validates():
-    import yaml
-
-    from ila.study import load_study, planned_runs
-
-    for name in builtin_config_names():
-        raw = yaml.safe_load((BUILTIN_CONFIGS / f"{name}.yaml").read_text())
-        if "base" in raw:  # a study config: its base and every run's config must resolve
-            study = load_study(name)
-            assert planned_runs(study)
-        else:
-            assert load_config(name).model.name
-
-
 def test_a_file_wins_over_a_builtin_of_the_same_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "smollm2.yaml").write_text("seed: 7\n")

@@ -186,6 +186,7 @@ def test_only_keeps_the_strategies_it_names_and_refuses_a_pattern_that_matches_n
     matched = next(s.name for s in runs if s.family == "all-matched")
     assert {s.name for s in kept} == {"all", "random-10", "random-20", "random-30", matched}
     assert len([s for s in kept if s.name == "random-30"]) == 3
+    assert [s.run for s in only_strategies(runs, ["random-30-seed1"])] == ["random-30-seed1"]
     with pytest.raises(IlaError, match="no strategy matches 'ila-top-33'"):
         only_strategies(runs, ["all", "ila-top-33"])
 

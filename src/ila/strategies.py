@@ -154,14 +154,15 @@ def matched_rank(widths: dict[str, int], every: list[str], chosen: list[str], ra
 
 
 def only_strategies(runs: list[Strategy], patterns: list[str]) -> list[Strategy]:
-    """The runs whose strategy name matches one of ``patterns`` (names or shell patterns such as
-    ``random-*``); a pattern that matches none is an error, so that a typo does not silently drop a
-    strategy from the comparison."""
+    """The runs whose strategy name (``random-30``) or run name (``random-30-seed0``) matches one of
+    ``patterns`` (names or shell patterns such as ``random-*``); a pattern that matches none is an error, so
+    that a typo does not silently drop a strategy from the comparison."""
     names = list(dict.fromkeys(r.name for r in runs))
     for pattern in patterns:
-        if not fnmatch.filter(names, pattern):
+        if not any(fnmatch.fnmatchcase(r.name, pattern) or fnmatch.fnmatchcase(r.run, pattern) for r in runs):
             raise IlaError(f"no strategy matches {pattern!r}; the strategies are: {', '.join(names)}")
-    return [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in patterns)]
+    return [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) or fnmatch.fnmatchcase(r.run, p)
+                                   for p in patterns)]  # fmt: skip
 
 
 def _settings_sha256(cfg: RunConfig, ranking_path: Path) -> str:

@@ -170,8 +170,8 @@ def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=None,
         metavar="STRATEGY",
-        help="run and report only these strategies (names or shell patterns, e.g. all ila-top-30 "
-        "'random-*' 'all-rank-*'); the others' finished runs stay in --out for a later call",
+        help="run and report only these strategies or runs (names or shell patterns, e.g. all ila-top-30 "
+        "'random-*' 'all-rank-*' random-30-seed0); the others' finished runs stay in --out for a later call",
     )
 
     p = sub.add_parser(
