@@ -306,8 +306,8 @@ def run_strategies(
 
     ``isolate`` (default: on unless the model runs on CUDA) fine-tunes each strategy in its own process so
     that peak memory is measured per strategy. ``data`` holds the tokenized examples (default ``out/data``;
-    the run directory's ``data`` folder shares the run's). ``only`` keeps the strategies whose names match
-    one of these patterns (:func:`only_strategies`). ``generate`` > 0 also answers the first
+    the run directory's ``data`` folder shares the run's). ``only`` keeps the runs whose strategy or run
+    name matches one of these patterns (:func:`only_strategies`). ``generate`` > 0 also answers the first
     ``generate`` MT-Bench questions with the base model, ``all`` and the ILA selections
     (``generations.md``)."""
     if isolate is None:
