@@ -96,8 +96,10 @@ def test_lm_eval_bridge_loads_an_adapter_ila_wrote(tmp_path):
 
     limit = 8
     run = dict(limit=limit, batch_size=4, cache=tmp_path / "cache")
-    tuned = lm_eval_scores(str(tmp_path / "base"), ["ila_mmlu_dev"], adapter=tmp_path / "adapter", **run)
-    plain = lm_eval_scores(str(tmp_path / "base"), ["ila_mmlu_dev"], **run)
+    tuned = lm_eval_scores(
+        str(tmp_path / "base"), ["ila_mmlu_dev"], adapter=tmp_path / "adapter", **run
+    ).scores
+    plain = lm_eval_scores(str(tmp_path / "base"), ["ila_mmlu_dev"], **run).scores
     rows = [
         json.loads(x)
         for x in (tmp_path / "cache" / "lm_eval_tasks" / "ila_mmlu_dev.jsonl").read_text().splitlines()
@@ -246,7 +248,7 @@ def test_offline_gsm8k_and_hhh_tasks_run_through_lm_eval(tmp_path, tiny_model_di
 
     scores = lm_eval_scores(
         str(tiny_model_dir), ["ila_hhh", "ila_gsm8k_heldout"], limit=2, batch_size=2, cache=cache
-    )
+    ).scores
     assert 0.0 <= scores["ila_hhh"]["acc/none"] <= 1.0
     (metric,) = [k for k in scores["ila_gsm8k_heldout"] if k.startswith("exact_match")]
     assert 0.0 <= scores["ila_gsm8k_heldout"][metric] <= 1.0

@@ -90,6 +90,9 @@ def test_the_curve_resumes_after_an_interruption(tmp_path, tiny_model_dir, tiny_
     assert [r["step"] for r in a] == [r["step"] for r in b]
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
     assert resumed["steps"] == whole["steps"] and resumed["best_step"] == whole["best_step"]
+    # its step time is its own steps' (9 to the end), not its time over every step of the run
+    assert resumed["seconds"] / resumed["seconds_per_step"] == pytest.approx(whole["steps"] - 8)
+    assert 0 < resumed["median_step_seconds"] <= resumed["seconds"]
 
 
 def test_early_stopping_needs_the_curve(tiny_model_dir, tiny_data_file):

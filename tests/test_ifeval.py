@@ -188,7 +188,7 @@ def test_a_model_without_a_chat_template_gets_the_bare_prompt_and_lm_evals_score
         batch_size=2,
         cache=tmp_path / "cache",
         ifeval_samples=samples,
-    )["ila_ifeval"]
+    ).scores["ila_ifeval"]
     sent = [json.loads(x)["input"] for x in samples.read_text().splitlines()]
     rows = ifeval.ifeval_rows()[:2]
     assert sent == [r["prompt"] for r in rows]

@@ -243,17 +243,119 @@ def test_every_run_reports_its_forgetting_against_the_base_model_and_all(two_see
     assert "forgetting vs all" in md and f"{report['base_forgetting_loss']:.4f}" in md
 
 
-def test_benchmark_cells_carry_their_spread_or_lm_evals_standard_error():
+def _bench_row(name, seed, followed, settings):
+    """A strategy result with IFEval scored on four prompts of one instruction each."""
+    sums = [float(x) for x in followed]
+    score = sum(sums) / len(sums)
+    metric = "inst_level_strict_acc/none"
+    return {"name": name, "run": f"{name}-seed{seed}", "family": name, "fraction": 1.0, "seed": seed,
+            "num_layers": 4, "heldout_loss": 2.0 + seed / 100, "heldout_ci95": [1.9, 2.1],
+            "benchmarks": {"ila_ifeval": {metric: score, "inst_level_strict_acc_stderr/none": 0.04}},
+            "benchmark_examples": {"ila_ifeval": {metric: {"sums": sums, "counts": [1.0] * len(sums)}}},
+            "benchmark_settings": {"ila_ifeval": settings}, "trainable_parameters": 10, "steps": 1,
+            "seconds_per_step": 1.0, "peak_memory_mb": 1.0}  # fmt: skip
+
+
+def test_benchmarks_are_paired_with_all_on_the_same_documents_at_the_same_settings():
     from ila.strategy_report import render_markdown
 
-    def row(seed, acc):
-        metrics = {"inst_level_strict_acc,none": acc, "inst_level_strict_acc_stderr,none": 0.04}
-        return {"name": "all", "run": f"all-seed{seed}", "family": "all", "fraction": 1.0, "seed": seed,
-                "num_layers": 4, "heldout_loss": 2.0 + seed / 100, "heldout_ci95": [1.9, 2.1],
-                "benchmarks": {"ila_ifeval": metrics}, "trainable_parameters": 10, "steps": 1,
-                "seconds_per_step": 1.0, "peak_memory_mb": 1.0}  # fmt: skip
+    key = "ila_ifeval:inst_level_strict_acc/none"
+    at = {"limit": 4, "max_gen_toks": 8, "chat_template": True}
+    ref = _bench_row("all", 0, [1, 0, 0, 1], at)
+    better = _bench_row("ila-top-30", 0, [1, 1, 0, 1], at)  # one more prompt followed, none lost
+    entry = summarise_strategies([ref, better])["ila-top-30"]["benchmarks"][key]
+    assert entry["mean"] == pytest.approx(0.75) and entry["stderr"] == pytest.approx(0.04)
+    assert entry["vs_all"]["difference"] == pytest.approx(0.25)  # positive: better than all
+    assert entry["vs_all"]["interval_over"] == "held-out examples"
+    assert 0.0 <= entry["vs_all"]["ci95"][0] <= 0.25 <= entry["vs_all"]["ci95"][1]
+    # seeds: the interval is over them, and each seed is paired with all's run of that seed
+    seeds = summarise_strategies([ref, _bench_row("all", 1, [0, 0, 0, 0], at), better,
+                                  _bench_row("ila-top-30", 1, [0, 0, 1, 0], at)])  # fmt: skip
+    vs = seeds["ila-top-30"]["benchmarks"][key]["vs_all"]
+    assert vs["per_seed"] == pytest.approx([0.25, 0.25]) and vs["interval_over"] == "seeds"
+    # all scored on other documents (another limit): the means stand, the pairing does not
+    other = summarise_strategies([_bench_row("all", 0, [1, 0, 0, 1], {**at, "limit": 8}), better])
+    assert "vs_all" not in other["ila-top-30"]["benchmarks"][key]
+    # two seeds of one strategy at different settings are not one quantity: no mean either
+    mixed = summarise_strategies([ref, better, _bench_row("ila-top-30", 1, [1, 1, 1, 1], {**at, "limit": 8})])
+    assert "benchmarks" not in mixed["ila-top-30"]
+    md = render_markdown(
+        {"results": [ref, better], "base_benchmarks": {"benchmarks": {"ila_ifeval": {key.split(":")[1]: 0.1}},
+                                                       "benchmark_settings": {"ila_ifeval": at}}},
+        "x",
+    ).splitlines()  # fmt: skip
+    rows = {line.split(" | ")[0]: line for line in md if line.startswith("| ") and "|" in line[2:]}
+    assert rows["| base (untuned)"] == "| base (untuned) | - | 0.100 | - |"
+    assert rows["| ila-top-30"].endswith("| 0.750 ± 0.040 | +0.250 [" + rows["| ila-top-30"].split("[")[-1])
+    held = [x for x in md if x.startswith("| all | 1 | 4 |") or x.startswith("| ila-top-30 | 1 | 4 |")]
+    assert "| 1.00 † |" in held[0] and "| 1.00 † |" in held[1] and any("† the run's whole" in x for x in md)
+    timed = render_markdown({"results": [{**ref, "median_step_seconds": 0.5}]}, "x")
+    assert "| 0.50 |" in timed and "†" not in timed  # the median step, where the run measured it
+    assert (
+        "limit 4" in "\n".join(md) and sum(x.startswith("| ila-top-30 |") for x in md) == 2
+    )  # held-out and benchmark tables
 
-    one = render_markdown({"results": [row(0, 0.2)]}, "x").splitlines()[-1]
-    assert one.startswith("| all |") and one.endswith("| 0.200 ± 0.040 (se) |")
-    two = render_markdown({"results": [row(0, 0.2), row(1, 0.3)]}, "x").splitlines()[-1]
-    assert two.endswith("| 0.250 ± 0.071 (sd) |") and "stderr" not in two
+
+def test_a_per_document_value_is_kept_only_where_its_ratio_is_the_score():
+    from ila.evaluation import per_document
+
+    samples = [
+        {"doc_id": 1, "filter": "none", "acc": 0.0, "inst": [True, False, True], "bleu": ("a", "b")},
+        {"doc_id": 0, "filter": "none", "acc": 1.0, "inst": [True], "bleu": ("c", "d")},
+        {"doc_id": 0, "filter": "strict", "acc": 0.0, "inst": [False], "bleu": ("c", "d")},
+    ]
+    got = per_document(samples, {"acc/none": 0.5, "inst/none": 0.75, "bleu/none": 0.3, "acc/strict": 0.0})
+    assert got["acc/none"] == {"sums": [1.0, 0.0], "counts": [1.0, 1.0]}  # document order, this filter only
+    assert got["inst/none"] == {"sums": [1.0, 2.0], "counts": [1.0, 3.0]}  # instructions followed / given
+    assert got["acc/strict"] == {"sums": [0.0], "counts": [1.0]}
+    assert "bleu/none" not in got  # not a per-document value
+    assert per_document(samples, {"acc/none": 0.4}) == {}  # an aggregate that is not the mean: not kept
+
+
+def test_finished_runs_gain_benchmarks_on_their_saved_models_without_training_again(
+    two_seeds, tmp_path, monkeypatch, caplog
+):
+    import shutil
+
+    from ila import evaluation
+    from ila.strategy_report import render_markdown
+
+    tmp, report = two_seeds
+    monkeypatch.setenv("ILA_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(tmp / "s", tmp_path / "s")
+    path = tmp / "run" / "stage2" / "ranking.json"
+    ranking = Ranking.load(path)
+    runs = [Strategy("all", "all", 1.0, tuple(ranking.order)),
+            Strategy("ila-top-25", "ila-top", 0.25, tuple(ranking.top(0.25)))]  # fmt: skip
+    monkeypatch.setattr(strategies, "_run_strategy", lambda *a: pytest.fail("a finished run ran again"))
+    scored = []
+    real = evaluation.benchmark_model
+    monkeypatch.setattr(
+        strategies, "benchmark_model", lambda cfg, m, *a, **k: scored.append(m) or real(cfg, m, *a, **k)
+    )
+    call = dict(strategies=runs, isolate=False, data=tmp / "run" / "data", tasks=("ila_mmlu_dev",))
+    out = run_strategies(report["cfg"], path, tmp_path / "s", limit=4, **call)
+    assert len(scored) == 5 and scored.count(None) == 1  # the four runs (both seeds) and the base model
+    key = "ila_mmlu_dev:acc/none"
+    for row in out["results"]:
+        saved = json.loads((tmp_path / "s" / row["run"] / "result.json").read_text())
+        assert saved["benchmark_settings"]["ila_mmlu_dev"] == {"limit": 4}
+        ex = saved["benchmark_examples"]["ila_mmlu_dev"]["acc/none"]
+        assert len(ex["sums"]) == 4 and sum(ex["sums"]) / 4 == saved["benchmarks"]["ila_mmlu_dev"]["acc/none"]
+    assert (tmp_path / "s" / "base" / "benchmarks.json").is_file()
+    vs = out["strategies"]["ila-top-25"]["benchmarks"][key]["vs_all"]
+    assert vs["interval_over"] == "seeds" and len(vs["per_seed"]) == 2
+    md = render_markdown(out, "x")
+    assert "| base (untuned) |" in md and key in md
+    scored.clear()  # the same settings again: nothing to score
+    run_strategies(report["cfg"], path, tmp_path / "s", limit=4, **call)
+    assert scored == []
+    # a result restored without its model (results are kept, adapters are not): left unscored, and said so
+    shutil.rmtree(tmp_path / "s" / "ila-top-25-seed1" / "stage3" / "adapter")
+    scored.clear()
+    out = run_strategies(report["cfg"], path, tmp_path / "s", limit=2, **{**call, "strategies": runs[1:]})
+    assert len(scored) == 2 and None in scored  # ila-top-25 seed 0 and the base model, at the new limit
+    settings = {r["run"]: r["benchmark_settings"]["ila_mmlu_dev"] for r in out["results"]}
+    assert settings == {"ila-top-25-seed0": {"limit": 2}, "ila-top-25-seed1": {"limit": 4}}
+    assert "benchmarks" not in out["strategies"]["ila-top-25"]  # two limits: not averaged together
+    assert "not benchmarked" in caplog.text

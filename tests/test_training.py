@@ -125,3 +125,20 @@ def test_every_stage_plans_its_training_from_one_translation_of_its_config(tmp_p
         0.0,
         0.0,
     )
+
+
+def test_the_step_time_is_the_median_step_which_an_evaluation_or_a_stall_does_not_move(monkeypatch):
+    from types import SimpleNamespace
+
+    from ila import callbacks
+
+    clock = iter([0.0, 1.0, 1.0, 2.0, 2.0, 30.0, 30.0, 31.0, 31.0, 32.5])  # the third step stalls 28 s
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    timer = callbacks.StepTimer()
+    state = SimpleNamespace(global_step=0)
+    assert timer.median is None
+    for _ in range(5):
+        timer.on_step_begin(None, state, None)
+        timer.on_step_end(None, state, None)
+    assert timer.durations == [1.0, 1.0, 28.0, 1.0, 1.5]
+    assert timer.median == 1.0

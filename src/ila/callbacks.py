@@ -1,5 +1,5 @@
-"""Trainer callbacks of the stages: milestone adapters, epsilon-stability, score trajectories, the held-out
-curve and early stopping on it.
+"""Trainer callbacks of the stages: step times, milestone adapters, epsilon-stability, score trajectories,
+the held-out curve and early stopping on it.
 
 The Trainer calls them; nothing here orchestrates a stage (ILA inside someone else's Trainer is
 :mod:`ila.integration`)."""
@@ -7,6 +7,7 @@ The Trainer calls them; nothing here orchestrates a stage (ILA inside someone el
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,28 @@ log = logging.getLogger(__name__)
 
 STABILITY_STATE = "ila_stability.json"
 STABILITY_TENSORS = "ila_stability.safetensors"
+
+
+class StepTimer(TrainerCallback):
+    """The wall time of every optimiser step this process runs, from the step's start to the end of its
+    callbacks: the median is the step time, which neither the held-out evaluations every ``eval_steps``
+    nor a burst of other work on the machine moves, while the total does (``seconds``)."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._start: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self._start is not None:
+            self.durations.append(time.perf_counter() - self._start)
+            self._start = None
+
+    @property
+    def median(self) -> float | None:
+        return float(statistics.median(self.durations)) if self.durations else None
 
 
 def milestone_steps(fractions: list[float], planned_steps: int) -> dict[int, float]:

@@ -12,6 +12,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from .ifeval import (
 )
 from .ifeval import TASK as IFEVAL
 from .lm_eval_tasks import OFFLINE_TASKS, write_offline_tasks
-from .models import cache_root, load_base_model, load_tokenizer, resolve_model_source
+from .models import cache_root, load_base_model, load_tokenizer, resolve_device, resolve_model_source
 from .progress import progress
 from .rundir import RunDir
 from .tokenized import tokenized_datasets
@@ -45,6 +46,51 @@ if TYPE_CHECKING:
     from .config import RunConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Benchmarks:
+    """lm-eval's scores of one model, and the per-document values behind them.
+
+    ``scores[task][metric]``: ``acc/none``, ``prompt_level_strict_acc/none``... (IFEval's with their standard
+    errors). ``examples[task][metric]``: one (``sums``, ``counts``) pair per document whose ratio of totals is
+    the score (a 1 or 0 and a 1 for an accuracy; instructions followed and instructions given for IFEval's
+    instruction level), so that two models scored on the same documents are compared pairwise with
+    :func:`ila.heldout.paired_interval`, as held-out losses are. A metric whose score is not that ratio (a
+    corpus-level one) has no examples."""
+
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    examples: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+
+
+def per_document(
+    samples: Sequence[dict[str, Any]], scores: dict[str, float]
+) -> dict[str, dict[str, list[float]]]:
+    """The (``sums``, ``counts``) of each metric of ``scores`` (``metric/filter``) from lm-eval's logged
+    ``samples`` of one task, in document order; kept only where the ratio of their totals is the score."""
+    out = {}
+    for key, score in scores.items():
+        metric, _, flt = key.partition("/")
+        rows = sorted(
+            (s for s in samples if s.get("filter", "none") == (flt or "none") and metric in s),
+            key=lambda s: s["doc_id"],
+        )
+        sums, counts = [], []
+        for s in rows:
+            value = s[metric]
+            if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float)) for v in value):
+                sums.append(float(sum(value)))
+                counts.append(float(len(value)))
+            elif isinstance(value, (bool, int, float)):
+                sums.append(float(value))
+                counts.append(1.0)
+            else:
+                break
+        else:
+            if len({s["doc_id"] for s in rows}) == len(rows) and sum(counts) > 0:
+                if math.isclose(sum(sums) / sum(counts), score, rel_tol=1e-9, abs_tol=1e-9):
+                    out[key] = {"sums": sums, "counts": counts}
+    return out
 
 
 def lm_eval_scores(
@@ -60,9 +106,9 @@ def lm_eval_scores(
     max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
     chat_template: bool | None = None,
     ifeval_samples: Path | None = None,
-) -> dict[str, dict[str, float]]:
+) -> Benchmarks:
     """Accuracy of the base model (plus a PEFT adapter) on lm-eval tasks; offline ``ila_*`` tasks are written
-    first. Returns ``{task: {metric: value}}`` (stderr entries dropped, except IFEval's).
+    first. Scores drop lm-eval's stderr entries, except IFEval's.
 
     ``ila_ifeval`` runs in an lm-eval pass of its own, because lm-eval applies a chat template to every task
     of a pass and the other tasks are scored on bare prompts: its prompts go through the chat template
@@ -90,12 +136,12 @@ def lm_eval_scores(
     # Indexing lm-eval's own task files takes ~8 s; only a task outside ila's offline ones needs them.
     hub = any(t not in OFFLINE_TASKS for t in tasks)
     manager = TaskManager(include_path=str(folder) if folder else None, include_defaults=hub)
-    scores: dict[str, dict[str, float]] = {}
+    out = Benchmarks()
     others = [t for t in tasks if t != IFEVAL]
     if others:
-        out = simple_evaluate(model=lm, tasks=others, task_manager=manager, limit=limit, log_samples=False)
-        for task, metrics in out["results"].items():
-            scores[task] = {
+        run = simple_evaluate(model=lm, tasks=others, task_manager=manager, limit=limit, log_samples=True)
+        for task, metrics in run["results"].items():
+            out.scores[task] = {
                 k.split(",")[0] + ("" if "," not in k else "/" + k.split(",")[1]): float(v)
                 for k, v in metrics.items()
                 if isinstance(v, (int, float))
@@ -104,10 +150,11 @@ def lm_eval_scores(
                 and k != "sample_len"
                 and math.isfinite(float(v))
             }
+            out.examples[task] = per_document(run["samples"].get(task, []), out.scores[task])
     if IFEVAL in tasks:
         if chat_template is None:
             chat_template = bool(getattr(lm.tokenizer, "chat_template", None))
-        scores[IFEVAL] = run_ifeval(
+        out.scores[IFEVAL], samples = run_ifeval(
             lm,
             manager,
             cache=cache,
@@ -116,7 +163,58 @@ def lm_eval_scores(
             chat_template=chat_template,
             samples_path=ifeval_samples,
         )
-    return scores
+        means = {k: v for k, v in out.scores[IFEVAL].items() if "stderr" not in k}
+        out.examples[IFEVAL] = per_document(samples, means)
+    return out
+
+
+def benchmark_settings(
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: RunConfig,
+    tasks: Sequence[str],
+    limit: int | None,
+    max_gen_toks: int,
+) -> dict[str, Any]:
+    """What a benchmark score depends on besides the model: the tasks, ``limit`` and, for IFEval, the answer
+    cap and whether prompts go through the chat template. Recorded beside every score."""
+    settings: dict[str, Any] = {"tasks": list(tasks), "limit": limit}
+    if IFEVAL in tasks:
+        settings.update(
+            max_gen_toks=max_gen_toks, chat_template=ifeval_chat_template(tokenizer, cfg.data.template)
+        )
+    return settings
+
+
+def task_settings(settings: dict[str, Any], task: str) -> dict[str, Any]:
+    """The part of ``settings`` (:func:`benchmark_settings`) that one task's score depends on."""
+    keys = ("limit", "max_gen_toks", "chat_template") if task == IFEVAL else ("limit",)
+    return {k: settings.get(k) for k in keys}
+
+
+def benchmark_model(
+    cfg: RunConfig,
+    result: Path | None,
+    settings: dict[str, Any],
+    *,
+    ifeval_samples: Path | None = None,
+    batch_size: int = 8,
+) -> Benchmarks:
+    """lm-eval on the run's base model plus the stage-3 or stage-1 ``result`` folder (an adapter or a full
+    model; None: the base model alone) with ``settings`` (:func:`benchmark_settings`), on the run's device
+    and dtype. A quantised run's adapter is scored on the unquantised base, as lm-eval loads it."""
+    pretrained, peft = lm_eval_source(resolve_model_source(cfg.model), result)
+    return lm_eval_scores(
+        pretrained,
+        settings["tasks"],
+        adapter=peft,
+        limit=settings["limit"],
+        batch_size=batch_size,
+        device=str(resolve_device(cfg.model.device)),
+        dtype=cfg.model.dtype,
+        max_gen_toks=settings.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS),
+        chat_template=settings.get("chat_template"),
+        ifeval_samples=ifeval_samples,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,10 +344,7 @@ def evaluate_run(
     heldout = tokenized_datasets(cfg.data, tokenizer, rd.data)[1]  # the run's own examples, when they match
     heldout = heldout if len(heldout) > 0 else None
     general = general_text_rows(tokenizer, max_length=cfg.data.max_length) if forgetting else None
-    chat = ifeval_chat_template(tokenizer, cfg.data.template)
-    settings: dict[str, Any] = {"tasks": list(tasks), "limit": limit}
-    if IFEVAL in tasks:
-        settings.update(max_gen_toks=max_gen_toks, chat_template=chat)
+    settings = benchmark_settings(tokenizer, cfg, tasks, limit, max_gen_toks)
     out: dict[str, Any] = {}
     for label, path in [("base", None), *results.items()]:
         model = load_base_model(cfg.model) if path is None else load_result(cfg.model, Path(path))
@@ -260,20 +355,15 @@ def evaluate_run(
         if general is not None:
             entry["forgetting"] = forgetting_loss(model, tokenizer, general, batching=batching)
         if tasks:
-            pretrained, peft = lm_eval_source(
-                resolve_model_source(cfg.model), None if path is None else Path(path)
-            )
             samples = rd.eval / f"ifeval-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.jsonl"
-            entry["benchmarks"] = lm_eval_scores(
-                pretrained,
-                tasks,
-                adapter=peft,
-                limit=limit,
-                device="cpu",
-                max_gen_toks=max_gen_toks,
-                chat_template=chat,
+            bench = benchmark_model(
+                cfg,
+                None if path is None else Path(path),
+                settings,
                 ifeval_samples=samples if IFEVAL in tasks else None,
             )
+            entry["benchmarks"] = bench.scores
+            entry["benchmark_examples"] = bench.examples
             entry["benchmark_settings"] = dict(settings)
         out[label] = entry
     path = write_json_atomic(rd.eval / "evaluation.json", {**envelope("ila.evaluation"), "results": out})

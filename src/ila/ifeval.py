@@ -262,10 +262,11 @@ def run_ifeval(
     max_gen_toks: int,
     chat_template: bool,
     samples_path: Path | None = None,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """IFEval through ``lm_eval.simple_evaluate`` on an ``HFLM``: the four metrics and their standard errors
-    (``{metric}/none``, ``{metric}_stderr/none``). ``samples_path`` gets one JSON line per prompt: the text
-    the model was given, its answer and what the checker found."""
+    (``{metric}/none``, ``{metric}_stderr/none``), and lm-eval's logged samples in prompt order.
+    ``samples_path`` gets one JSON line per prompt: the text the model was given, its answer and what the
+    checker found."""
     from lm_eval import simple_evaluate
 
     checker(cache)  # the task's process_results imports lm-eval's checker: punkt must be in place first
@@ -301,7 +302,7 @@ def run_ifeval(
             for s in samples
         ]
         write_text_atomic(samples_path, "".join(json.dumps(line) + "\n" for line in lines))
-    return scores
+    return scores, samples
 
 
 # ---------------------------------------------------------------------------------------------------------

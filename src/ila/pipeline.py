@@ -119,6 +119,7 @@ def _train_summary(result: TrainingResult) -> dict[str, Any]:
         "heldout": result.heldout,  # with its 95 % interval (ila.heldout)
         "seconds": result.seconds,
         "seconds_per_step": result.seconds_per_step,
+        "median_step_seconds": result.median_step_seconds,
         "peak_memory_mb": result.peak_memory_mb,
         "resumed_from": result.resumed_from,
         "best_step": result.best_step,  # early stopping: the step whose weights were kept

@@ -46,15 +46,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .adapters import lm_eval_source, load_result
+from .adapters import load_result
 from .artifacts import envelope, read_json, read_jsonl, write_json_atomic
 from .batching import choose_batching
 from .config import RunConfig
 from .errors import IlaError
-from .evaluation import lm_eval_scores, write_generations
+from .evaluation import benchmark_model, benchmark_settings, task_settings, write_generations
 from .forgetting import forgetting_loss, general_text_rows, text_source
 from .heldout import example_losses, heldout_loss, paired_interval, summarise
-from .models import layer_widths, load_base_model, load_tokenizer, resolve_model_source
+from .ifeval import DEFAULT_MAX_GEN_TOKS
+from .models import layer_widths, load_base_model, load_tokenizer
 from .pipeline import load_datasets, prepare_run_dir, stage3
 from .progress import progress
 from .ranking import Ranking
@@ -212,8 +213,6 @@ def _run_strategy(
     heldout: datasets.Dataset,
     general: datasets.Dataset,
     isolate: bool,
-    tasks: tuple[str, ...],
-    limit: int | None,
     data: Path,
 ) -> dict[str, Any]:
     """Fine-tune one strategy in ``folder`` (stage 3 with its selection) and measure it."""
@@ -246,17 +245,6 @@ def _run_strategy(
     quality = summarise(sums, counts)
     f_sums, f_counts = example_losses(model, tokenizer, general, batch_size=batch, batching=batching)
     forgetting = summarise(f_sums, f_counts)
-    bench = {}
-    if tasks:
-        pretrained, peft = lm_eval_source(resolve_model_source(rc.model), result_dir)
-        bench = lm_eval_scores(
-            pretrained,
-            tasks,
-            adapter=peft,
-            limit=limit,
-            batch_size=8,
-            device="cpu" if rc.model.device in ("cpu", "auto") else rc.model.device,
-        )
     result = {
         "name": strat.name,
         "run": strat.run,
@@ -273,10 +261,11 @@ def _run_strategy(
         "forgetting_loss": forgetting["loss"],
         "forgetting_ci95": forgetting["ci95"],
         "forgetting_examples": {"sums": f_sums.tolist(), "counts": f_counts.tolist()},
-        "benchmarks": bench,
+        "benchmarks": {},
         "trainable_parameters": summary["trainable_parameters"],
         "steps": summary["steps"],
         "seconds_per_step": summary["seconds_per_step"],
+        "median_step_seconds": summary.get("median_step_seconds"),
         "peak_memory_mb": summary["peak_memory_mb"],
         "peak_memory_kind": summary.get("peak_memory_kind", "CUDA max allocated"),
         "train_seconds": seconds,
@@ -286,6 +275,35 @@ def _run_strategy(
     return result
 
 
+def _benchmark(
+    cfg: RunConfig, record: dict[str, Any], model: Path | None, settings: dict[str, Any], samples: Path
+) -> bool:
+    """Score ``model`` (a strategy's saved stage-3 result; None: the base model) on each task of
+    ``settings`` (:func:`ila.evaluation.benchmark_settings`) that ``record`` holds no score of at those
+    settings, into ``record``'s ``benchmarks``, ``benchmark_examples`` and ``benchmark_settings`` (per
+    task). A finished run gains benchmarks without being fine-tuned again; one whose model is gone keeps
+    none. Returns whether any ran."""
+    recorded = record.setdefault("benchmark_settings", {})
+    missing = [t for t in settings["tasks"] if recorded.get(t) != task_settings(settings, t)]
+    if not missing:
+        return False
+    if model is not None and not model.is_dir():
+        # a result restored without its adapter (results are kept, adapters are not): its cells stay empty
+        log.warning(
+            "%s has a result but no saved model at %s, so it is not benchmarked; remove its folder to "
+            "fine-tune it again",
+            record.get("run", model),
+            model,
+        )
+        return False
+    bench = benchmark_model(cfg, model, {**settings, "tasks": missing}, ifeval_samples=samples)
+    for task in missing:
+        record.setdefault("benchmarks", {})[task] = bench.scores.get(task, {})
+        record.setdefault("benchmark_examples", {})[task] = bench.examples.get(task, {})
+        recorded[task] = task_settings(settings, task)
+    return True
+
+
 def run_strategies(
     cfg: RunConfig,
     ranking_path: Path,
@@ -293,6 +311,7 @@ def run_strategies(
     *,
     tasks: tuple[str, ...] = (),
     limit: int | None = None,
+    max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
     strategies: list[Strategy] | None = None,
     isolate: bool | None = None,
     others: dict[str, Ranking] | None = None,
@@ -303,6 +322,10 @@ def run_strategies(
 ) -> dict[str, Any]:
     """Fine-tune and evaluate every run (:func:`plan_strategies` with ``seeds``); completed ones (their
     ``result.json``) are reused.
+
+    ``tasks`` (lm-eval, with ``limit`` documents each and IFEval answers of at most ``max_gen_toks`` tokens)
+    are scored on every reported run's saved model, finished runs included, and on the base model
+    (``out/base/benchmarks.json``); a score is reused while its settings are the same.
 
     ``isolate`` (default: on unless the model runs on CUDA) fine-tunes each strategy in its own process so
     that peak memory is measured per strategy. ``data`` holds the tokenized examples (default ``out/data``;
@@ -338,9 +361,7 @@ def run_strategies(
             heldout = load_datasets(cfg, tokenizer, out / ".data", data)[1]
         if general is None:
             general = general_text_rows(tokenizer, max_length=cfg.data.max_length)
-        result = _run_strategy(
-            cfg, strat, ranking_path, folder, tokenizer, heldout, general, isolate, tasks, limit, data
-        )
+        result = _run_strategy(cfg, strat, ranking_path, folder, tokenizer, heldout, general, isolate, data)
         result["settings_sha256"] = settings
         write_json_atomic(done, result)
         results.append(result)
@@ -350,6 +371,18 @@ def run_strategies(
         for done in sorted(out.glob(f"{name}-seed*/result.json")):
             if done.parent.name not in planned and done.parent.name[len(name) + 5 :].isdigit():
                 results.append(_reuse(done, settings))
+    base_bench: dict[str, Any] = {}
+    if tasks:
+        bench_settings = benchmark_settings(tokenizer, cfg, tasks, limit, max_gen_toks)
+        for result in progress(results, "benchmarks", total=len(results), unit="run"):
+            folder = out / result["run"]
+            model = RunDir(folder).stage3_output(cfg.stage3.method)
+            if _benchmark(cfg, result, model, bench_settings, folder / "eval" / "ifeval.jsonl"):
+                write_json_atomic(folder / "result.json", result)
+        base_path = out / "base" / "benchmarks.json"
+        base_bench = read_json(base_path, "base benchmarks") if base_path.is_file() else {}
+        if _benchmark(cfg, base_bench, None, bench_settings, out / "base" / "ifeval.jsonl"):
+            write_json_atomic(base_path, base_bench)
     if generate > 0:
         # The base model, plain LoRA and the ILA selections: enough for a person to read the difference.
         adapters = {
@@ -375,17 +408,33 @@ def run_strategies(
         "base_forgetting_loss": base_forgetting["loss"],
         "base_forgetting_ci95": base_forgetting["ci95"],
         "forgetting_text": text_source(),
+        "base_benchmarks": base_bench,
         "results": results,
         "strategies": summarise_strategies(results),
     }
 
 
+def _examples(result: dict[str, Any], metric: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-example (sums, counts) of ``metric``: ``heldout``, ``forgetting`` or a benchmark's
+    ``task:metric`` (:class:`ila.evaluation.Benchmarks`); None where the result has none."""
+    if ":" in metric:
+        task, name = metric.split(":", 1)
+        ex = (result.get("benchmark_examples") or {}).get(task, {}).get(name)
+    else:
+        ex = result.get(f"{metric}_examples")
+    return (
+        None if ex is None else (np.asarray(ex["sums"], dtype=float), np.asarray(ex["counts"], dtype=float))
+    )
+
+
 def _paired(run: dict[str, Any], reference: dict[str, Any], metric: str) -> tuple[float, list[float]]:
-    """(loss(run) - loss(reference), its interval over examples) of ``metric`` (``heldout`` or
-    ``forgetting``), on the same examples."""
-    a, b = run[f"{metric}_examples"], reference[f"{metric}_examples"]
-    pair = (np.asarray(a["sums"]), np.asarray(a["counts"])), (np.asarray(b["sums"]), np.asarray(b["counts"]))
-    return run[f"{metric}_loss"] - reference[f"{metric}_loss"], paired_interval(*pair)
+    """(value(run) - value(reference), its interval over examples) of ``metric`` (:func:`_examples`), on the
+    same examples: each value is the ratio of the per-example totals (a token-weighted loss, an accuracy)."""
+    a, b = _examples(run, metric), _examples(reference, metric)
+    if a is None or b is None:
+        raise IlaError(f"{run['run']} or {reference['run']} has no per-example {metric}; it cannot be paired")
+    diff = float(a[0].sum() / max(a[1].sum(), 1.0) - b[0].sum() / max(b[1].sum(), 1.0))
+    return diff, paired_interval(a, b)
 
 
 def paired_difference(
@@ -435,5 +484,47 @@ def summarise_strategies(results: list[dict[str, Any]]) -> dict[str, dict[str, A
         for metric, key in (("heldout", "vs_all"), ("forgetting", "forgetting_vs_all")):
             if refs and name != "all" and all(f"{metric}_examples" in r for r in every):
                 entry[key] = paired_difference(runs, refs, metric)
+        benchmarks = _benchmarks(runs, refs if name != "all" else {})
+        if benchmarks:
+            entry["benchmarks"] = benchmarks
         out[name] = entry
+    return out
+
+
+def _benchmarks(runs: list[dict[str, Any]], refs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per benchmark metric (``task:metric``) that every run scored at the same settings: the mean over runs
+    with its t-interval over seeds (one run: lm-eval's standard error, where it gives one), and the paired
+    difference with the reference runs ``refs`` (``all``, by seed) where those scored it at the same settings
+    on the same documents; positive is better for an accuracy."""
+    out: dict[str, dict[str, Any]] = {}
+    first = runs[0]
+    for task, scores in (first.get("benchmarks") or {}).items():
+        settings = (first.get("benchmark_settings") or {}).get(task)
+        if any((r.get("benchmark_settings") or {}).get(task) != settings for r in runs):
+            continue  # scored at other limits or answer caps: not one quantity
+        paired_refs = [refs.get(r["seed"], refs[min(refs)]) for r in runs] if refs else []
+        for metric in scores:
+            if "stderr" in metric or any(
+                metric not in (r.get("benchmarks") or {}).get(task, {}) for r in runs
+            ):
+                continue
+            values = [r["benchmarks"][task][metric] for r in runs]
+            mean, ci = mean_interval(values)
+            measure, _, flt = metric.partition("/")
+            se = first["benchmarks"][task].get(f"{measure}_stderr/{flt}" if flt else f"{measure}_stderr")
+            entry: dict[str, Any] = {"mean": mean, "ci95": ci, "runs": len(runs),
+                                     "stderr": se if ci is None and isinstance(se, float) else None,
+                                     "settings": settings}  # fmt: skip
+            key = f"{task}:{metric}"
+            if (
+                paired_refs
+                and all(
+                    (ref.get("benchmark_settings") or {}).get(task) == settings
+                    and _examples(ref, key) is not None
+                    for ref in paired_refs
+                )
+                and all(_examples(r, key) is not None for r in runs)
+            ):
+                entry["vs_all"] = paired_difference(runs, refs, key)
+            out[key] = entry
     return out

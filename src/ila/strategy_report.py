@@ -12,6 +12,7 @@ from typing import Any
 from .artifacts import write_json_atomic, write_text_atomic
 from .config import RunConfig
 from .errors import IlaError
+from .ifeval import DEFAULT_MAX_GEN_TOKS
 from .pipeline import stage2
 from .plots import new_figure, save_figure
 from .ranking import Ranking
@@ -19,10 +20,6 @@ from .rundir import RunDir
 from .strategies import run_strategies, summarise_strategies
 
 log = logging.getLogger(__name__)
-
-
-def _spread(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def _interval(ci: list[float] | None) -> str:
@@ -33,9 +30,6 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
     rows = report["results"]
     summary = report.get("strategies") or summarise_strategies(rows)
     ref = summary["all"]
-    bench_names = sorted(
-        {f"{t}:{k}" for r in rows for t, m in r["benchmarks"].items() for k in m if "stderr" not in k}
-    )
     lines = [f"Command: `{command}`", ""]
     base = report.get("base_heldout_loss")
     if base is not None:
@@ -62,14 +56,13 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
         "better. Forgetting vs all: the same for the general-text loss.",
         "",
         "| strategy | runs | layers | trainable params | held-out loss | vs all (paired) | forgetting | "
-        "forgetting vs all | step (s) | peak memory (MB) | "
-        + " | ".join(bench_names)
-        + (" |" if bench_names else "|"),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(bench_names),
+        "forgetting vs all | step (s) | peak memory (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     by_name: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_name.setdefault(r["name"], []).append(r)
+    walls = False
     for name, rs in by_name.items():
         entry = summary[name]
         loss = f"{entry['heldout_loss']:.4f}{_interval(entry['heldout_ci95'])}"
@@ -82,31 +75,78 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             forgetting = f"{entry['forgetting_loss']:.4f}{_interval(entry.get('forgetting_ci95'))}"
         fvs = entry.get("forgetting_vs_all")
         f_paired = "-" if fvs is None else f"{fvs['difference']:+.4f}{_interval(fvs['ci95'])}"
-        step_m, _ = _spread([r["seconds_per_step"] for r in rs])
+        medians = [r.get("median_step_seconds") for r in rs]
+        if all(m is not None for m in medians):
+            step = f"{statistics.mean(medians):.2f}"
+        else:  # a run from before the median step time: its wall time over its steps
+            step = f"{statistics.mean(r['seconds_per_step'] for r in rs):.2f} †"
+            walls = True
         peaks = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb") is not None]
         peak = f"{statistics.mean(peaks):.0f}" if peaks else "-"
-        cells = []
-        for b in bench_names:
-            task, metric = b.split(":", 1)
-            vals = [r["benchmarks"].get(task, {}).get(metric) for r in rs]
-            vals = [v for v in vals if v is not None]
-            if len(vals) > 1:
-                cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f} (sd)")
-            elif vals:
-                # one run: lm-eval's standard error (``<metric>_stderr,<filter>``) where it reports one
-                measure, _, flt = metric.partition(",")
-                key = f"{measure}_stderr,{flt}" if flt else f"{measure}_stderr"
-                se = rs[0]["benchmarks"].get(task, {}).get(key)
-                cells.append(f"{vals[0]:.3f}" + (f" ± {se:.3f} (se)" if isinstance(se, float) else ""))
-            else:
-                cells.append("-")
         lines.append(
             f"| {name} | {entry['runs']} | {rs[0]['num_layers']} | {rs[0]['trainable_parameters']:,} | "
-            f"{loss} | {paired} | {forgetting} | {f_paired} | {step_m:.2f} | {peak} | "
-            + " | ".join(cells)
-            + (" |" if cells else "|")
+            f"{loss} | {paired} | {forgetting} | {f_paired} | {step} | {peak} |"
         )
+    lines += [
+        "",
+        "step: the median wall time of a training step over a strategy's runs"
+        + (
+            "; † the run's whole training time over its steps instead, held-out evaluations included (runs "
+            "that predate the median)."
+            if walls
+            else "."
+        ),
+    ]
+    lines += _benchmark_lines(report, summary, list(by_name))
     return "\n".join(lines) + "\n"
+
+
+def _benchmark_lines(report: dict[str, Any], summary: dict[str, Any], names: list[str]) -> list[str]:
+    """The benchmarks table: per strategy and metric the mean over runs and the paired difference with
+    ``all`` on the same documents; the untuned base model first."""
+    keys = list(dict.fromkeys(k for n in names for k in summary[n].get("benchmarks", {})))
+    if not keys:
+        return []
+    settings = {k.split(":", 1)[0]: summary[n]["benchmarks"][k]["settings"] for n in names
+                for k in summary[n].get("benchmarks", {})}  # fmt: skip
+    described = "; ".join(
+        f"`{task}` " + ", ".join(f"{k} {v}" for k, v in (s or {}).items()) for task, s in settings.items()
+    )
+    lines = [
+        "",
+        f"Benchmarks (lm-eval; {described}): the mean over a strategy's runs with its 95 % t-interval over "
+        "seeds (one run: ± lm-eval's standard error), and vs all: the paired difference with `all` on the "
+        "same documents and seed, with its 95 % interval (over seeds, or a bootstrap over documents for one "
+        "run); positive is better.",
+        "",
+        "| strategy | runs | " + " | ".join(f"{k} | vs all" for k in keys) + " |",
+        "| --- | --- |" + " --- | --- |" * len(keys),
+    ]
+    base = report.get("base_benchmarks") or {}
+    if base.get("benchmarks"):
+        cells = []
+        for k in keys:
+            task, metric = k.split(":", 1)
+            same = (base.get("benchmark_settings") or {}).get(task) == settings.get(task)
+            value = base["benchmarks"].get(task, {}).get(metric)
+            cells.append(f"{value:.3f} | -" if same and value is not None else "- | -")
+        lines.append("| base (untuned) | - | " + " | ".join(cells) + " |")
+    for name in names:
+        cells = []
+        for k in keys:
+            b = summary[name].get("benchmarks", {}).get(k)
+            if b is None:
+                cells.append("- | -")
+                continue
+            value = f"{b['mean']:.3f}" + (
+                _interval(b["ci95"]) if b["ci95"] else (f" ± {b['stderr']:.3f}" if b.get("stderr") else "")
+            )
+            vs = b.get("vs_all")
+            cells.append(
+                value + " | " + ("-" if vs is None else f"{vs['difference']:+.3f}{_interval(vs['ci95'])}")
+            )
+        lines.append(f"| {name} | {summary[name]['runs']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _error(entry: dict[str, Any]) -> tuple[float, float]:
@@ -219,6 +259,7 @@ def compare_strategies(
     *,
     tasks: tuple[str, ...] = (),
     limit: int | None = None,
+    max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
     command: str = "ila compare-strategies",
     isolate: bool | None = None,
     scorers: tuple[str, ...] = (),
@@ -247,6 +288,7 @@ def compare_strategies(
         data=RunDir(run_dir).data,
         tasks=tasks,
         limit=limit,
+        max_gen_toks=max_gen_toks,
         isolate=isolate,
         others=others,
         generate=generate,

@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .artifacts import append_jsonl, truncate_jsonl
 from .batching import PADDED, Batching, PaddingFree, choose_batching, padded_collator
-from .callbacks import HeldoutCurve
+from .callbacks import HeldoutCurve, StepTimer
 from .config import TrainConfig
 from .errors import TrainingError
 from .heldout import heldout_loss
@@ -100,6 +100,7 @@ class TrainingResult:
     train_loss: float
     seconds: float
     seconds_per_step: float
+    """``seconds`` over the steps this process ran (a resumed run's own steps), evaluations included."""
     heldout: dict[str, Any] | None
     """:func:`ila.heldout.heldout_loss` after training (loss, ci95, tokens...); None without held-out data."""
     heldout_before: dict[str, Any] | None
@@ -111,6 +112,8 @@ class TrainingResult:
     """:meth:`ila.batching.Batching.to_dict`: padded or padding-free, and why."""
     best_step: int | None = None
     """With early stopping: the step whose weights were kept (None: the last step's)."""
+    median_step_seconds: float | None = None
+    """The median wall time of one optimiser step (:class:`ila.callbacks.StepTimer`)."""
 
     @property
     def heldout_loss(self) -> float | None:
@@ -378,6 +381,7 @@ def make_trainer(
             JsonlMetrics(plan.metrics_path, ref),
             *plan.callbacks,
             *([NoInputGradients()] if plan.gradient_checkpointing else []),
+            StepTimer(),  # last: a step's time includes the other callbacks' work at its end
         ],
         penalty=plan.penalty,
         save_trainable_only=plan.save_trainable_only,
@@ -440,13 +444,14 @@ def train(
         out = trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - start
         steps = trainer.state.global_step
+        timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
         heldout = evaluate() if heldout_dataset is not None else None
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return TrainingResult(
         steps=steps,
         train_loss=float(out.training_loss),
         seconds=seconds,
-        seconds_per_step=seconds / max(1, steps),
+        seconds_per_step=seconds / max(1, len(timer.durations)),  # a resumed run timed only its own steps
         heldout=heldout,
         heldout_before=before,
         peak_memory_mb=peak,
@@ -454,4 +459,5 @@ def train(
         resumed_from=checkpoint,
         batching=batching.to_dict(),
         best_step=None if curve is None else curve.restored_step,
+        median_step_seconds=timer.median,
     )

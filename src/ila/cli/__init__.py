@@ -170,6 +170,7 @@ def _compare_strategies_command(args: argparse.Namespace) -> int:
         Path(args.out),
         tasks=tuple(args.tasks),
         limit=args.limit,
+        max_gen_toks=args.max_gen_toks,
         isolate=args.isolate,
         scorers=tuple(args.scorers),
         generate=args.generate,

@@ -112,13 +112,6 @@ def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     )
     _measure_args(p, "every model")
     p.add_argument(
-        "--max-gen-toks",
-        type=int,
-        default=512,
-        metavar="N",
-        help="the longest IFEval answer, in tokens (default 512; recorded with the results)",
-    )
-    p.add_argument(
         "--generate-ifeval",
         type=int,
         default=0,
@@ -192,6 +185,13 @@ def _measure_args(p: argparse.ArgumentParser, models: str) -> None:
         help="lm-eval tasks: ila_ifeval ila_mmlu_dev ila_gsm8k_heldout ila_hhh, or any with Hub access",
     )
     p.add_argument("--limit", type=int, help="examples per lm-eval task")
+    p.add_argument(
+        "--max-gen-toks",
+        type=int,
+        default=512,
+        metavar="N",
+        help="the longest IFEval answer, in tokens (default 512; recorded with the results)",
+    )
     p.add_argument(
         "--generate",
         type=int,
