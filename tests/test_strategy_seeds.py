@@ -292,7 +292,7 @@ def test_benchmarks_are_paired_with_all_on_the_same_documents_at_the_same_settin
     timed = render_markdown({"results": [{**ref, "median_step_seconds": 0.5}]}, "x")
     assert "| 0.50 |" in timed and "†" not in timed  # the median step, where the run measured it
     assert (
-        "limit 4" in "\n".join(md) and sum(x.startswith("| ila-top-30 |") for x in md) == 2
+        "the first 4 documents" in "\n".join(md) and sum(x.startswith("| ila-top-30 |") for x in md) == 2
     )  # held-out and benchmark tables
 
 
@@ -340,6 +340,7 @@ def test_finished_runs_gain_benchmarks_on_their_saved_models_without_training_ag
     for row in out["results"]:
         saved = json.loads((tmp_path / "s" / row["run"] / "result.json").read_text())
         assert saved["benchmark_settings"]["ila_mmlu_dev"] == {"limit": 4}
+        assert 0 < saved["benchmarks"]["ila_mmlu_dev"]["acc_stderr/none"] < 1  # lm-eval's standard error
         ex = saved["benchmark_examples"]["ila_mmlu_dev"]["acc/none"]
         assert len(ex["sums"]) == 4 and sum(ex["sums"]) / 4 == saved["benchmarks"]["ila_mmlu_dev"]["acc/none"]
     assert (tmp_path / "s" / "base" / "benchmarks.json").is_file()

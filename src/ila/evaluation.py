@@ -108,7 +108,7 @@ def lm_eval_scores(
     ifeval_samples: Path | None = None,
 ) -> Benchmarks:
     """Accuracy of the base model (plus a PEFT adapter) on lm-eval tasks; offline ``ila_*`` tasks are written
-    first. Scores drop lm-eval's stderr entries, except IFEval's.
+    first. Scores keep lm-eval's standard errors (``acc_stderr/none``) beside the metrics.
 
     ``ila_ifeval`` runs in an lm-eval pass of its own, because lm-eval applies a chat template to every task
     of a pass and the other tasks are scored on bare prompts: its prompts go through the chat template
@@ -146,7 +146,6 @@ def lm_eval_scores(
                 for k, v in metrics.items()
                 if isinstance(v, (int, float))
                 and not isinstance(v, bool)
-                and "stderr" not in k
                 and k != "sample_len"
                 and math.isfinite(float(v))
             }

@@ -101,6 +101,16 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _setting(key: str, value: Any) -> str:
+    if key == "limit":
+        return "every document" if value is None else f"the first {value} documents"
+    if key == "max_gen_toks":
+        return f"answers of at most {value} tokens"
+    if key == "chat_template":
+        return "prompts in the chat template" if value else "bare prompts"
+    return f"{key} {value}"
+
+
 def _benchmark_lines(report: dict[str, Any], summary: dict[str, Any], names: list[str]) -> list[str]:
     """The benchmarks table: per strategy and metric the mean over runs and the paired difference with
     ``all`` on the same documents; the untuned base model first."""
@@ -110,7 +120,7 @@ def _benchmark_lines(report: dict[str, Any], summary: dict[str, Any], names: lis
     settings = {k.split(":", 1)[0]: summary[n]["benchmarks"][k]["settings"] for n in names
                 for k in summary[n].get("benchmarks", {})}  # fmt: skip
     described = "; ".join(
-        f"`{task}` " + ", ".join(f"{k} {v}" for k, v in (s or {}).items()) for task, s in settings.items()
+        f"`{task}` " + ", ".join(_setting(k, v) for k, v in (s or {}).items()) for task, s in settings.items()
     )
     lines = [
         "",
