@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The converged strategy comparison of one model (config converged-<model>): stages 1 and 2, the cheap
-# scorers, then the strategies the verdicts rest on with 3 seeds, then the rest of the grid with one.
+# scorers, then the strategies the verdicts rest on with 3 seeds and their benchmarks, then the rest of the
+# grid with one seed.
 #
 #   bash scripts/converged.sh smollm2 > runs/converged-smollm2.log 2>&1 &
 #
@@ -26,6 +27,9 @@ restore() {  # what an earlier run kept, back where the commands look for it
     for f in "$keep"/stage2/ranking*.json; do
         [ -e "$f" ] && [ ! -e "$run/stage2/$(basename "$f")" ] && cp "$f" "$run/stage2/"
     done
+    if [ -e "$keep/base/benchmarks.json" ] && [ ! -e "$out/base/benchmarks.json" ]; then
+        mkdir -p "$out/base" && cp "$keep/base/benchmarks.json" "$out/base/"
+    fi
     for f in "$keep"/runs/*/result.json; do
         [ -e "$f" ] || continue
         dest=$out/$(basename "$(dirname "$f")")
@@ -42,6 +46,7 @@ save() {  # the small files, into the results folder
         mkdir -p "$keep/$(basename "$(dirname "$f")")"
         cp "$f" "$keep/$(basename "$(dirname "$f")")/"
     done
+    [ -e "$out/base/benchmarks.json" ] && mkdir -p "$keep/base" && cp "$out/base/benchmarks.json" "$keep/base/"
     for f in "$out"/*/result.json; do
         [ -e "$f" ] || continue
         mkdir -p "$keep/runs/$(basename "$(dirname "$f")")"
@@ -63,4 +68,9 @@ trap 'kill $watcher 2>/dev/null || true; save' EXIT
 
 common=(--config "$config" --run-dir "$run" --out "$out" --scorers "${scorers[@]}")
 ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}"
+# Benchmarks of every verdict run and the base model on its saved adapter, after the training so that they
+# do not share the cores with a run being timed: the first 100 documents of each task, IFEval answers of at
+# most 256 tokens (about 8 minutes a model on 2 cores, from the IFEval cost in the README). A result restored without its adapter is skipped.
+ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}" \
+    --tasks ila_mmlu_dev ila_hhh ila_ifeval --limit 100 --max-gen-toks 256
 ila compare-strategies "${common[@]}" --seeds 1
