@@ -331,7 +331,7 @@ def test_finished_runs_gain_benchmarks_on_their_saved_models_without_training_ag
     scored = []
     real = evaluation.benchmark_model
     monkeypatch.setattr(
-        strategies, "benchmark_model", lambda cfg, m, *a, **k: scored.append(m) or real(cfg, m, *a, **k)
+        evaluation, "benchmark_model", lambda cfg, m, *a, **k: scored.append(m) or real(cfg, m, *a, **k)
     )
     call = dict(strategies=runs, isolate=False, data=tmp / "run" / "data", tasks=("ila_mmlu_dev",))
     out = run_strategies(report["cfg"], path, tmp_path / "s", limit=4, **call)

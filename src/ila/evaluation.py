@@ -216,6 +216,35 @@ def benchmark_model(
     )
 
 
+def fill_benchmarks(
+    cfg: RunConfig, record: dict[str, Any], model: Path | None, settings: dict[str, Any], samples: Path
+) -> bool:
+    """Score ``model`` (a strategy's saved stage-3 result; None: the base model) on each task of
+    ``settings`` (:func:`ila.evaluation.benchmark_settings`) that ``record`` holds no score of at those
+    settings, into ``record``'s ``benchmarks``, ``benchmark_examples`` and ``benchmark_settings`` (per
+    task). A finished run gains benchmarks without being fine-tuned again; one whose model is gone keeps
+    none. Returns whether any ran."""
+    recorded = record.setdefault("benchmark_settings", {})
+    missing = [t for t in settings["tasks"] if recorded.get(t) != task_settings(settings, t)]
+    if not missing:
+        return False
+    if model is not None and not model.is_dir():
+        # a result restored without its adapter (results are kept, adapters are not): its cells stay empty
+        log.warning(
+            "%s has a result but no saved model at %s, so it is not benchmarked; remove its folder to "
+            "fine-tune it again",
+            record.get("run", model),
+            model,
+        )
+        return False
+    bench = benchmark_model(cfg, model, {**settings, "tasks": missing}, ifeval_samples=samples)
+    for task in missing:
+        record.setdefault("benchmarks", {})[task] = bench.scores.get(task, {})
+        record.setdefault("benchmark_examples", {})[task] = bench.examples.get(task, {})
+        recorded[task] = task_settings(settings, task)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------------
 # generations
 

@@ -51,7 +51,7 @@ from .artifacts import envelope, read_json, read_jsonl, write_json_atomic
 from .batching import choose_batching
 from .config import RunConfig
 from .errors import IlaError
-from .evaluation import benchmark_model, benchmark_settings, task_settings, write_generations
+from .evaluation import benchmark_settings, fill_benchmarks, write_generations
 from .forgetting import forgetting_loss, general_text_rows, text_source
 from .heldout import example_losses, heldout_loss, paired_interval, summarise
 from .ifeval import DEFAULT_MAX_GEN_TOKS
@@ -275,35 +275,6 @@ def _run_strategy(
     return result
 
 
-def _benchmark(
-    cfg: RunConfig, record: dict[str, Any], model: Path | None, settings: dict[str, Any], samples: Path
-) -> bool:
-    """Score ``model`` (a strategy's saved stage-3 result; None: the base model) on each task of
-    ``settings`` (:func:`ila.evaluation.benchmark_settings`) that ``record`` holds no score of at those
-    settings, into ``record``'s ``benchmarks``, ``benchmark_examples`` and ``benchmark_settings`` (per
-    task). A finished run gains benchmarks without being fine-tuned again; one whose model is gone keeps
-    none. Returns whether any ran."""
-    recorded = record.setdefault("benchmark_settings", {})
-    missing = [t for t in settings["tasks"] if recorded.get(t) != task_settings(settings, t)]
-    if not missing:
-        return False
-    if model is not None and not model.is_dir():
-        # a result restored without its adapter (results are kept, adapters are not): its cells stay empty
-        log.warning(
-            "%s has a result but no saved model at %s, so it is not benchmarked; remove its folder to "
-            "fine-tune it again",
-            record.get("run", model),
-            model,
-        )
-        return False
-    bench = benchmark_model(cfg, model, {**settings, "tasks": missing}, ifeval_samples=samples)
-    for task in missing:
-        record.setdefault("benchmarks", {})[task] = bench.scores.get(task, {})
-        record.setdefault("benchmark_examples", {})[task] = bench.examples.get(task, {})
-        recorded[task] = task_settings(settings, task)
-    return True
-
-
 def run_strategies(
     cfg: RunConfig,
     ranking_path: Path,
@@ -377,11 +348,11 @@ def run_strategies(
         for result in progress(results, "benchmarks", total=len(results), unit="run"):
             folder = out / result["run"]
             model = RunDir(folder).stage3_output(cfg.stage3.method)
-            if _benchmark(cfg, result, model, bench_settings, folder / "eval" / "ifeval.jsonl"):
+            if fill_benchmarks(cfg, result, model, bench_settings, folder / "eval" / "ifeval.jsonl"):
                 write_json_atomic(folder / "result.json", result)
         base_path = out / "base" / "benchmarks.json"
         base_bench = read_json(base_path, "base benchmarks") if base_path.is_file() else {}
-        if _benchmark(cfg, base_bench, None, bench_settings, out / "base" / "ifeval.jsonl"):
+        if fill_benchmarks(cfg, base_bench, None, bench_settings, out / "base" / "ifeval.jsonl"):
             write_json_atomic(base_path, base_bench)
     if generate > 0:
         # The base model, plain LoRA and the ILA selections: enough for a person to read the difference.
