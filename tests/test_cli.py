@@ -231,3 +231,25 @@ def test_sigterm_and_ctrl_c_exit_130_with_a_resume_hint(tmp_path, tiny_config, c
     assert code == 130
     err = capsys.readouterr().err
     assert "ila: interrupted; run the same command again to resume" in err and "Traceback" not in err
+
+
+def test_compare_strategies_hands_on_which_runs_to_fit(tmp_path, tiny_config, monkeypatch, capsys):
+    from ila import strategy_report
+
+    seen = {}
+
+    def compare(cfg, run_dir, out, **options):  # noqa: ANN001, ANN003
+        seen.update(options)
+        out.mkdir(parents=True)
+        (out / "strategies.md").write_text("the report\n")
+        return out / "strategies.md"
+
+    monkeypatch.setattr(strategy_report, "compare_strategies", compare)
+    args = ["compare-strategies", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "s"),
+            "--seeds", "3", "--only", "all", "ila-top-30", "--equal-time", "ila-top-30",
+            *_sets(tiny_config)]  # fmt: skip
+    assert main(args) == 0
+    assert (
+        seen["seeds"] == 3 and seen["only"] == ["all", "ila-top-30"] and seen["equal_time"] == ["ila-top-30"]
+    )
+    assert "the report" in capsys.readouterr().out

@@ -17,6 +17,7 @@ from ila.heldout import interval, paired_interval
 from ila.ranking import Ranking
 from ila.strategies import (
     Strategy,
+    equal_time_strategies,
     matched_rank,
     only_strategies,
     plan_strategies,
@@ -360,3 +361,53 @@ def test_finished_runs_gain_benchmarks_on_their_saved_models_without_training_ag
     assert settings == {"ila-top-25-seed0": {"limit": 2}, "ila-top-25-seed1": {"limit": 4}}
     assert "benchmarks" not in out["strategies"]["ila-top-25"]  # two limits: not averaged together
     assert "not benchmarked" in caplog.text
+
+
+def test_an_equal_time_run_gets_the_steps_that_fill_alls_training_time(caplog):
+    layers = ("a", "b", "c", "d")
+    runs = [Strategy("all", "all", 1.0, layers, seed=s) for s in (0, 1)]
+    runs += [Strategy("ila-top-25", "ila-top", 0.25, layers[:1], seed=s) for s in (0, 1)]
+    runs += [Strategy("first-25", "first", 0.25, layers[:1]), Strategy("last-25", "last", 0.25, layers[-1:])]
+
+    def result(run: str, step: float | None) -> dict:
+        return {"run": run, "steps": 400, "median_step_seconds": step}
+
+    results = [result("all-seed0", 4.26), result("all-seed1", None), result("ila-top-25-seed0", 4.02),
+               result("ila-top-25-seed1", 3.0), result("first-25-seed0", 4.5)]  # fmt: skip
+    longer = equal_time_strategies(runs, results, ["ila-top-25", "first-25", "last-25", "all"])
+    assert [(s.run, s.steps) for s in longer] == [("ila-top-25-equal-time-seed0", 423)]  # 400 x 4.26 / 4.02
+    (only,) = longer
+    assert only.family == "equal-time" and only.layers == layers[:1]
+    assert only.reference_seconds == pytest.approx(400 * 4.26)
+    assert "all-seed1 has no median step time" in caplog.text  # seed 1: all's time unknown
+    assert "last-25-seed0: it or all-seed0 has not finished" in caplog.text
+    assert "a step takes 4.50 s" in caplog.text  # slower than all: no longer run
+    with pytest.raises(IlaError, match="no strategy matches"):
+        equal_time_strategies(runs, results, ["ila-top-33"])
+
+
+def test_equal_time_runs_train_their_longer_schedule_beside_the_others(two_seeds, tmp_path):
+    import shutil
+
+    from ila.strategy_report import render_markdown
+
+    tmp, report = two_seeds
+    shutil.copytree(tmp / "s", tmp_path / "s", ignore=shutil.ignore_patterns("stage3"))
+    for run, step in (("all-seed0", 2.0), ("ila-top-25-seed0", 1.0)):
+        path = tmp_path / "s" / run / "result.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "median_step_seconds": step}))
+    path = tmp / "run" / "stage2" / "ranking.json"
+    ranking = Ranking.load(path)
+    runs = [Strategy("all", "all", 1.0, tuple(ranking.order)),
+            Strategy("ila-top-25", "ila-top", 0.25, tuple(ranking.top(0.25)))]  # fmt: skip
+    out = run_strategies(report["cfg"], path, tmp_path / "s", strategies=runs, isolate=False,
+                         data=tmp / "run" / "data", equal_time=["ila-top-*"])  # fmt: skip
+    longer = [r for r in out["results"] if r["name"] == "ila-top-25-equal-time"]
+    assert [(r["run"], r["steps"]) for r in longer] == [("ila-top-25-equal-time-seed0", 4)]  # 2 x 2.0 / 1.0
+    assert longer[0]["reference_seconds"] == 4.0
+    assert [c["step"] for c in longer[0]["heldout_curve"]] == [1, 2, 3, 4]
+    summary = out["strategies"]["ila-top-25-equal-time"]
+    assert summary["vs_all"]["per_seed"] == pytest.approx([longer[0]["heldout_loss"] - next(
+        r["heldout_loss"] for r in out["results"] if r["run"] == "all-seed0")])  # fmt: skip
+    md = render_markdown(out, "x")
+    assert "| ila-top-25-equal-time | 1 |" in md and "ila-top-25-equal-time-seed0: 4 steps" in md

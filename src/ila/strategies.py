@@ -18,6 +18,8 @@ LoRA rank), each strategy is a stage-3 run from theta_0 on a different selection
   every layer?
 - ``<scorer>-top-30`` for other scorers (``taylor``, ``update-norm``, ``snr``, ``block-influence``...): is the
   learnt ranking better than a cheap one on the same budget?
+- ``<strategy>-equal-time`` (``equal_time``): a strategy again with the steps that fill ``all``'s training
+  time, measured at the same seed: is a cheaper selection better at equal wall-clock time?
 
 Every strategy runs with ``seeds`` seeds (``--seeds N``: LoRA initialisation and data order change; the
 selection does not, except for ``random``). Each run is evaluated on the held-out split (the token-weighted
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import dataclasses
 import fnmatch
 import hashlib
 import logging
@@ -75,7 +78,7 @@ class Strategy:
 
     name: str
     family: str
-    """all | ila-drop-bottom | ila-top | random | first | last | the name of another scorer"""
+    """all | all-matched | ila-drop-bottom | ila-top | random | first | last | equal-time | another scorer"""
     fraction: float
     """Fraction of the layers tuned."""
     layers: tuple[str, ...]
@@ -84,6 +87,10 @@ class Strategy:
     draw of the selection)."""
     rank: int | None = None
     """The LoRA rank of this run (None: the config's ``lora.r``)."""
+    steps: int | None = None
+    """The training steps of this run (None: the config's ``stage3.train.max_steps``)."""
+    reference_seconds: float | None = None
+    """For an equal-time run: the training time of ``all`` that its steps fill."""
 
     @property
     def run(self) -> str:
@@ -166,6 +173,48 @@ def only_strategies(runs: list[Strategy], patterns: list[str]) -> list[Strategy]
                                    for p in patterns)]  # fmt: skip
 
 
+def step_seconds(result: dict[str, Any]) -> float | None:
+    """The median wall time of one of a run's training steps; None for a run that predates it (its whole
+    training time over its steps includes the held-out evaluations, and work beside it inflates it)."""
+    return result.get("median_step_seconds")
+
+
+def equal_time_strategies(
+    runs: list[Strategy], results: list[dict[str, Any]], patterns: list[str]
+) -> list[Strategy]:
+    """The runs among ``runs`` that match ``patterns`` (:func:`only_strategies`), again with the steps that
+    fill the training time of ``all`` at the same seed: ``floor(all's steps x all's step time / its step
+    time)``, from the median step times of the finished ``results``. A run without a finished result, or
+    whose ``all`` has none, is left out with a warning; one no faster than ``all`` is left out too (its
+    equal-time run is the run itself). The schedule stretches over the longer run (the same warm-up ratio,
+    the learning rate decayed over every step)."""
+    chosen = [s for s in only_strategies(runs, patterns) if s.family not in ("all", "equal-time")]
+    by_run = {r["run"]: r for r in results}
+    out = []
+    for strat in chosen:
+        mine, ref = by_run.get(strat.run), by_run.get(f"all-seed{strat.seed}")
+        if mine is None or ref is None:
+            log.warning("no equal-time run of %s: it or all-seed%d has not finished", strat.run, strat.seed)
+            continue
+        own, theirs = step_seconds(mine), step_seconds(ref)
+        if own is None or theirs is None:
+            log.warning("no equal-time run of %s: it or all-seed%d has no median step time (rerun it)",
+                        strat.run, strat.seed)  # fmt: skip
+            continue
+        budget = ref["steps"] * theirs
+        steps = int(budget // own)
+        if steps <= mine["steps"]:
+            log.warning("no equal-time run of %s: a step takes %.2f s, all's %.2f s", strat.run, own, theirs)
+            continue
+        out.append(
+            dataclasses.replace(
+                strat, name=f"{strat.name}-equal-time", family="equal-time", steps=steps,
+                reference_seconds=budget,
+            )
+        )  # fmt: skip
+    return out
+
+
 def _settings_sha256(cfg: RunConfig, ranking_path: Path) -> str:
     """What a strategy run depends on besides its selection and seed: the stage-3 settings (model, data,
     LoRA, schedule) and the ranking the selections come from."""
@@ -222,6 +271,8 @@ def _run_strategy(
     if strat.rank is not None:  # the same scale alpha / r at another rank
         rc.lora.alpha = cfg.lora.alpha * strat.rank / cfg.lora.r
         rc.lora.r = strat.rank
+    if strat.steps is not None:
+        rc.stage3.train.max_steps = strat.steps
     rc.stage3.ranking = str(ranking_path)
     rc.stage3.selection.mode = "list"
     rc.stage3.selection.layers = list(strat.layers)
@@ -269,6 +320,8 @@ def _run_strategy(
         "peak_memory_mb": summary["peak_memory_mb"],
         "peak_memory_kind": summary.get("peak_memory_kind", "CUDA max allocated"),
         "train_seconds": seconds,
+        # an equal-time run: the training time of `all` (steps x median step time) its steps were sized to
+        "reference_seconds": strat.reference_seconds,
         # the held-out loss during training (stage3.train.eval_steps): where each strategy levels off
         "heldout_curve": curve,
     }
@@ -290,6 +343,7 @@ def run_strategies(
     seeds: int = 1,
     data: Path | None = None,
     only: list[str] | None = None,
+    equal_time: list[str] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune and evaluate every run (:func:`plan_strategies` with ``seeds``); completed ones (their
     ``result.json``) are reused.
@@ -301,7 +355,9 @@ def run_strategies(
     ``isolate`` (default: on unless the model runs on CUDA) fine-tunes each strategy in its own process so
     that peak memory is measured per strategy. ``data`` holds the tokenized examples (default ``out/data``;
     the run directory's ``data`` folder shares the run's). ``only`` keeps the runs whose strategy or run
-    name matches one of these patterns (:func:`only_strategies`). ``generate`` > 0 also answers the first
+    name matches one of these patterns (:func:`only_strategies`); ``equal_time`` (patterns too) runs those of
+    the kept runs again with the steps that fill ``all``'s training time (:func:`equal_time_strategies`).
+    ``generate`` > 0 also answers the first
     ``generate`` MT-Bench questions with the base model, ``all`` and the ILA selections
     (``generations.md``)."""
     if isolate is None:
@@ -322,20 +378,35 @@ def run_strategies(
     heldout = general = None
     tokenizer = load_tokenizer(cfg.model)
     settings = _settings_sha256(cfg, ranking_path)
-    for strat in progress(strategies, "strategies", total=len(strategies), unit="strategy"):
-        folder = out / strat.run
-        done = folder / "result.json"
-        if done.is_file():
-            results.append(_reuse(done, settings))
-            continue
-        if heldout is None:
-            heldout = load_datasets(cfg, tokenizer, out / ".data", data)[1]
-        if general is None:
-            general = general_text_rows(tokenizer, max_length=cfg.data.max_length)
-        result = _run_strategy(cfg, strat, ranking_path, folder, tokenizer, heldout, general, isolate, data)
-        result["settings_sha256"] = settings
-        write_json_atomic(done, result)
-        results.append(result)
+
+    def fit(planned: list[Strategy], what: str) -> None:
+        nonlocal heldout, general
+        for strat in progress(planned, what, total=len(planned), unit="strategy"):
+            done = out / strat.run / "result.json"
+            if done.is_file():
+                results.append(_reuse(done, settings))
+                continue
+            if heldout is None:
+                heldout = load_datasets(cfg, tokenizer, out / ".data", data)[1]
+            if general is None:
+                general = general_text_rows(tokenizer, max_length=cfg.data.max_length)
+            result = _run_strategy(
+                cfg, strat, ranking_path, out / strat.run, tokenizer, heldout, general, isolate, data
+            )
+            result["settings_sha256"] = settings
+            write_json_atomic(done, result)
+            results.append(result)
+
+    fit(strategies, "strategies")
+    if equal_time:
+        # sized from the finished runs' step times, so after them; `all` may have run in an earlier call
+        known = {r["run"]: r for r in results}
+        for done in sorted(out.glob("all-seed*/result.json")):
+            known.setdefault(done.parent.name, _reuse(done, settings))
+        longer = equal_time_strategies(strategies, list(known.values()), equal_time)
+        longer.sort(key=lambda s: s.seed)
+        fit(longer, "equal-time strategies")
+        strategies += longer
     # the other seeds of these strategies that an earlier call ran (--seeds 3 --only ...): reported too
     planned = {s.run for s in strategies}
     for name in dict.fromkeys(s.name for s in strategies):

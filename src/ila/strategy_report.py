@@ -17,7 +17,7 @@ from .pipeline import stage2
 from .plots import new_figure, save_figure
 from .ranking import Ranking
 from .rundir import RunDir
-from .strategies import run_strategies, summarise_strategies
+from .strategies import run_strategies, step_seconds, summarise_strategies
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
         "better. Forgetting vs all: the same for the general-text loss.",
         "",
         "| strategy | runs | layers | trainable params | held-out loss | vs all (paired) | forgetting | "
-        "forgetting vs all | step (s) | peak memory (MB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "forgetting vs all | steps | step (s) | training (min) | peak memory (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     by_name: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -75,21 +75,25 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             forgetting = f"{entry['forgetting_loss']:.4f}{_interval(entry.get('forgetting_ci95'))}"
         fvs = entry.get("forgetting_vs_all")
         f_paired = "-" if fvs is None else f"{fvs['difference']:+.4f}{_interval(fvs['ci95'])}"
-        medians = [r.get("median_step_seconds") for r in rs]
+        medians = [step_seconds(r) for r in rs]
         if all(m is not None for m in medians):
+            seconds = [m * r["steps"] for m, r in zip(medians, rs, strict=True)]
             step = f"{statistics.mean(medians):.2f}"
         else:  # a run from before the median step time: its wall time over its steps
+            seconds = [r["seconds_per_step"] * r["steps"] for r in rs]
             step = f"{statistics.mean(r['seconds_per_step'] for r in rs):.2f} †"
             walls = True
+        minutes = f"{statistics.mean(seconds) / 60:.1f}" + (" †" if step.endswith("†") else "")
+        steps = "/".join(str(n) for n in dict.fromkeys(r["steps"] for r in rs))
         peaks = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb") is not None]
         peak = f"{statistics.mean(peaks):.0f}" if peaks else "-"
         lines.append(
             f"| {name} | {entry['runs']} | {rs[0]['num_layers']} | {rs[0]['trainable_parameters']:,} | "
-            f"{loss} | {paired} | {forgetting} | {f_paired} | {step} | {peak} |"
+            f"{loss} | {paired} | {forgetting} | {f_paired} | {steps} | {step} | {minutes} | {peak} |"
         )
     lines += [
         "",
-        "step: the median wall time of a training step over a strategy's runs"
+        "step: the median wall time of a training step over a strategy's runs; training: steps x step"
         + (
             "; † the run's whole training time over its steps instead, held-out evaluations included (runs "
             "that predate the median)."
@@ -97,8 +101,26 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             else "."
         ),
     ]
+    lines += _equal_time_lines(rows)
     lines += _benchmark_lines(report, summary, list(by_name))
     return "\n".join(lines) + "\n"
+
+
+def _equal_time_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """What each equal-time run was given: the steps that fill `all`'s training time at its seed."""
+    timed = [r for r in rows if r.get("reference_seconds")]
+    if not timed:
+        return []
+    return [
+        "",
+        "Equal time: a strategy again with the steps that fill `all`'s training time at the same seed "
+        "(`all`'s steps x its median step time, over the strategy's own median step time); its vs all is "
+        "quality at equal wall-clock time. "
+        + "; ".join(
+            f"{r['run']}: {r['steps']} steps for {r['reference_seconds'] / 60:.1f} min" for r in timed
+        )
+        + ".",
+    ]
 
 
 def _setting(key: str, value: Any) -> str:
@@ -243,19 +265,20 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
 
 
 def plot_heldout_curves(runs: list[dict[str, Any]], path: Path, base: float | None = None) -> Path:
-    """Each run's held-out loss during training against its training time (step x seconds a step): where
+    """Each run's held-out loss during training against its training time (step x median step time): where
     every strategy levels off, and which is ahead at equal wall-clock time. The points of one run share
     its schedule, so a point at half the time is not what a run half as long would reach."""
     fig = new_figure(6.4, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     for r in runs:
         curve = r["heldout_curve"]
-        minutes = [c["step"] * r["seconds_per_step"] / 60 for c in curve]
+        step = step_seconds(r) or r["seconds_per_step"]
+        minutes = [c["step"] * step / 60 for c in curve]
         style = "o-" if r["family"] == "all" else "s-" if r["family"].startswith("ila") else "x--"
         ax.plot(minutes, [c["loss"] for c in curve], style, markersize=4, label=r["name"])
     if base is not None:
         ax.axhline(base, ls=":", color="grey", label="base model, untuned")
-    ax.set_xlabel("training time (minutes: step x seconds a step)")
+    ax.set_xlabel("training time (minutes: step x median step time)")
     ax.set_ylabel("held-out loss during training")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -276,6 +299,7 @@ def compare_strategies(
     generate: int = 0,
     seeds: int = 1,
     only: list[str] | None = None,
+    equal_time: list[str] | None = None,
 ) -> Path:
     """Every strategy of :func:`plan_strategies` on the run's stage-3 budget; ``scorers`` adds the top 30 % of
     other scorers' rankings (``stage2/ranking-<scorer>.json``, computed first where missing)."""
@@ -304,6 +328,7 @@ def compare_strategies(
         generate=generate,
         seeds=seeds,
         only=only,
+        equal_time=equal_time,
     )
     report["command"] = command
     write_json_atomic(out / "strategies.json", report)

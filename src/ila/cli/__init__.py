@@ -176,6 +176,7 @@ def _compare_strategies_command(args: argparse.Namespace) -> int:
         generate=args.generate,
         seeds=args.seeds,
         only=args.only,
+        equal_time=args.equal_time,
         command=args.invocation,
     )
     print(report.read_text())

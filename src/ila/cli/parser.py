@@ -166,6 +166,14 @@ def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
         help="run and report only these strategies or runs (names or shell patterns, e.g. all ila-top-30 "
         "'random-*' 'all-rank-*' random-30-seed0); the others' finished runs stay in --out for a later call",
     )
+    p.add_argument(
+        "--equal-time",
+        nargs="+",
+        default=None,
+        metavar="STRATEGY",
+        help="run these strategies or runs again with the steps that fill all's training time at the same "
+        "seed (from the median step times of the finished runs): quality at equal wall-clock time",
+    )
 
     p = sub.add_parser(
         "study", help="the stability study: rankings across datasets, seeds, milestones, models"
