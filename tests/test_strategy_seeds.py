@@ -386,7 +386,7 @@ def test_an_equal_time_run_gets_the_steps_that_fill_alls_training_time(caplog):
         equal_time_strategies(runs, results, ["ila-top-33"])
 
 
-def test_equal_time_runs_train_their_longer_schedule_beside_the_others(two_seeds, tmp_path):
+def test_equal_time_runs_train_their_longer_schedule_beside_the_others(two_seeds, tmp_path, monkeypatch):
     import shutil
 
     from ila.strategy_report import render_markdown
@@ -411,3 +411,8 @@ def test_equal_time_runs_train_their_longer_schedule_beside_the_others(two_seeds
         r["heldout_loss"] for r in out["results"] if r["run"] == "all-seed0")])  # fmt: skip
     md = render_markdown(out, "x")
     assert "| ila-top-25-equal-time | 1 |" in md and "ila-top-25-equal-time-seed0: 4 steps" in md
+    # a later call without --equal-time still reports the finished equal-time run beside its strategy
+    monkeypatch.setattr(strategies, "_run_strategy", lambda *a: pytest.fail("a finished run ran again"))
+    again = run_strategies(report["cfg"], path, tmp_path / "s", strategies=runs, isolate=False,
+                           data=tmp / "run" / "data")  # fmt: skip
+    assert again["strategies"]["ila-top-25-equal-time"]["vs_all"] == summary["vs_all"]

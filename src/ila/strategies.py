@@ -407,9 +407,12 @@ def run_strategies(
         longer.sort(key=lambda s: s.seed)
         fit(longer, "equal-time strategies")
         strategies += longer
-    # the other seeds of these strategies that an earlier call ran (--seeds 3 --only ...): reported too
+    # the other seeds of these strategies that an earlier call ran (--seeds 3 --only ...), and their
+    # equal-time runs (--equal-time): reported too
     planned = {s.run for s in strategies}
-    for name in dict.fromkeys(s.name for s in strategies):
+    names = list(dict.fromkeys(s.name for s in strategies))
+    names += [f"{n}-equal-time" for n in names if not n.endswith("-equal-time")]
+    for name in dict.fromkeys(names):
         for done in sorted(out.glob(f"{name}-seed*/result.json")):
             if done.parent.name not in planned and done.parent.name[len(name) + 5 :].isdigit():
                 results.append(_reuse(done, settings))
