@@ -70,6 +70,10 @@ def test_the_sceptics_baselines_compare_ila_with_random_and_the_matched_rank():
 def test_a_comparison_without_all_or_a_base_is_refused_or_skipped():
     with pytest.raises(IlaError, match="no `all` runs"):
         strategy_verdicts(_report({"ila-top-30": [1.8]}), "x")
+    old = _report({"all": [1.8], "ila-top-30": [1.85]})
+    del old["results"][1]["heldout_examples"]  # a comparison from before the per-example losses
+    with pytest.raises(IlaError, match="no per-example held-out losses"):
+        strategy_verdicts(old, "20 steps")
     no_base = _report({"all": [1.8], "ila-top-30": [1.85]})
     del no_base["base_heldout_loss"]
     assert not [v for v in strategy_verdicts(no_base, "x") if "close" in v.claim]

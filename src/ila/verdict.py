@@ -88,6 +88,13 @@ def strategy_verdicts(report: Mapping[str, Any], regime: str) -> list[Verdict]:
         by_name.setdefault(r["name"], []).append(r)
     if "all" not in by_name:
         raise IlaError("the strategy comparison has no `all` runs: nothing to hold the claims against")
+    unpaired = [r.get("run", r["name"]) for r in report["results"] if "heldout_examples" not in r]
+    if unpaired:
+        raise IlaError(
+            f"the strategy comparison ({regime}) has no per-example held-out losses ({unpaired[0]}, schema "
+            f"{report.get('schema_version')}): it predates the paired comparison the verdicts rest on; run "
+            "ila compare-strategies again into a new --out"
+        )
     base = report.get("base_heldout_loss")
     all_loss = float(np.mean([r["heldout_loss"] for r in by_name["all"]]))
     rows = []
