@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The converged strategy comparison of one model (config converged-<model>): stages 1 and 2, the cheap
 # scorers, then the strategies the verdicts rest on with 3 seeds, ILA's top 30 % at equal wall-clock time, the
-# benchmarks, then the rest of the grid with one seed.
+# benchmarks, the verdict strategies after 20 steps, then the rest of the grid with one seed.
 #
 #   bash scripts/converged.sh smollm2 > runs/converged-smollm2.log 2>&1 &
 #
@@ -15,6 +15,8 @@ config=converged-$model
 run=runs/converged-$model
 out=runs/converged-$model-strategies
 keep=docs/results/converged/$model
+short=runs/converged-$model-20-steps  # the same comparison after 20 steps
+keep_short=docs/results/converged/$model-20-steps
 verdict=(all ila-drop-bottom-25 ila-top-30 random-30 'all-rank-*')
 scorers=(taylor update-norm snr)
 
@@ -23,36 +25,45 @@ scorers=(taylor update-norm snr)
 source .venv/bin/activate
 
 restore() {  # what an earlier run kept, back where the commands look for it
-    mkdir -p "$run/stage2" "$out"
+    mkdir -p "$run/stage2"
     for f in "$keep"/stage2/ranking*.json; do
         [ -e "$f" ] && [ ! -e "$run/stage2/$(basename "$f")" ] && cp "$f" "$run/stage2/"
     done
-    if [ -e "$keep/base/benchmarks.json" ] && [ ! -e "$out/base/benchmarks.json" ]; then
-        mkdir -p "$out/base" && cp "$keep/base/benchmarks.json" "$out/base/"
-    fi
-    for f in "$keep"/runs/*/result.json; do
-        [ -e "$f" ] || continue
-        dest=$out/$(basename "$(dirname "$f")")
-        [ -e "$dest/result.json" ] || { mkdir -p "$dest" && cp "$f" "$dest/"; }
+    for pair in "$out:$keep" "$short:$keep_short"; do
+        local o=${pair%%:*} k=${pair#*:}
+        mkdir -p "$o"
+        if [ -e "$k/base/benchmarks.json" ] && [ ! -e "$o/base/benchmarks.json" ]; then
+            mkdir -p "$o/base" && cp "$k/base/benchmarks.json" "$o/base/"
+        fi
+        for f in "$k"/runs/*/result.json; do
+            [ -e "$f" ] || continue
+            dest=$o/$(basename "$(dirname "$f")")
+            [ -e "$dest/result.json" ] || { mkdir -p "$dest" && cp "$f" "$dest/"; }
+        done
     done
     return 0
 }
 
-save() {  # the small files, into the results folder
-    mkdir -p "$keep/stage2" "$keep/runs"
+save() {  # the small files, into the results folders
+    mkdir -p "$keep/stage2"
     for f in "$run"/stage2/ranking*.json "$run"/stage1/summary.json "$run"/stage1/stability.jsonl \
         "$run"/stage1/heldout_curve.jsonl "$run"/stage2/summary.json; do
         [ -e "$f" ] || continue
         mkdir -p "$keep/$(basename "$(dirname "$f")")"
         cp "$f" "$keep/$(basename "$(dirname "$f")")/"
     done
-    [ -e "$out/base/benchmarks.json" ] && mkdir -p "$keep/base" && cp "$out/base/benchmarks.json" "$keep/base/"
-    for f in "$out"/*/result.json; do
-        [ -e "$f" ] || continue
-        mkdir -p "$keep/runs/$(basename "$(dirname "$f")")"
-        cp "$f" "$keep/runs/$(basename "$(dirname "$f")")/"
+    for pair in "$out:$keep" "$short:$keep_short"; do
+        local o=${pair%%:*} k=${pair#*:}
+        [ -d "$o" ] || continue
+        mkdir -p "$k/runs"
+        [ -e "$o/base/benchmarks.json" ] && mkdir -p "$k/base" && cp "$o/base/benchmarks.json" "$k/base/"
+        for f in "$o"/*/result.json; do
+            [ -e "$f" ] || continue
+            mkdir -p "$k/runs/$(basename "$(dirname "$f")")"
+            cp "$f" "$k/runs/$(basename "$(dirname "$f")")/"
+        done
+        for f in "$o"/strategies.json "$o"/strategies.md "$o"/*.png; do [ -e "$f" ] && cp "$f" "$k/"; done
     done
-    for f in "$out"/strategies.json "$out"/strategies.md "$out"/*.png; do [ -e "$f" ] && cp "$f" "$keep/"; done
     return 0
 }
 
@@ -75,4 +86,8 @@ ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}"
 # on 2 cores, from the IFEval cost in the README). A result restored without its adapter is skipped.
 ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}" --equal-time ila-top-30 \
     --tasks ila_mmlu_dev ila_hhh ila_ifeval --limit 100 --max-gen-toks 256
+# The verdict strategies again after 20 of the 400 steps (the same ranking, data and schedule shape): where
+# the answer depends on how far fine-tuning went, both regimes are shown. About 2 minutes a run.
+ila compare-strategies --config "$config" --run-dir "$run" --out "$short" --seeds 3 --only "${verdict[@]}" \
+    --set stage3.train.max_steps=20
 ila compare-strategies "${common[@]}" --seeds 1
