@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The converged strategy comparison of one model (config converged-<model>): stages 1 and 2, the cheap
 # scorers, then the strategies the verdicts rest on with 3 seeds, ILA's top 30 % at equal wall-clock time, the
-# benchmarks, the verdict strategies after 20 steps, then the rest of the grid with one seed.
+# verdict strategies after 20 steps, the benchmarks, then the rest of the grid with one seed.
 #
 #   bash scripts/converged.sh smollm2 > runs/converged-smollm2.log 2>&1 &
 #
@@ -80,14 +80,16 @@ trap 'kill $watcher 2>/dev/null || true; save' EXIT
 common=(--config "$config" --run-dir "$run" --out "$out" --scorers "${scorers[@]}")
 ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}"
 # ILA's top 30 % at equal wall-clock time: again with the steps that fill all's training time at the same
-# seed (seeds whose runs record a median step time). Then the benchmarks of every verdict run and the base
-# model on its saved adapter, after the training so that they do not share the cores with a run being
-# timed: the first 100 documents of each task, IFEval answers of at most 256 tokens (about 8 minutes a model
-# on 2 cores, from the IFEval cost in the README). A result restored without its adapter is skipped.
-ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}" --equal-time ila-top-30 \
-    --tasks ila_mmlu_dev ila_hhh ila_ifeval --limit 100 --max-gen-toks 256
+# seed (seeds whose runs record a median step time).
+ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}" --equal-time ila-top-30
 # The verdict strategies again after 20 of the 400 steps (the same ranking, data and schedule shape): where
 # the answer depends on how far fine-tuning went, both regimes are shown. About 2 minutes a run.
 ila compare-strategies --config "$config" --run-dir "$run" --out "$short" --seeds 3 --only "${verdict[@]}" \
     --set stage3.train.max_steps=20
+# The benchmarks of every verdict run and the base model on its saved adapter, after the training so that
+# they do not share the cores with a run being timed: the first 100 documents of each task, IFEval answers
+# of at most 256 tokens (about 8 minutes a model on 2 cores, from the IFEval cost in the README). A result
+# restored without its adapter is skipped.
+ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}" --equal-time ila-top-30 \
+    --tasks ila_mmlu_dev ila_hhh ila_ifeval --limit 100 --max-gen-toks 256
 ila compare-strategies "${common[@]}" --seeds 1
