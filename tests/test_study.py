@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 import yaml
 from conftest import write_model_dir
 
@@ -83,8 +85,21 @@ def test_study_on_tiny_models(tmp_path, tiny_model_dir, tiny_data_file, capsys):
     norm = data["groups"]["update-norm: seeds"]
     assert all(r["scorer"] == "update-norm" for r in norm["rankings"])
     assert list((out / "plots").glob("*.png"))
-    # A second call reuses every run.
-    assert main(["study", "--config", str(study), "--out", str(out)]) == 0
+    # A second call reuses every ranking, without the runs' stage 1 (what a fresh checkout restores)
+    from ila import study as study_module
+
+    stage1s = [d for d in (out / "runs").rglob("stage1") if d.is_dir()]
+    assert len(stage1s) == 5
+    for folder in stage1s:
+        shutil.rmtree(folder)
+    with pytest.MonkeyPatch.context() as mp:
+        for stage in ("stage1", "stage2"):
+            mp.setattr(study_module, stage, lambda *a, **k: pytest.fail("a finished run ran again"))
+        assert main(["study", "--config", str(study), "--out", str(out)]) == 0
+    again = json.loads((out / "study.json").read_text())["groups"]
+    assert again.keys() == data["groups"].keys()
+    for name, group in again.items():
+        assert {**group, "created": None} == {**data["groups"][name], "created": None}
 
 
 def test_the_study_figures_are_skipped_without_matplotlib(tmp_path, monkeypatch):

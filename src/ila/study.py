@@ -148,9 +148,17 @@ def ranking_file(out: Path, run: StudyRun, milestone: float, scorer: str = "ila"
 
 
 def execute(cfg: StudyConfig, out: Path) -> dict[str, dict[str, Path]]:
-    """Stage 1 and the milestone stage-2 runs of every planned run; complete ones are reused."""
+    """Stage 1 and the milestone stage-2 runs of every planned run; complete ones are reused, and a run
+    whose every ranking is there needs no stage 1 (the rankings are what a results folder keeps, and a
+    fresh checkout restores, without the adapters)."""
     done: dict[str, dict[str, Path]] = {}
+    last = max(cfg.milestones)
     for run in planned_runs(cfg):
+        targets = {milestone_name(m): ranking_file(out, run, m) for m in cfg.milestones}
+        targets |= {f"{milestone_name(last)}:{s}": ranking_file(out, run, last, s) for s in cfg.scorers}
+        if all(t.is_file() for t in targets.values()):
+            done[run.key] = targets
+            continue
         rc = _run_config(cfg, run)
         run_dir = out / "runs" / run.key
         base = SharedBase(rc)  # theta_0 read once for the run's stage 1 and all its stage-2 runs
@@ -168,7 +176,6 @@ def execute(cfg: StudyConfig, out: Path) -> dict[str, dict[str, Path]]:
                 prepare_run_dir(rc, sub)
                 stage2(rc, sub, adapter=RunDir(run_dir).milestone(m), base=base, data=data)
             done[run.key][milestone_name(m)] = target
-        last = max(cfg.milestones)
         for scorer in cfg.scorers:
             target = ranking_file(out, run, last, scorer)
             if not target.is_file():
