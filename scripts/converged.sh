@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The converged strategy comparison of one model (the settings of config converged-smollm2, on that model):
 # stages 1 and 2, the cheap scorers, then the strategies the verdicts rest on with 3 seeds, ILA's top 30 % at
-# equal wall-clock time, the verdict strategies after 20 steps, the benchmarks, then (unless the second
-# argument is `verdicts`) the rest of the grid with one seed.
+# equal wall-clock time, the verdict strategies after 20 steps, the benchmarks of one seed of each, then
+# (unless the second argument is `verdicts`) the rest of the grid with one seed.
 #
 #   bash scripts/converged.sh smollm2 > runs/converged-smollm2.log 2>&1 &
 #   bash scripts/converged.sh gemma3-270m verdicts > runs/converged-gemma3-270m.log 2>&1 &
@@ -21,6 +21,8 @@ out=runs/converged-$model-strategies
 keep=docs/results/converged/$model
 short=runs/converged-$model-20-steps  # the same comparison after 20 steps
 keep_short=docs/results/converged/$model-20-steps
+bench=runs/converged-$model-benchmarks  # seed 0 of the verdict strategies, benchmarked as each one finishes
+keep_bench=docs/results/converged/$model-benchmarks
 verdict=(all ila-drop-bottom-25 ila-top-30 random-30 'all-rank-*')
 scorers=(taylor update-norm snr)
 
@@ -36,7 +38,7 @@ restore() {  # what an earlier run kept, back where the commands look for it
     for f in "$keep"/stage2/ranking*.json; do
         [ -e "$f" ] && [ ! -e "$run/stage2/$(basename "$f")" ] && cp "$f" "$run/stage2/"
     done
-    for pair in "$out:$keep" "$short:$keep_short"; do
+    for pair in "$out:$keep" "$short:$keep_short" "$bench:$keep_bench"; do
         local o=${pair%%:*} k=${pair#*:}
         mkdir -p "$o"
         if [ -e "$k/base/benchmarks.json" ] && [ ! -e "$o/base/benchmarks.json" ]; then
@@ -59,13 +61,15 @@ save() {  # the small files, into the results folders
         mkdir -p "$keep/$(basename "$(dirname "$f")")"
         cp "$f" "$keep/$(basename "$(dirname "$f")")/"
     done
-    for pair in "$out:$keep" "$short:$keep_short"; do
+    for pair in "$out:$keep" "$short:$keep_short" "$bench:$keep_bench"; do
         local o=${pair%%:*} k=${pair#*:}
         [ -d "$o" ] || continue
         mkdir -p "$k/runs"
         [ -e "$o/base/benchmarks.json" ] && mkdir -p "$k/base" && cp "$o/base/benchmarks.json" "$k/base/"
         for f in "$o"/*/result.json; do
             [ -e "$f" ] || continue
+            # a benchmark run is kept once it is scored: restored without its adapter it could not be
+            [[ $o == "$bench" ]] && ! grep -q ila_ifeval "$f" && continue
             mkdir -p "$k/runs/$(basename "$(dirname "$f")")"
             cp "$f" "$k/runs/$(basename "$(dirname "$f")")/"
         done
@@ -93,10 +97,11 @@ ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}" --equal-t
 # the answer depends on how far fine-tuning went, both regimes are shown. About 2 minutes a run.
 ila compare-strategies "${config[@]}" --run-dir "$run" --out "$short" --seeds 3 --only "${verdict[@]}" \
     --set stage3.train.max_steps=20
-# The benchmarks of every verdict run and the base model on its saved adapter, after the training so that
-# they do not share the cores with a run being timed: the first 100 documents of each task, IFEval answers
-# of at most 256 tokens (about 8 minutes a model on 2 cores, from the IFEval cost in the README). A result
-# restored without its adapter is skipped.
-ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}" --equal-time ila-top-30 \
-    --tasks ila_mmlu_dev ila_hhh ila_ifeval --limit 100 --max-gen-toks 256
+# The benchmarks, on seed 0 of every verdict strategy and of ILA's top 30 % at equal time, trained again in a
+# folder of their own so that each is scored on its adapter as soon as it finishes (adapters are not kept
+# across machines; the held-out losses double as a check that a run is reproduced): the first 100 documents
+# of each task, IFEval answers of at most 256 tokens (about 8 minutes a model on 2 cores).
+ila compare-strategies "${config[@]}" --run-dir "$run" --out "$bench" --scorers "${scorers[@]}" --seeds 1 \
+    --only "${verdict[@]}" --equal-time ila-top-30 --tasks ila_mmlu_dev ila_hhh ila_ifeval --limit 100 \
+    --max-gen-toks 256
 [[ $scope == verdicts ]] || ila compare-strategies "${common[@]}" --seeds 1
