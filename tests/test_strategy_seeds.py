@@ -363,6 +363,38 @@ def test_finished_runs_gain_benchmarks_on_their_saved_models_without_training_ag
     assert "not benchmarked" in caplog.text
 
 
+def test_a_run_trained_with_benchmarks_asked_for_is_scored_before_the_next_one_trains(
+    two_seeds, tmp_path, monkeypatch
+):
+    # adapters do not outlive a machine: a comparison cut off after its first run must keep that run's scores
+    import shutil
+
+    tmp, report = two_seeds
+    path = tmp / "run" / "stage2" / "ranking.json"
+    ranking = Ranking.load(path)
+    runs = [Strategy("all", "all", 1.0, tuple(ranking.order)),
+            Strategy("ila-top-25", "ila-top", 0.25, tuple(ranking.top(0.25)))]  # fmt: skip
+    events = []
+
+    def trained(cfg, strat, ranking_path, folder, *rest):  # the fixture's finished run, copied in
+        events.append(("train", strat.run))
+        shutil.copytree(tmp / "s" / strat.run, folder)
+        return json.loads((folder / "result.json").read_text())
+
+    def scored(cfg, record, model, settings, samples):
+        events.append(("score", record.get("run", "base")))
+        assert model is None or model.is_dir()
+        return False
+
+    monkeypatch.setattr(strategies, "_run_strategy", trained)
+    monkeypatch.setattr(strategies, "fill_benchmarks", scored)
+    run_strategies(report["cfg"], path, tmp_path / "s", strategies=runs, isolate=False,
+                   data=tmp / "run" / "data", tasks=("ila_mmlu_dev",), limit=2)  # fmt: skip
+    assert events[:4] == [("train", "all-seed0"), ("score", "all-seed0"),
+                          ("train", "ila-top-25-seed0"), ("score", "ila-top-25-seed0")]  # fmt: skip
+    assert ("score", "base") in events[4:] and all(e[0] == "score" for e in events[4:])
+
+
 def test_an_equal_time_run_gets_the_steps_that_fill_alls_training_time(caplog):
     layers = ("a", "b", "c", "d")
     runs = [Strategy("all", "all", 1.0, layers, seed=s) for s in (0, 1)]

@@ -350,7 +350,8 @@ def run_strategies(
 
     ``tasks`` (lm-eval, with ``limit`` documents each and IFEval answers of at most ``max_gen_toks`` tokens)
     are scored on every reported run's saved model, finished runs included, and on the base model
-    (``out/base/benchmarks.json``); a score is reused while its settings are the same.
+    (``out/base/benchmarks.json``); a run trained in this call is scored as soon as it finishes, and a score
+    is reused while its settings are the same.
 
     ``isolate`` (default: on unless the model runs on CUDA) fine-tunes each strategy in its own process so
     that peak memory is measured per strategy. ``data`` holds the tokenized examples (default ``out/data``;
@@ -378,6 +379,13 @@ def run_strategies(
     heldout = general = None
     tokenizer = load_tokenizer(cfg.model)
     settings = _settings_sha256(cfg, ranking_path)
+    bench_settings = benchmark_settings(tokenizer, cfg, tasks, limit, max_gen_toks) if tasks else None
+
+    def score(result: dict[str, Any]) -> None:
+        folder = out / result["run"]
+        model = RunDir(folder).stage3_output(cfg.stage3.method)
+        if fill_benchmarks(cfg, result, model, bench_settings, folder / "eval" / "ifeval.jsonl"):
+            write_json_atomic(folder / "result.json", result)
 
     def fit(planned: list[Strategy], what: str) -> None:
         nonlocal heldout, general
@@ -396,6 +404,9 @@ def run_strategies(
             result["settings_sha256"] = settings
             write_json_atomic(done, result)
             results.append(result)
+            if bench_settings:
+                # scored while its adapter is surely there: a comparison cut off later keeps the scores
+                score(result)
 
     fit(strategies, "strategies")
     if equal_time:
@@ -417,13 +428,9 @@ def run_strategies(
             if done.parent.name not in planned and done.parent.name[len(name) + 5 :].isdigit():
                 results.append(_reuse(done, settings))
     base_bench: dict[str, Any] = {}
-    if tasks:
-        bench_settings = benchmark_settings(tokenizer, cfg, tasks, limit, max_gen_toks)
+    if bench_settings:
         for result in progress(results, "benchmarks", total=len(results), unit="run"):
-            folder = out / result["run"]
-            model = RunDir(folder).stage3_output(cfg.stage3.method)
-            if fill_benchmarks(cfg, result, model, bench_settings, folder / "eval" / "ifeval.jsonl"):
-                write_json_atomic(folder / "result.json", result)
+            score(result)  # the runs that finished before this call
         base_path = out / "base" / "benchmarks.json"
         base_bench = read_json(base_path, "base benchmarks") if base_path.is_file() else {}
         if fill_benchmarks(cfg, base_bench, None, bench_settings, out / "base" / "ifeval.jsonl"):
