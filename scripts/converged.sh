@@ -91,7 +91,7 @@ trap 'kill $watcher 2>/dev/null || true; save' EXIT
 common=("${config[@]}" --run-dir "$run" --out "$out" --scorers "${scorers[@]}")
 ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}"
 # ILA's top 30 % at equal wall-clock time: again with the steps that fill all's training time at the same
-# seed (seeds whose runs record a median step time).
+# seed, from the step times of both timed back to back here.
 ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}" --equal-time ila-top-30
 # The verdict strategies again after 20 of the 400 steps (the same ranking, data and schedule shape): where
 # the answer depends on how far fine-tuning went, both regimes are shown. About 2 minutes a run.

@@ -401,21 +401,23 @@ def test_an_equal_time_run_gets_the_steps_that_fill_alls_training_time(caplog):
     runs += [Strategy("ila-top-25", "ila-top", 0.25, layers[:1], seed=s) for s in (0, 1)]
     runs += [Strategy("first-25", "first", 0.25, layers[:1]), Strategy("last-25", "last", 0.25, layers[-1:])]
 
-    def result(run: str, step: float | None) -> dict:
-        return {"run": run, "steps": 400, "median_step_seconds": step}
-
-    results = [result("all-seed0", 4.26), result("all-seed1", None), result("ila-top-25-seed0", 4.02),
-               result("ila-top-25-seed1", 3.0), result("first-25-seed0", 4.5)]  # fmt: skip
-    longer = equal_time_strategies(runs, results, ["ila-top-25", "first-25", "last-25", "all"])
+    # kept step times that say the opposite: only the times measured back to back count
+    results = [{"run": r, "steps": 400, "median_step_seconds": 1.0} for r in
+               ("all-seed0", "ila-top-25-seed0", "ila-top-25-seed1", "first-25-seed0")]  # fmt: skip
+    timed = {"ila-top-25-seed0": (4.02, 4.26), "first-25-seed0": (4.5, 4.26)}
+    asked = []
+    step_times = lambda s: asked.append(s.run) or timed[s.run]  # noqa: E731
+    longer = equal_time_strategies(runs, results, ["ila-top-25", "first-25", "last-25", "all"], step_times)
     assert [(s.run, s.steps) for s in longer] == [("ila-top-25-equal-time-seed0", 423)]  # 400 x 4.26 / 4.02
     (only,) = longer
     assert only.family == "equal-time" and only.layers == layers[:1]
     assert only.reference_seconds == pytest.approx(400 * 4.26)
-    assert "all-seed1 has no median step time" in caplog.text  # seed 1: all's time unknown
+    assert "ila-top-25-seed1: it or all-seed1 has not finished" in caplog.text  # nothing to time against
     assert "last-25-seed0: it or all-seed0 has not finished" in caplog.text
     assert "a step takes 4.50 s" in caplog.text  # slower than all: no longer run
+    assert asked == ["ila-top-25-seed0", "first-25-seed0"]  # nothing timed for a run that is left out
     with pytest.raises(IlaError, match="no strategy matches"):
-        equal_time_strategies(runs, results, ["ila-top-33"])
+        equal_time_strategies(runs, results, ["ila-top-33"], step_times)
 
 
 def test_equal_time_runs_train_their_longer_schedule_beside_the_others(two_seeds, tmp_path, monkeypatch):
@@ -425,15 +427,28 @@ def test_equal_time_runs_train_their_longer_schedule_beside_the_others(two_seeds
 
     tmp, report = two_seeds
     shutil.copytree(tmp / "s", tmp_path / "s", ignore=shutil.ignore_patterns("stage3"))
-    for run, step in (("all-seed0", 2.0), ("ila-top-25-seed0", 1.0)):
-        path = tmp_path / "s" / run / "result.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "median_step_seconds": step}))
     path = tmp / "run" / "stage2" / "ranking.json"
     ranking = Ranking.load(path)
     runs = [Strategy("all", "all", 1.0, tuple(ranking.order)),
             Strategy("ila-top-25", "ila-top", 0.25, tuple(ranking.top(0.25)))]  # fmt: skip
+    timed = []
+    real = strategies._time_steps
+
+    def time_steps(cfg, strat, ranking_path, folder, *rest):  # really timed, then fixed for the sizing
+        seconds = real(cfg, strat, ranking_path, folder, *rest)
+        timed.append((strat.run, len(strat.layers), seconds > 0, folder.exists()))
+        return 2.0 if strat.name == "all" else 1.0
+
+    monkeypatch.setattr(strategies, "TIMING_STEPS", 2)
+    monkeypatch.setattr(strategies, "_time_steps", time_steps)
+    with monkeypatch.context() as mp, pytest.raises(IlaError, match="no strategy matches"):
+        mp.setattr(strategies, "_run_strategy", lambda *a: pytest.fail("trained before the typo was seen"))
+        run_strategies(report["cfg"], path, tmp_path / "typo", strategies=runs, isolate=False,
+                       data=tmp / "run" / "data", equal_time=["ila-tpo-*"])  # fmt: skip
     out = run_strategies(report["cfg"], path, tmp_path / "s", strategies=runs, isolate=False,
                          data=tmp / "run" / "data", equal_time=["ila-top-*"])  # fmt: skip
+    n = len(ranking.order)
+    assert timed == [("ila-top-25-seed0", len(runs[1].layers), True, False), ("all-seed0", n, True, False)]
     longer = [r for r in out["results"] if r["name"] == "ila-top-25-equal-time"]
     assert [(r["run"], r["steps"]) for r in longer] == [("ila-top-25-equal-time-seed0", 4)]  # 2 x 2.0 / 1.0
     assert longer[0]["reference_seconds"] == 4.0

@@ -41,7 +41,9 @@ import logging
 import multiprocessing
 import random as _random
 import resource
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -179,15 +181,23 @@ def step_seconds(result: dict[str, Any]) -> float | None:
     return result.get("median_step_seconds")
 
 
+TIMING_STEPS = 20
+"""Optimiser steps of the short runs that time a step of a strategy and of ``all`` for an equal-time run."""
+
+
 def equal_time_strategies(
-    runs: list[Strategy], results: list[dict[str, Any]], patterns: list[str]
+    runs: list[Strategy],
+    results: list[dict[str, Any]],
+    patterns: list[str],
+    step_times: Callable[[Strategy], tuple[float, float]],
 ) -> list[Strategy]:
     """The runs among ``runs`` that match ``patterns`` (:func:`only_strategies`), again with the steps that
     fill the training time of ``all`` at the same seed: ``floor(all's steps x all's step time / its step
-    time)``, from the median step times of the finished ``results``. A run without a finished result, or
-    whose ``all`` has none, is left out with a warning; one no faster than ``all`` is left out too (its
-    equal-time run is the run itself). The schedule stretches over the longer run (the same warm-up ratio,
-    the learning rate decayed over every step)."""
+    time)``. ``step_times(run)`` gives the two step times (the run's, then ``all``'s), measured back to back
+    on this machine: step times kept in results made on other machines, or beside other work, do not
+    compare. A run without a finished result, or whose ``all`` has none, is left out with a warning; one no
+    faster than ``all`` is left out too (its equal-time run is the run itself). The schedule stretches over
+    the longer run (the same warm-up ratio, the learning rate decayed over every step)."""
     chosen = [s for s in only_strategies(runs, patterns) if s.family not in ("all", "equal-time")]
     by_run = {r["run"]: r for r in results}
     out = []
@@ -196,16 +206,13 @@ def equal_time_strategies(
         if mine is None or ref is None:
             log.warning("no equal-time run of %s: it or all-seed%d has not finished", strat.run, strat.seed)
             continue
-        own, theirs = step_seconds(mine), step_seconds(ref)
-        if own is None or theirs is None:
-            log.warning("no equal-time run of %s: it or all-seed%d has no median step time (rerun it)",
-                        strat.run, strat.seed)  # fmt: skip
-            continue
+        own, theirs = step_times(strat)
         budget = ref["steps"] * theirs
         steps = int(budget // own)
         if steps <= mine["steps"]:
             log.warning("no equal-time run of %s: a step takes %.2f s, all's %.2f s", strat.run, own, theirs)
             continue
+        log.info("%s: %.2f s a step, all's %.2f s: %d steps at equal time", strat.run, own, theirs, steps)
         out.append(
             dataclasses.replace(
                 strat, name=f"{strat.name}-equal-time", family="equal-time", steps=steps,
@@ -253,6 +260,35 @@ def _finetune_isolated(rc: RunConfig, folder: Path, data: Path) -> dict[str, Any
         return pool.submit(_finetune, rc, folder, data).result()
 
 
+def _strategy_config(cfg: RunConfig, strat: Strategy, ranking_path: Path) -> RunConfig:
+    """The comparison's settings with this strategy's selection, seed, LoRA rank and steps."""
+    rc = copy.deepcopy(cfg)
+    rc.seed = cfg.seed + strat.seed
+    if strat.rank is not None:  # the same scale alpha / r at another rank
+        rc.lora.alpha = cfg.lora.alpha * strat.rank / cfg.lora.r
+        rc.lora.r = strat.rank
+    if strat.steps is not None:
+        rc.stage3.train.max_steps = strat.steps
+    rc.stage3.ranking = str(ranking_path)
+    rc.stage3.selection.mode = "list"
+    rc.stage3.selection.layers = list(strat.layers)
+    return rc
+
+
+def _time_steps(
+    cfg: RunConfig, strat: Strategy, ranking_path: Path, folder: Path, isolate: bool, data: Path
+) -> float:
+    """The median seconds of one of ``strat``'s training steps, from :data:`TIMING_STEPS` steps with its
+    settings (its first batches, in its order) in ``folder``, which is removed after."""
+    rc = _strategy_config(cfg, strat, ranking_path)
+    rc.stage3.train.max_steps = TIMING_STEPS
+    rc.stage3.train.eval_heldout = False
+    prepare_run_dir(rc, folder)
+    summary = _finetune_isolated(rc, folder, data) if isolate else _finetune(rc, folder, data, isolated=False)
+    shutil.rmtree(folder)
+    return summary["median_step_seconds"]
+
+
 def _run_strategy(
     cfg: RunConfig,
     strat: Strategy,
@@ -266,16 +302,7 @@ def _run_strategy(
 ) -> dict[str, Any]:
     """Fine-tune one strategy in ``folder`` (stage 3 with its selection) and measure it."""
     log.info("strategy %s (seed %d): %d layers", strat.name, strat.seed, len(strat.layers))
-    rc = copy.deepcopy(cfg)  # the run's settings, with this strategy's selection and seed
-    rc.seed = cfg.seed + strat.seed
-    if strat.rank is not None:  # the same scale alpha / r at another rank
-        rc.lora.alpha = cfg.lora.alpha * strat.rank / cfg.lora.r
-        rc.lora.r = strat.rank
-    if strat.steps is not None:
-        rc.stage3.train.max_steps = strat.steps
-    rc.stage3.ranking = str(ranking_path)
-    rc.stage3.selection.mode = "list"
-    rc.stage3.selection.layers = list(strat.layers)
+    rc = _strategy_config(cfg, strat, ranking_path)
     # the final held-out loss is measured below; during training only where a curve is asked for
     rc.stage3.train.eval_heldout = rc.stage3.train.eval_steps > 0
     prepare_run_dir(rc, folder)
@@ -320,7 +347,8 @@ def _run_strategy(
         "peak_memory_mb": summary["peak_memory_mb"],
         "peak_memory_kind": summary.get("peak_memory_kind", "CUDA max allocated"),
         "train_seconds": seconds,
-        # an equal-time run: the training time of `all` (steps x median step time) its steps were sized to
+        # an equal-time run: the training time of `all` its steps were sized to (all's steps x its step
+        # time, timed beside this run's)
         "reference_seconds": strat.reference_seconds,
         # the held-out loss during training (stage3.train.eval_steps): where each strategy levels off
         "heldout_curve": curve,
@@ -371,6 +399,8 @@ def run_strategies(
         strategies = plan_strategies(ranking, others=others, seeds=seeds, widths=widths, rank=cfg.lora.r)
     if only:
         strategies = only_strategies(strategies, only)
+    if equal_time:
+        only_strategies(strategies, equal_time)  # a pattern that matches no run fails before any training
     # seed by seed: a comparison cut short has the first seed of every strategy before any second one
     strategies = sorted(strategies, key=lambda s: s.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -410,11 +440,18 @@ def run_strategies(
 
     fit(strategies, "strategies")
     if equal_time:
-        # sized from the finished runs' step times, so after them; `all` may have run in an earlier call
+        # after the runs they lengthen; `all` may have run in an earlier call
         known = {r["run"]: r for r in results}
         for done in sorted(out.glob("all-seed*/result.json")):
             known.setdefault(done.parent.name, _reuse(done, settings))
-        longer = equal_time_strategies(strategies, list(known.values()), equal_time)
+
+        def step_times(strat: Strategy) -> tuple[float, float]:  # the run and `all`, back to back
+            ref = Strategy("all", "all", 1.0, tuple(ranking.order), seed=strat.seed)
+            own, theirs = (_time_steps(cfg, s, ranking_path, out / ".timing" / s.run, isolate, data)
+                           for s in (strat, ref))  # fmt: skip
+            return own, theirs
+
+        longer = equal_time_strategies(strategies, list(known.values()), equal_time, step_times)
         longer.sort(key=lambda s: s.seed)
         fit(longer, "equal-time strategies")
         strategies += longer
