@@ -25,6 +25,7 @@ bench=runs/converged-$model-benchmarks  # seed 0 of the verdict strategies, benc
 keep_bench=docs/results/converged/$model-benchmarks
 verdict=(all ila-drop-bottom-25 ila-top-30 random-30 'all-rank-*')
 scorers=(taylor update-norm snr)
+tasks=(ila_mmlu_dev ila_hhh ila_ifeval)
 
 [ -x .venv/bin/ila ] || bash scripts/bootstrap.sh
 # shellcheck disable=SC1091
@@ -53,6 +54,12 @@ restore() {  # what an earlier run kept, back where the commands look for it
     return 0
 }
 
+scored() {  # whether the result $1 holds a score of each of the benchmark tasks
+    python -c 'import json, sys
+done = json.load(open(sys.argv[1])).get("benchmark_settings", {})
+sys.exit(0 if all(t in done for t in sys.argv[2:]) else 1)' "$1" "${tasks[@]}"
+}
+
 save() {  # the small files, into the results folders
     mkdir -p "$keep/stage2"
     for f in "$run"/stage2/ranking*.json "$run"/stage1/summary.json "$run"/stage1/stability.jsonl \
@@ -68,8 +75,9 @@ save() {  # the small files, into the results folders
         [ -e "$o/base/benchmarks.json" ] && mkdir -p "$k/base" && cp "$o/base/benchmarks.json" "$k/base/"
         for f in "$o"/*/result.json; do
             [ -e "$f" ] || continue
-            # a benchmark run is kept once it is scored: restored without its adapter it could not be
-            [[ $o == "$bench" ]] && ! grep -q ila_ifeval "$f" && continue
+            # a benchmark run is kept once it is scored on every task: restored without its adapter it
+            # could not be
+            [[ $o == "$bench" ]] && ! scored "$f" && continue
             mkdir -p "$k/runs/$(basename "$(dirname "$f")")"
             cp "$f" "$k/runs/$(basename "$(dirname "$f")")/"
         done
@@ -79,12 +87,18 @@ save() {  # the small files, into the results folders
 }
 
 restore
-if [ ! -f "$run/stage2/ranking.json" ]; then
+# stage 1, then each ranking that is not there (ILA's and the cheap scorers'): a ranking that was kept is never
+# made again, since the kept results were fine-tuned from it
+for s in ila "${scorers[@]}"; do
+    f=$run/stage2/ranking.json
+    [[ $s == ila ]] || f=$run/stage2/ranking-$s.json
+    [ -f "$f" ] && continue
     ila train "${config[@]}" --run-dir "$run"
-    ila score "${config[@]}" --run-dir "$run"
-fi
+    if [[ $s == ila ]]; then ila score "${config[@]}" --run-dir "$run"; else
+        ila score "${config[@]}" --run-dir "$run" --scorer "$s"; fi
+done
 save
-(while sleep 60; do save; done) &
+(while sleep 60; do save || true; done) &  # a failed copy must not end the copying
 watcher=$!
 trap 'kill $watcher 2>/dev/null || true; save' EXIT
 
@@ -99,9 +113,8 @@ ila compare-strategies "${config[@]}" --run-dir "$run" --out "$short" --seeds 3 
     --set stage3.train.max_steps=20
 # The benchmarks, on seed 0 of every verdict strategy and of ILA's top 30 % at equal time, trained again in a
 # folder of their own so that each is scored on its adapter as soon as it finishes (adapters are not kept
-# across machines; the held-out losses double as a check that a run is reproduced): the first 100 documents
-# of each task, IFEval answers of at most 256 tokens (about 8 minutes a model on 2 cores).
+# across machines): the first 100 documents of each task, IFEval answers of at most 256 tokens (about 8
+# minutes a model on 2 cores).
 ila compare-strategies "${config[@]}" --run-dir "$run" --out "$bench" --scorers "${scorers[@]}" --seeds 1 \
-    --only "${verdict[@]}" --equal-time ila-top-30 --tasks ila_mmlu_dev ila_hhh ila_ifeval --limit 100 \
-    --max-gen-toks 256
+    --only "${verdict[@]}" --equal-time ila-top-30 --tasks "${tasks[@]}" --limit 100 --max-gen-toks 256
 [[ $scope == verdicts ]] || ila compare-strategies "${common[@]}" --seeds 1

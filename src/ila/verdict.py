@@ -104,7 +104,10 @@ def strategy_verdicts(report: Mapping[str, Any], regime: str) -> list[Verdict]:
             return None
         return paired_difference(by_name[name], {r["seed"]: r for r in by_name[other]})
 
-    drop = next((n for n in by_name if n.startswith("ila-drop-bottom-")), None)
+    def named(prefix: str) -> str | None:  # the strategy, not its equal-time run
+        return next((n for n in by_name if n.startswith(prefix) and not n.endswith("-equal-time")), None)
+
+    drop = named("ila-drop-bottom-")
     if drop:
         d = versus(drop)
         rows.append(
@@ -147,7 +150,7 @@ def strategy_verdicts(report: Mapping[str, Any], regime: str) -> list[Verdict]:
                 regime,
             )
         )
-    matched = next((n for n in by_name if n.startswith("all-rank-")), None)
+    matched = named("all-rank-")
     for other, claim in (
         ("random-30", "ILA's top 30 % beats a random 30 %"),
         (matched, "ILA's top 30 % beats every layer at the same parameter count"),
