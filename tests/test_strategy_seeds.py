@@ -297,6 +297,21 @@ def test_benchmarks_are_paired_with_all_on_the_same_documents_at_the_same_settin
     )  # held-out and benchmark tables
 
 
+def test_a_report_without_all_and_a_curve_without_a_median_say_so(tmp_path, monkeypatch):
+    from ila import strategy_report
+
+    row = _bench_row("ila-top-30", 0, [1, 0, 1, 1], {"limit": 4})
+    md = strategy_report.render_markdown({"results": [row], "base_heldout_loss": 2.5}, "x")  # no `all`
+    assert "untuned: 2.5000." in md and "brings it to" not in md
+    figs = []
+    monkeypatch.setattr(strategy_report, "save_figure", lambda fig, path: figs.append(fig) or path)
+    curve = [{"step": 1, "loss": 2.1}, {"step": 2, "loss": 2.0}]
+    timed = {**row, "name": "all", "family": "all", "median_step_seconds": 0.5, "heldout_curve": curve}
+    strategy_report.plot_heldout_curves([{**row, "heldout_curve": curve}, timed], tmp_path / "c.png")
+    legend = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
+    assert legend == ["ila-top-30 (mean step)", "all"]  # a run without a median: not timed like the rest
+
+
 def test_a_per_document_value_is_kept_only_where_its_ratio_is_the_score():
     from ila.evaluation import per_document
 

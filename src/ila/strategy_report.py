@@ -29,14 +29,16 @@ def _interval(ci: list[float] | None) -> str:
 def render_markdown(report: dict[str, Any], command: str) -> str:
     rows = report["results"]
     summary = report.get("strategies") or summarise_strategies(rows)
-    ref = summary["all"]
+    ref = summary.get("all")  # absent where --only left `all` out: nothing is paired then
     lines = [f"Command: `{command}`", ""]
     base = report.get("base_heldout_loss")
     if base is not None:
+        gain = ""
+        if ref:
+            gain = f"; `all` brings it to {ref['heldout_loss']:.4f} ({ref['heldout_loss'] - base:+.4f})"
         lines += [
             f"Held-out loss of the base model, untuned: {base:.4f}"
-            f"{_interval(report.get('base_heldout_ci95'))}; "
-            f"`all` brings it to {ref['heldout_loss']:.4f} ({ref['heldout_loss'] - base:+.4f}).",
+            f"{_interval(report.get('base_heldout_ci95'))}{gain}.",
             "",
         ]
     forgot = report.get("base_forgetting_loss")
@@ -272,10 +274,12 @@ def plot_heldout_curves(runs: list[dict[str, Any]], path: Path, base: float | No
     ax = fig.add_subplot(1, 1, 1)
     for r in runs:
         curve = r["heldout_curve"]
-        step = step_seconds(r) or r["seconds_per_step"]
-        minutes = [c["step"] * step / 60 for c in curve]
+        step = step_seconds(r)
+        # a run from before the median was recorded: its whole time over its steps, and said so
+        label = r["name"] if step else f"{r['name']} (mean step)"
+        minutes = [c["step"] * (step or r["seconds_per_step"]) / 60 for c in curve]
         style = "o-" if r["family"] == "all" else "s-" if r["family"].startswith("ila") else "x--"
-        ax.plot(minutes, [c["loss"] for c in curve], style, markersize=4, label=r["name"])
+        ax.plot(minutes, [c["loss"] for c in curve], style, markersize=4, label=label)
     if base is not None:
         ax.axhline(base, ls=":", color="grey", label="base model, untuned")
     ax.set_xlabel("training time (minutes: step x median step time)")
