@@ -70,6 +70,16 @@ def test_the_sceptics_baselines_compare_ila_with_random_and_the_matched_rank():
     assert "held-out examples, n=1" in matched.measured
 
 
+def test_a_baseline_with_fewer_seeds_is_paired_on_the_seeds_both_have():
+    from ila.strategies import paired_difference
+
+    rows = _rows(_report({"all": [1.8] * 3, "ila-top-30": [1.85, 1.84, 1.86], "random-30": [1.9, 1.91]}))
+    assert "(seeds, n=2)" in rows["ILA's top 30 % beats a random 30 %"].measured  # not random's seed 0 twice
+    runs = [_run("ila-top-30", 1.85, seed) for seed in (1, 2)]
+    lone = paired_difference(runs, {0: _run("all", 1.8, 0)})  # no seed in common: each against the one ref
+    assert lone["per_seed"] == pytest.approx([0.05, 0.05]) and lone["interval_over"] == "seeds"
+
+
 def test_a_comparison_without_all_or_a_base_is_refused_or_skipped():
     with pytest.raises(IlaError, match="no `all` runs"):
         strategy_verdicts(_report({"ila-top-30": [1.8]}), "x")

@@ -527,13 +527,22 @@ def _paired(run: dict[str, Any], reference: dict[str, Any], metric: str) -> tupl
     return diff, paired_interval(a, b)
 
 
+def seed_pairs(
+    runs: list[dict[str, Any]], refs: dict[int, dict[str, Any]]
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Run k with ref k, for the seeds both have; where they share none, every run with the first ref. A ref
+    is never paired twice while others go unpaired: that would count one reference run as several seeds."""
+    common = [(r, refs[r["seed"]]) for r in runs if r["seed"] in refs]
+    return common or [(r, refs[min(refs)]) for r in runs]
+
+
 def paired_difference(
     runs: list[dict[str, Any]], refs: dict[int, dict[str, Any]], metric: str = "heldout"
 ) -> dict[str, Any]:
-    """The paired difference of ``runs`` (results of one strategy) with ``refs`` (another's, by seed): run k
-    against ref k, or against the first ref where there is no k, on the same examples. With two or more runs
-    the interval is the t-interval over seeds; with one, the bootstrap over examples."""
-    pairs = [_paired(r, refs.get(r["seed"], refs[min(refs)]), metric) for r in runs]
+    """The paired difference of ``runs`` (results of one strategy) with ``refs`` (another's, by seed), on the
+    same examples: the pairs of :func:`seed_pairs`. With two or more pairs the interval is the t-interval
+    over seeds; with one, the bootstrap over examples."""
+    pairs = [_paired(r, ref, metric) for r, ref in seed_pairs(runs, refs)]
     diffs = [d for d, _ in pairs]
     diff, diff_ci = mean_interval(diffs)
     return {
@@ -546,7 +555,7 @@ def paired_difference(
 
 def summarise_strategies(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per strategy: the held-out loss over its runs (mean, sd, 95 % t-interval over seeds) and the paired
-    difference with ``all`` (run k against ``all``'s run k, or its run 0 when it has no run k). With two or
+    difference with ``all`` (run k against ``all``'s run k, :func:`seed_pairs`). With two or
     more runs the interval of the difference is over seeds, the larger noise; with one run it is the
     bootstrap over held-out examples, which shows evaluation noise only (``interval_over`` says which)."""
     by_name: dict[str, list[dict[str, Any]]] = {}
@@ -592,7 +601,7 @@ def _benchmarks(runs: list[dict[str, Any]], refs: dict[int, dict[str, Any]]) -> 
         settings = (first.get("benchmark_settings") or {}).get(task)
         if any((r.get("benchmark_settings") or {}).get(task) != settings for r in runs):
             continue  # scored at other limits or answer caps: not one quantity
-        paired_refs = [refs.get(r["seed"], refs[min(refs)]) for r in runs] if refs else []
+        paired_refs = [ref for _, ref in seed_pairs(runs, refs)] if refs else []
         for metric in scores:
             if "stderr" in metric or any(
                 metric not in (r.get("benchmarks") or {}).get(task, {}) for r in runs
@@ -613,7 +622,7 @@ def _benchmarks(runs: list[dict[str, Any]], refs: dict[int, dict[str, Any]]) -> 
                     and _examples(ref, key) is not None
                     for ref in paired_refs
                 )
-                and all(_examples(r, key) is not None for r in runs)
+                and all(_examples(r, key) is not None for r, _ in seed_pairs(runs, refs))
             ):
                 entry["vs_all"] = paired_difference(runs, refs, key)
             out[key] = entry
