@@ -96,7 +96,11 @@ def test_study_on_tiny_models(tmp_path, tiny_model_dir, tiny_data_file, capsys):
         for stage in ("stage1", "stage2"):
             mp.setattr(study_module, stage, lambda *a, **k: pytest.fail("a finished run ran again"))
         assert main(["study", "--config", str(study), "--out", str(out)]) == 0
-    again = json.loads((out / "study.json").read_text())["groups"]
+    assert data["runs_reused"] == 0
+    second = json.loads((out / "study.json").read_text())
+    assert second["runs_reused"] == 5  # its wall time is this call's, and says so
+    assert "which reused 5 of the 5 runs from earlier calls" in (out / "report.md").read_text()
+    again = second["groups"]
     assert again.keys() == data["groups"].keys()
     for name, group in again.items():
         assert {**group, "created": None} == {**data["groups"][name], "created": None}

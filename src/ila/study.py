@@ -147,6 +147,13 @@ def ranking_file(out: Path, run: StudyRun, milestone: float, scorer: str = "ila"
     return out / "runs" / run.key / f"rank-{milestone_name(milestone)}" / "stage2" / name
 
 
+def _targets(cfg: StudyConfig, out: Path, run: StudyRun) -> dict[str, Path]:
+    """Every ranking file of one run: one per milestone, and the cheap scorers' at the last."""
+    last = max(cfg.milestones)
+    targets = {milestone_name(m): ranking_file(out, run, m) for m in cfg.milestones}
+    return targets | {f"{milestone_name(last)}:{s}": ranking_file(out, run, last, s) for s in cfg.scorers}
+
+
 def execute(cfg: StudyConfig, out: Path) -> dict[str, dict[str, Path]]:
     """Stage 1 and the milestone stage-2 runs of every planned run; complete ones are reused, and a run
     whose every ranking is there needs no stage 1 (the rankings are what a results folder keeps, and a
@@ -154,8 +161,7 @@ def execute(cfg: StudyConfig, out: Path) -> dict[str, dict[str, Path]]:
     done: dict[str, dict[str, Path]] = {}
     last = max(cfg.milestones)
     for run in planned_runs(cfg):
-        targets = {milestone_name(m): ranking_file(out, run, m) for m in cfg.milestones}
-        targets |= {f"{milestone_name(last)}:{s}": ranking_file(out, run, last, s) for s in cfg.scorers}
+        targets = _targets(cfg, out, run)
         if all(t.is_file() for t in targets.values()):
             done[run.key] = targets
             continue
@@ -315,7 +321,9 @@ def analyse(cfg: StudyConfig, files: dict[str, dict[str, Path]], out: Path) -> d
     return {"groups": groups, "paper": paper, "block_level": block_level}
 
 
-def render_report(cfg: StudyConfig, analysis: dict[str, Any], seconds: float, command: str) -> str:
+def render_report(
+    cfg: StudyConfig, analysis: dict[str, Any], seconds: float, command: str, reused: int = 0
+) -> str:
     lines = [
         "# Stability of the important layers",
         "",
@@ -326,7 +334,12 @@ def render_report(cfg: StudyConfig, analysis: dict[str, Any], seconds: float, co
         f"Seeds: {', '.join(map(str, cfg.seeds))} (on {cfg.seed_dataset}). "
         f"Milestones ranked: {', '.join(f'{m:.0%}' for m in cfg.milestones)}. "
         f"Run settings: `{cfg.base}` with `{' '.join(cfg.overrides) or 'no overrides'}`. "
-        f"Wall time {seconds / 60:.0f} min.",
+        f"Wall time {seconds / 60:.0f} min"
+        + (
+            f" in this call, which reused {reused} of the {len(planned_runs(cfg))} runs from earlier calls."
+            if reused
+            else "."
+        ),  # fmt: skip
         "",
         "Jaccard of the top-k layer sets (mean over the pairs of each group), "
         "beside the Jaccard expected of random "
@@ -368,6 +381,9 @@ def run_study(cfg: StudyConfig, out: str | Path, command: str = "ila study") -> 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    runs = planned_runs(cfg)
+    # the wall time below is this call's: runs finished by an earlier call are in it only as reused
+    reused = sum(all(t.is_file() for t in _targets(cfg, out, run).values()) for run in runs)
     files = execute(cfg, out)
     analysis = analyse(cfg, files, out)
     seconds = time.time() - start
@@ -376,12 +392,13 @@ def run_study(cfg: StudyConfig, out: str | Path, command: str = "ila study") -> 
         {
             **envelope("ila.study"),
             "seconds": seconds,
+            "runs_reused": reused,  # of len(runs): made by an earlier call, so not in `seconds`
             "runs": {k: {m: str(p) for m, p in v.items()} for k, v in files.items()},
             **analysis,
         },
     )
     _plots(cfg, files, analysis, out)
-    report = render_report(cfg, analysis, seconds, command)
+    report = render_report(cfg, analysis, seconds, command, reused=reused)
     write_text_atomic(out / "report.md", report)
     return out / "report.md"
 
