@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The converged strategy comparison of one model (the settings of config converged-smollm2, on that model):
 # stages 1 and 2, the cheap scorers, then the strategies the verdicts rest on with 3 seeds, ILA's top 30 % at
-# equal wall-clock time, the verdict strategies after 20 steps, the benchmarks of one seed of each, then
-# (unless the second argument is `verdicts`) the rest of the grid with one seed.
+# equal wall-clock time, the verdict strategies after 20 steps, the benchmarks of one seed of each; unless
+# the second argument is `verdicts`, three more seeds of all, ILA's top 30 % and random-30; unless it is
+# `draws` too, the rest of the grid with one seed.
 #
 #   bash scripts/converged.sh smollm2 > runs/converged-smollm2.log 2>&1 &
 #   bash scripts/converged.sh gemma3-270m verdicts > runs/converged-gemma3-270m.log 2>&1 &
@@ -14,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-smollm2}
 scope=${2:-grid}
-[[ $scope == grid || $scope == verdicts ]] || { echo "the second argument is grid or verdicts" >&2; exit 2; }
+[[ $scope =~ ^(grid|verdicts|draws)$ ]] || { echo "the second argument is grid, verdicts or draws" >&2; exit 2; }
 config=(--config converged-smollm2 --set "model.name=$model")
 run=runs/converged-$model
 out=runs/converged-$model-strategies
@@ -117,4 +118,11 @@ ila compare-strategies "${config[@]}" --run-dir "$run" --out "$short" --seeds 3 
 # minutes a model on 2 cores).
 ila compare-strategies "${config[@]}" --run-dir "$run" --out "$bench" --scorers "${scorers[@]}" --seeds 1 \
     --only "${verdict[@]}" --equal-time ila-top-30 --tasks "${tasks[@]}" --limit 100 --max-gen-toks 256
-[[ $scope == verdicts ]] || ila compare-strategies "${common[@]}" --seeds 1
+[[ $scope == verdicts ]] && exit 0
+# Three more seeds of all, ILA's top 30 % and random-30: each seed of random-30 draws another selection, so
+# its spread is that of the draws, which three seeds do not pin down. Then the verdict strategies' report
+# again, which the last call's would otherwise replace with these three strategies only.
+ila compare-strategies "${common[@]}" --seeds 6 --only all ila-top-30 random-30
+ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}"
+[[ $scope == draws ]] && exit 0
+ila compare-strategies "${common[@]}" --seeds 1
