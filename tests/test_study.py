@@ -96,6 +96,15 @@ def test_study_on_tiny_models(tmp_path, tiny_model_dir, tiny_data_file, capsys):
         for stage in ("stage1", "stage2"):
             mp.setattr(study_module, stage, lambda *a, **k: pytest.fail("a finished run ran again"))
         assert main(["study", "--config", str(study), "--out", str(out)]) == 0
+    # a kept ranking from other settings (the study config changed since): refused, not reused
+    kept = next((out / "runs").rglob("ranking.json"))
+    saved = kept.read_text()
+    kept.write_text(json.dumps({**json.loads(saved), "config_sha256": "0" * 64}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study_module, "stage1", lambda *a, **k: pytest.fail("trained instead of refusing"))
+        assert main(["study", "--config", str(study), "--out", str(out)]) != 0
+    assert "was made with other settings" in capsys.readouterr().err
+    kept.write_text(saved)
     assert data["runs_reused"] == 0
     second = json.loads((out / "study.json").read_text())
     assert second["runs_reused"] == 5  # its wall time is this call's, and says so

@@ -157,15 +157,22 @@ def _targets(cfg: StudyConfig, out: Path, run: StudyRun) -> dict[str, Path]:
 def execute(cfg: StudyConfig, out: Path) -> dict[str, dict[str, Path]]:
     """Stage 1 and the milestone stage-2 runs of every planned run; complete ones are reused, and a run
     whose every ranking is there needs no stage 1 (the rankings are what a results folder keeps, and a
-    fresh checkout restores, without the adapters)."""
+    fresh checkout restores, without the adapters). A ranking made with other settings than its run's
+    (the study config changed since) is refused, not reused."""
     done: dict[str, dict[str, Path]] = {}
     last = max(cfg.milestones)
     for run in planned_runs(cfg):
         targets = _targets(cfg, out, run)
+        rc = _run_config(cfg, run)
+        for t in targets.values():
+            if t.is_file() and Ranking.load(t).config_sha256 not in (None, rc.sha256()):
+                raise ConfigError(
+                    f"{t} was made with other settings than the study's run {run.key} has now; remove "
+                    f"{out / 'runs' / run.key} to make it again, or use another --out"
+                )
         if all(t.is_file() for t in targets.values()):
             done[run.key] = targets
             continue
-        rc = _run_config(cfg, run)
         run_dir = out / "runs" / run.key
         base = SharedBase(rc)  # theta_0 read once for the run's stage 1 and all its stage-2 runs
         data = RunDir(run_dir).data  # and the examples tokenized once
