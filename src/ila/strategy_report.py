@@ -17,7 +17,7 @@ from .pipeline import stage2
 from .plots import new_figure, save_figure
 from .ranking import Ranking
 from .rundir import RunDir
-from .strategies import run_strategies, step_seconds, summarise_strategies
+from .strategies import TIMING_STEPS, run_strategies, step_seconds, summarise_strategies
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,9 @@ def _equal_time_lines(rows: list[dict[str, Any]]) -> list[str]:
     return [
         "",
         "Equal time: a strategy again with the steps that fill `all`'s training time at the same seed "
-        "(`all`'s steps x its median step time, over the strategy's own median step time); its vs all is "
-        "quality at equal wall-clock time. "
+        "(`all`'s steps x its step time, over the strategy's own; both step times timed back to back, "
+        f"{TIMING_STEPS} steps each, on the machine that ran it); its vs all is quality at equal wall-clock "
+        "time. "
         + "; ".join(
             f"{r['run']}: {r['steps']} steps for {r['reference_seconds'] / 60:.1f} min" for r in timed
         )
