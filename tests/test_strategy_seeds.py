@@ -22,8 +22,8 @@ from ila.strategies import (
     only_strategies,
     plan_strategies,
     run_strategies,
-    summarise_strategies,
 )
+from ila.strategy_summary import summarise_strategies
 
 
 def test_every_strategy_gets_every_seed_and_random_at_least_three_draws(

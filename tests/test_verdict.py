@@ -71,7 +71,7 @@ def test_the_sceptics_baselines_compare_ila_with_random_and_the_matched_rank():
 
 
 def test_a_baseline_with_fewer_seeds_is_paired_on_the_seeds_both_have():
-    from ila.strategies import paired_difference
+    from ila.strategy_summary import paired_difference
 
     rows = _rows(_report({"all": [1.8] * 3, "ila-top-30": [1.85, 1.84, 1.86], "random-30": [1.9, 1.91]}))
     assert "(seeds, n=2)" in rows["ILA's top 30 % beats a random 30 %"].measured  # not random's seed 0 twice

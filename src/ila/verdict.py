@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import IlaError
-from .strategies import paired_difference
+from .strategy_summary import paired_difference
 
 CLOSE = 0.9
 """The share of ``all``'s gain that counts as "close to all"."""
