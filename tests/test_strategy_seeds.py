@@ -439,6 +439,27 @@ def test_an_equal_time_run_gets_the_steps_that_fill_alls_training_time(caplog):
     assert asked == ["ila-top-25-seed0", "first-25-seed0"]  # nothing timed for a run that is left out
     with pytest.raises(IlaError, match="no strategy matches"):
         equal_time_strategies(runs, results, ["ila-top-33"], step_times)
+    assert only.timed_step_seconds == (4.02, 4.26)
+    # a finished equal-time run keeps the steps it ran, and nothing is timed for it again
+    ran = {"run": "ila-top-25-equal-time-seed0", "steps": 423, "reference_seconds": 1704.0,
+           "timed_step_seconds": [4.02, 4.26]}  # fmt: skip
+    again = equal_time_strategies(runs, [*results, ran], ["ila-top-25"], lambda s: pytest.fail("timed again"))
+    assert [(s.run, s.steps, s.reference_seconds, s.timed_step_seconds) for s in again] == [
+        ("ila-top-25-equal-time-seed0", 423, 1704.0, (4.02, 4.26))
+    ]
+
+
+def test_kept_step_times_are_measured_once_per_settings(tmp_path, monkeypatch):
+    from ila.strategies import kept_step_times
+
+    path = tmp_path / ".timing" / "ila-top-25-seed0.json"
+    measured = []
+    measure = lambda: measured.append(1) or (len(measured) * 1.0, 2.0)  # noqa: E731
+    assert kept_step_times(path, "a", measure) == (1.0, 2.0)
+    assert kept_step_times(path, "a", measure) == (1.0, 2.0) and len(measured) == 1  # kept: not timed again
+    assert kept_step_times(path, "b", measure) == (2.0, 2.0)  # other settings: timed again
+    monkeypatch.setattr(strategies, "TIMING_STEPS", strategies.TIMING_STEPS + 1)
+    assert kept_step_times(path, "b", measure) == (3.0, 2.0)  # timed over other steps: again
 
 
 def test_equal_time_runs_train_their_longer_schedule_beside_the_others(two_seeds, tmp_path, monkeypatch):
@@ -484,3 +505,10 @@ def test_equal_time_runs_train_their_longer_schedule_beside_the_others(two_seeds
     again = run_strategies(report["cfg"], path, tmp_path / "s", strategies=runs, isolate=False,
                            data=tmp / "run" / "data")  # fmt: skip
     assert again["strategies"]["ila-top-25-equal-time"]["vs_all"] == summary["vs_all"]
+    assert longer[0]["timed_step_seconds"] == [1.0, 2.0] and "(1.00 s a step, all's 2.00 s)" in md
+    # --equal-time again: the finished run is reported as it ran, with nothing timed or trained
+    monkeypatch.setattr(strategies, "_time_steps", lambda *a: pytest.fail("timed again"))
+    (tmp_path / "s" / ".timing" / "ila-top-25-seed0.json").unlink()  # kept times aside: the result suffices
+    third = run_strategies(report["cfg"], path, tmp_path / "s", strategies=runs, isolate=False,
+                           data=tmp / "run" / "data", equal_time=["ila-top-*"])  # fmt: skip
+    assert third["strategies"]["ila-top-25-equal-time"]["vs_all"] == summary["vs_all"]

@@ -93,6 +93,8 @@ class Strategy:
     """The training steps of this run (None: the config's ``stage3.train.max_steps``)."""
     reference_seconds: float | None = None
     """For an equal-time run: the training time of ``all`` that its steps fill."""
+    timed_step_seconds: tuple[float, float] | None = None
+    """For an equal-time run: the step times that sized it (the strategy's, then ``all``'s)."""
 
     @property
     def run(self) -> str:
@@ -195,14 +197,25 @@ def equal_time_strategies(
     fill the training time of ``all`` at the same seed: ``floor(all's steps x all's step time / its step
     time)``. ``step_times(run)`` gives the two step times (the run's, then ``all``'s), measured back to back
     on this machine: step times kept in results made on other machines, or beside other work, do not
-    compare. A run without a finished result, or whose ``all`` has none, is left out with a warning; one no
-    faster than ``all`` is left out too (its equal-time run is the run itself). The schedule stretches over
-    the longer run (the same warm-up ratio, the learning rate decayed over every step)."""
+    compare. An equal-time run that finished (its result among ``results``) keeps the steps it ran, untimed.
+    A run without a finished result, or whose ``all`` has none, is left out with a warning; one no faster
+    than ``all`` is left out too (its equal-time run is the run itself). The schedule stretches over the
+    longer run (the same warm-up ratio, the learning rate decayed over every step)."""
     chosen = [s for s in only_strategies(runs, patterns) if s.family not in ("all", "equal-time")]
     by_run = {r["run"]: r for r in results}
     out = []
     for strat in chosen:
-        mine, ref = by_run.get(strat.run), by_run.get(f"all-seed{strat.seed}")
+        longer = dataclasses.replace(strat, name=f"{strat.name}-equal-time", family="equal-time")
+        mine, ref, done = (by_run.get(r) for r in (strat.run, f"all-seed{strat.seed}", longer.run))
+        if done is not None:
+            timed = done.get("timed_step_seconds")
+            out.append(
+                dataclasses.replace(
+                    longer, steps=done["steps"], reference_seconds=done.get("reference_seconds"),
+                    timed_step_seconds=tuple(timed) if timed else None,
+                )
+            )  # fmt: skip
+            continue
         if mine is None or ref is None:
             log.warning("no equal-time run of %s: it or all-seed%d has not finished", strat.run, strat.seed)
             continue
@@ -213,13 +226,28 @@ def equal_time_strategies(
             log.warning("no equal-time run of %s: a step takes %.2f s, all's %.2f s", strat.run, own, theirs)
             continue
         log.info("%s: %.2f s a step, all's %.2f s: %d steps at equal time", strat.run, own, theirs, steps)
-        out.append(
-            dataclasses.replace(
-                strat, name=f"{strat.name}-equal-time", family="equal-time", steps=steps,
-                reference_seconds=budget,
-            )
-        )  # fmt: skip
+        sized = {"steps": steps, "reference_seconds": budget, "timed_step_seconds": (own, theirs)}
+        out.append(dataclasses.replace(longer, **sized))
     return out
+
+
+def kept_step_times(
+    path: Path, settings: str, measure: Callable[[], tuple[float, float]]
+) -> tuple[float, float]:
+    """The step times of a strategy and of ``all`` kept in ``path`` (made with these ``settings``), else
+    ``measure()``-d and kept there: a comparison cut off during an equal-time run sizes it again with the
+    same times, so it goes on with the steps it started with."""
+    if path.is_file():
+        kept = read_json(path, "step timing")
+        if kept.get("settings_sha256") == settings and kept.get("timing_steps") == TIMING_STEPS:
+            return kept["seconds"], kept["all_seconds"]
+    own, theirs = measure()
+    write_json_atomic(
+        path,
+        {**envelope("ila.step_timing"), "seconds": own, "all_seconds": theirs, "timing_steps": TIMING_STEPS,
+         "settings_sha256": settings},
+    )  # fmt: skip
+    return own, theirs
 
 
 def _settings_sha256(cfg: RunConfig, ranking_path: Path) -> str:
@@ -351,6 +379,7 @@ def _run_strategy(
         # an equal-time run: the training time of `all` its steps were sized to (all's steps x its step
         # time, timed beside this run's)
         "reference_seconds": strat.reference_seconds,
+        "timed_step_seconds": list(strat.timed_step_seconds) if strat.timed_step_seconds else None,
         # the held-out loss during training (stage3.train.eval_steps): where each strategy levels off
         "heldout_curve": curve,
     }
@@ -443,14 +472,19 @@ def run_strategies(
     if equal_time:
         # after the runs they lengthen; `all` may have run in an earlier call
         known = {r["run"]: r for r in results}
-        for done in sorted(out.glob("all-seed*/result.json")):
-            known.setdefault(done.parent.name, _reuse(done, settings))
+        for pattern in ("all-seed*/result.json", "*-equal-time-seed*/result.json"):
+            for done in sorted(out.glob(pattern)):
+                known.setdefault(done.parent.name, _reuse(done, settings))
 
         def step_times(strat: Strategy) -> tuple[float, float]:  # the run and `all`, back to back
             ref = Strategy("all", "all", 1.0, tuple(ranking.order), seed=strat.seed)
-            own, theirs = (_time_steps(cfg, s, ranking_path, out / ".timing" / s.run, isolate, data)
-                           for s in (strat, ref))  # fmt: skip
-            return own, theirs
+
+            def measure() -> tuple[float, float]:
+                own, theirs = (_time_steps(cfg, s, ranking_path, out / ".timing" / s.run, isolate, data)
+                               for s in (strat, ref))  # fmt: skip
+                return own, theirs
+
+            return kept_step_times(out / ".timing" / f"{strat.run}.json", settings, measure)
 
         longer = equal_time_strategies(strategies, list(known.values()), equal_time, step_times)
         longer.sort(key=lambda s: s.seed)

@@ -121,7 +121,9 @@ def _equal_time_lines(rows: list[dict[str, Any]]) -> list[str]:
         f"{TIMING_STEPS} steps each, on the machine that ran it); its vs all is quality at equal wall-clock "
         "time. "
         + "; ".join(
-            f"{r['run']}: {r['steps']} steps for {r['reference_seconds'] / 60:.1f} min" for r in timed
+            f"{r['run']}: {r['steps']} steps for {r['reference_seconds'] / 60:.1f} min"
+            + (f" ({t[0]:.2f} s a step, all's {t[1]:.2f} s)" if (t := r.get("timed_step_seconds")) else "")
+            for r in timed
         )
         + ".",
     ]
