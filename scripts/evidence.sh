@@ -5,11 +5,14 @@
 #   mkdir -p runs && nohup bash scripts/evidence.sh > runs/evidence.log 2>&1 &
 #
 # 1. SmolLM2: the verdict strategies with three seeds, ILA's top 30 % at equal wall-clock time, the 20-step
-#    regime, the benchmarks, and three more seeds of all, the top 30 % and random-30 (scripts/converged.sh
-#    smollm2 draws);
+#    regime and the benchmarks (scripts/converged.sh smollm2 verdicts);
 # 2. the study in the same regime, both models (scripts/study-converged.sh);
-# 3. Gemma-3-270M (base): the verdict strategies with three seeds (scripts/converged.sh gemma3-270m verdicts);
-# 4. SmolLM2: the rest of the grid with one seed (scripts/converged.sh smollm2).
+# 3. Gemma-3-270M (base): the same (scripts/converged.sh gemma3-270m verdicts);
+# 4. SmolLM2: three more seeds of all, the top 30 % and random-30, then the rest of the grid with one seed
+#    (scripts/converged.sh smollm2).
+#
+# The claims that have no converged number yet come first: the study and the second model before more
+# random draws and the strategies no verdict rests on.
 #
 # A step that fails does not stop the ones after it (they do not depend on it); the script exits non-zero at
 # the end, naming the steps that failed.
@@ -17,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 failed=()
 step() { bash "$@" || { echo "evidence: '$*' failed" >&2; failed+=("$*"); }; }
-step scripts/converged.sh smollm2 draws
+step scripts/converged.sh smollm2 verdicts
 step scripts/study-converged.sh
 step scripts/converged.sh gemma3-270m verdicts
 step scripts/converged.sh smollm2
