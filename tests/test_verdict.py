@@ -68,6 +68,18 @@ def test_the_sceptics_baselines_compare_ila_with_random_and_the_matched_rank():
     matched = rows["ILA's top 30 % beats every layer at the same parameter count (all-rank-2)"]
     assert matched.verdict == "does not"
     assert "held-out examples, n=1" in matched.measured
+    assert not any("same training time" in claim for claim in rows)  # no equal-time run, no row
+
+
+def test_equal_time_holds_the_longer_top_30_against_all():
+    # the equal-time run beats its own 400-step run, but the claim is about all: still behind it
+    behind = _rows(_report({"all": [1.80, 1.81, 1.79], "ila-top-30": [1.84, 1.85, 1.83],
+                            "ila-top-30-equal-time": [1.82, 1.83, 1.81]}))  # fmt: skip
+    ahead = _rows(_report({"all": [1.80, 1.81, 1.79], "ila-top-30": [1.84, 1.85, 1.83],
+                           "ila-top-30-equal-time": [1.78, 1.79, 1.77]}))  # fmt: skip
+    claim = "ILA's top 30 % beats every layer in the same training time"
+    assert behind[claim].verdict == "does not" and "vs all +0.0200" in behind[claim].measured
+    assert ahead[claim].verdict == "agrees"
 
 
 def test_a_baseline_with_fewer_seeds_is_paired_on_the_seeds_both_have():
@@ -154,5 +166,14 @@ def test_the_command_prints_one_row_per_claim_and_its_regime(tmp_path, capsys):
     assert "| converged | **" in table and "| 40 steps | **" in table
     assert table == render_verdicts(verdicts([(json.loads(strategies.read_text()), "converged"),
                                               (json.loads(study.read_text()), "40 steps")]))  # fmt: skip
+    # a claim decided in two regimes: its rows together, in the order the reports were given
+    both = {"all": [1.8], "ila-drop-bottom-25": [1.81], "ila-top-30": [1.82]}
+    rows = verdicts([(_report(both), "converged"), (_report(both), "20")])
+    assert [(v.claim[:10], v.regime) for v in rows] == [
+        ("freezing t", "converged"),
+        ("freezing t", "20"),
+        ("the top 30", "converged"),
+        ("the top 30", "20"),
+    ]
     assert main(["verdict", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
