@@ -7,12 +7,15 @@
 # 1. SmolLM2: the verdict strategies with three seeds, ILA's top 30 % at equal wall-clock time, the 20-step
 #    regime and the benchmarks (scripts/converged.sh smollm2 verdicts);
 # 2. the study in the same regime, both models (scripts/study-converged.sh);
-# 3. Gemma-3-270M (base): the same (scripts/converged.sh gemma3-270m verdicts);
+# 3. Gemma-3-270M (base): the same, in fp32 (scripts/converged.sh gemma3-270m verdicts);
 # 4. SmolLM2: three more seeds of all, the top 30 % and random-30, then the rest of the grid with one seed
 #    (scripts/converged.sh smollm2).
 #
 # The claims that have no converged number yet come first: the study and the second model before more
 # random draws and the strategies no verdict rests on.
+#
+# The SmolLM2 steps train under bf16 autocast, as its kept runs did; on a CPU without bf16 instructions they
+# stop at once (exit 3, saying so) and the steps in fp32 go on.
 #
 # A step that fails does not stop the ones after it (they do not depend on it); the script exits non-zero at
 # the end, naming the steps that failed.

@@ -20,10 +20,11 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .precision import resolve_precision
 from .scorers import SCORER_NAMES
 from .strict import apply_overrides, from_dict, read_yaml_mapping
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
 
 
 @dataclass
@@ -158,7 +159,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     precision: Precision = "fp32"
-    """Mixed precision: ``bf16`` autocasts (also on CPUs with bf16 instructions); ``fp16`` needs CUDA."""
+    """Mixed precision: ``bf16`` autocasts (also on CPUs with bf16 instructions); ``fp16`` needs CUDA;
+    ``auto`` is bf16 where the device computes it natively and fp32 elsewhere (:mod:`ila.precision`),
+    decided when the config is loaded, so that the run records the precision it trained in."""
     gradient_checkpointing: bool = False
     logging_steps: int = 5
     save_steps: int = 0
@@ -292,6 +295,7 @@ class Stage2Config:
     """[spec] lambda of the budget penalty; 0 (the default, see ``optimizer``) turns it off. The penalty makes
     gates compete for the budget, and moves every gate, a zero update's too; use it (lambda 1) with Adam."""
     precision: Precision = "fp32"
+    """As ``train.precision`` of stages 1 and 3."""
     logging_steps: int = 5
     response_logits_only: bool = True
     """As ``train.response_logits_only`` of stages 1 and 3: the output head only where a response token
@@ -438,6 +442,11 @@ class RunConfig:
             raise ConfigError(
                 "stage2.precision: fp16 mixed precision needs CUDA; use bf16 or fp32 on the CPU"
             )
+        # `auto` becomes what this machine computes natively, here, so that the hashes and every record of
+        # the run name the precision it trains in
+        for train in (self.stage1.train, self.stage3.train):
+            train.precision = resolve_precision(train.precision, self.model.device)
+        self.stage2.precision = resolve_precision(self.stage2.precision, self.model.device)
         return self
 
     def to_dict(self) -> dict[str, Any]:

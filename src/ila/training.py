@@ -35,6 +35,7 @@ from .config import TrainConfig
 from .errors import TrainingError
 from .heldout import heldout_loss
 from .models import resolve_device
+from .precision import warn_if_emulated
 from .response_logits import response_logits_kwargs, supports_response_logits
 
 if TYPE_CHECKING:
@@ -259,6 +260,7 @@ class JsonlMetrics(TrainerCallback):
 
 def training_arguments(plan: TrainingPlan) -> TrainingArguments:
     use_cpu = resolve_device(plan.device).type == "cpu"
+    warn_if_emulated(plan.precision, "cpu" if use_cpu else "cuda")
     save_steps = plan.save_steps
     return TrainingArguments(
         output_dir=str(plan.output_dir),
