@@ -54,7 +54,9 @@ def test_a_plain_install_runs_builtin_configs_by_name(tmp_path):
     except ImportError:
         build = []
     # The wheel is built here (setuptools is in this environment) and installed there as a user would.
-    pip_env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    # Without PYTHONPATH: pip would see the clone's src/ on it and skip the install as already satisfied.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    pip_env = {**env, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     wheels = tmp_path / "wheels"
     pip = [sys.executable, "-m", "pip"]
     # From a copy of the sources: an in-tree build would reuse (and leave) a build/ folder.
@@ -79,7 +81,6 @@ def test_a_plain_install_runs_builtin_configs_by_name(tmp_path):
     (Path(site) / "lent-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     probe = subprocess.run(
         [str(python), "-c", "import ila; print(ila.__file__)"],
         cwd=work,
