@@ -5,12 +5,12 @@
 #   bash scripts/study-converged.sh > runs/study-converged.log 2>&1 &
 #
 # Resumable: a run whose every ranking is there is not trained again, and every minute the rankings are
-# copied into docs/results/study-converged/, from where a fresh checkout restores them before it starts.
+# copied into docs/results/study/, from where a fresh checkout restores them before it starts.
 # The report, study.json and the plots are copied there at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=runs/study-converged
-keep=docs/results/study-converged
+keep=docs/results/study
 
 [ -x .venv/bin/ila ] || bash scripts/bootstrap.sh
 # shellcheck disable=SC1091
