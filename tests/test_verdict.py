@@ -116,16 +116,17 @@ def _group(jaccard: float, p: float, spearman: float, models: tuple[str, ...] = 
     }
 
 
-def _study(datasets: float, seeds: float, across: float, seeds_p: float = 1e-9) -> dict:
-    return {
-        "kind": "ila.study",
-        "groups": {
-            "alignment datasets": _group(datasets, 1e-9, 0.9),
-            "seeds": _group(seeds, seeds_p, 0.95),
-            "milestone 025% vs 100%": _group(0.8, 1e-9, 0.8),
-            "a vs b on sharegpt": _group(across, 0.04, 0.5, ("a", "b")),
-        },
+def _study(datasets: float, seeds: float, across: float, seeds_p: float = 1e-9, *more: float) -> dict:
+    """``more``: the cross-model Jaccards on further datasets."""
+    groups = {
+        "alignment datasets": _group(datasets, 1e-9, 0.9),
+        "seeds": _group(seeds, seeds_p, 0.95),
+        "milestone 025% vs 100%": _group(0.8, 1e-9, 0.8),
+        "a vs b on sharegpt": _group(across, 0.04, 0.5, ("a", "b")),
+        "b: sharegpt vs gsm8k": _group(0.9, 1e-9, 0.9, ("b", "b")),  # one model: not a cross-model pair
     }
+    groups.update({f"a vs b on set{i}": _group(j, 0.04, 0.5, ("a", "b")) for i, j in enumerate(more)})
+    return {"kind": "ila.study", "groups": groups}
 
 
 def test_the_dataset_overlap_is_held_against_the_paper_and_the_seed_noise():
@@ -152,6 +153,12 @@ def test_weaker_across_models_compares_with_the_within_model_overlap():
     stronger = {v.claim: v.verdict for v in study_verdicts(_study(0.6, 0.7, across=0.7), "x")}
     claim = "the important layers agree less across models"
     assert weaker[claim] == "agrees" and stronger[claim] == "does not"
+    # pairs on both sides: their mean (0.5 here, above 0.44) would only say which datasets were compared
+    split = {v.claim: v for v in study_verdicts(_study(0.44, 0.7, 0.27, 1e-9, 0.73), "x")}[claim]
+    assert split.verdict == "cannot tell at this scale"
+    assert "0.27 (a vs b on sharegpt)" in split.measured and "mean 0.50" in split.measured
+    below = {v.claim: v.verdict for v in study_verdicts(_study(0.6, 0.7, 0.3, 1e-9, 0.5), "x")}
+    assert below[claim] == "agrees"
 
 
 def test_the_command_prints_one_row_per_claim_and_its_regime(tmp_path, capsys):

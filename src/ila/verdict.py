@@ -23,7 +23,10 @@ decide each row, so that a verdict is computed, never written by hand:
 - *Stable across seeds* and *at 25 % of training*: agrees when the top-30 % overlap is beyond chance
   (the largest p-value of the pairs under :data:`ALPHA`) and the Spearman correlation of all scores is
   :data:`STABLE_SPEARMAN` or more; does not when the overlap is at chance.
-- *Weaker across models*: agrees when the cross-model Jaccard is below the within-model cross-dataset one.
+- *Weaker across models*: each cross-model comparison (one model against another on the same dataset) held
+  against the within-model cross-dataset Jaccard: agrees when every one is below it, does not when every
+  one is at or above it, cannot tell when they fall on both sides (then their mean would decide by which
+  datasets happened to be compared).
 """
 
 from __future__ import annotations
@@ -258,15 +261,17 @@ def study_verdicts(study: Mapping[str, Any], regime: str) -> list[Verdict]:
         rows.append(Verdict(claim, paper, _describe(o), outcome, regime))
     across = [name for name, g in groups.items() if _models(g) > 1]
     if datasets and across:
-        models = [_overlap(groups[name]) for name in across]
-        j = float(np.mean([m["jaccard"] for m in models]))
+        models = {name: _overlap(groups[name])["jaccard"] for name in across}
+        below = [j < datasets["jaccard"] for j in models.values()]
+        outcome = "agrees" if all(below) else "does not" if not any(below) else "cannot tell at this scale"
+        each = ", ".join(f"{j:.2f} ({name})" for name, j in models.items())
+        mean = f", mean {np.mean(list(models.values())):.2f}," if len(models) > 1 else ""
         rows.append(
             Verdict(
                 "the important layers agree less across models",
                 "weaker across models",
-                f"across models Jaccard {j:.2f} ({', '.join(across)}) vs across datasets "
-                f"{datasets['jaccard']:.2f}",
-                "agrees" if j < datasets["jaccard"] else "does not",
+                f"across models Jaccard {each}{mean} vs across datasets {datasets['jaccard']:.2f}",
+                outcome,
                 regime,
             )
         )
