@@ -95,6 +95,30 @@ def test_the_curve_resumes_after_an_interruption(tmp_path, tiny_model_dir, tiny_
     assert 0 < resumed["median_step_seconds"] <= resumed["seconds"]
 
 
+def test_an_attempt_cut_off_before_its_first_checkpoint_starts_its_logs_afresh(
+    tmp_path, tiny_model_dir, tiny_data_file
+):
+    """Killed at step 3 of a run that checkpoints every 4 steps, a stage has nothing to resume from and
+    starts again at step 0: each log must then hold every step once, as the uninterrupted run's."""
+    extra = ["stage1.train.save_steps=4", "stage1.train.logging_steps=1"]
+    run(tmp_path / "whole", tiny_model_dir, tiny_data_file, extra)
+    cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + DIVERGING + extra)
+    prepare_run_dir(cfg, tmp_path / "cut")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pipeline, "train", interrupted_train(3))
+        with pytest.raises(Interrupted):
+            stage1(cfg, tmp_path / "cut")
+    assert curve(tmp_path / "cut"), "the cut-off attempt wrote no curve to start afresh from"
+    assert stage1(cfg, tmp_path / "cut")["resumed_from"] is None
+    assert [r["step"] for r in curve(tmp_path / "cut")] == [r["step"] for r in curve(tmp_path / "whole")]
+
+    def logged_steps(run_dir):
+        lines = (run_dir / "stage1" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["step"] for line in lines]
+
+    assert logged_steps(tmp_path / "cut") == logged_steps(tmp_path / "whole")
+
+
 def test_early_stopping_needs_the_curve(tiny_model_dir, tiny_data_file):
     with pytest.raises(ConfigError, match="early_stopping_patience"):
         load_config(

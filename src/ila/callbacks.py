@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from .adapters import AdapterMeta, save_adapter
-from .artifacts import append_jsonl, envelope, finite_or_null, read_json, truncate_jsonl, write_json_atomic
+from .artifacts import append_jsonl, envelope, finite_or_null, read_json, write_json_atomic
 from .gates import LayerGates
 from .rundir import milestone_name
 from .stability import (
@@ -220,7 +220,6 @@ class StabilityTracker(TrainerCallback):
             )
         elif saved["previous"] == "full":
             self.previous = load_file(str(checkpoint / STABILITY_TENSORS))
-        truncate_jsonl(self.path, step)  # the records of the steps after the checkpoint come again
 
     def _top_by_update_norm(self, snapshot: LoraFactors | dict[str, torch.Tensor]) -> set[str]:
         """The top ``fraction`` of layers by ||Delta_i||_F (ties by name, for a deterministic set)."""
@@ -240,10 +239,6 @@ class ScoreTrajectory(TrainerCallback):
         self.gates = gates
         self.path = path
         self.every = every
-
-    def restore(self, checkpoint: Path, step: int) -> None:
-        """A resumed stage 2 writes the steps after ``step`` again."""
-        truncate_jsonl(self.path, step)
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
         if state.global_step % self.every == 0 and state.is_world_process_zero:
@@ -365,7 +360,6 @@ class HeldoutCurve(TrainerCallback):
 
     def restore(self, checkpoint: Path, step: int) -> None:
         """Continue from ``checkpoint``: the curve so far, the best loss and its weights."""
-        truncate_jsonl(self.path, step)
         path = checkpoint / BEST_STATE
         if not path.is_file():
             log.warning("%s holds no held-out curve state; the curve restarts at step %d", checkpoint, step)

@@ -349,14 +349,18 @@ def _complete_trainer_state(path: Path, step: int) -> bool:
     return isinstance(state, dict) and state.get("global_step") == step
 
 
-def _restore_callbacks(plan: TrainingPlan, checkpoint: Path, extra: list[TrainerCallback]) -> None:
-    """Bring the run's logs and stateful callbacks back to the checkpoint's step: the steps after it are
-    trained, and logged, again."""
-    step = int(checkpoint.name.split("-", 1)[1])
+def _rewind_logs(plan: TrainingPlan, checkpoint: Path | None, extra: list[TrainerCallback]) -> None:
+    """Bring the run's step logs and stateful callbacks back to the step training starts after: the
+    checkpoint's, or 0 without one. The steps after it are trained, and logged, again; an attempt cut off
+    before its first checkpoint leaves records that a fresh start would otherwise write a second time."""
+    step = int(checkpoint.name.split("-", 1)[1]) if checkpoint is not None else 0
     truncate_jsonl(plan.metrics_path, step)
     for callback in [*plan.callbacks, *extra]:
+        log_path = getattr(callback, "path", None)  # the step log of a callback that writes one
+        if isinstance(log_path, Path):
+            truncate_jsonl(log_path, step)
         restore = getattr(callback, "restore", None)
-        if restore is not None:
+        if checkpoint is not None and restore is not None:
             restore(checkpoint, step)
 
 
@@ -433,7 +437,7 @@ def train(
         checkpoint = last_complete_checkpoint(plan.output_dir)
         if checkpoint:
             log.info("resuming from %s", checkpoint)
-            _restore_callbacks(plan, Path(checkpoint), [curve] if curve else [])
+    _rewind_logs(plan, Path(checkpoint) if checkpoint else None, [curve] if curve else [])
 
     before = None
     device = trainer.args.device
