@@ -195,7 +195,8 @@ def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file,
 def test_an_isolated_strategy_reports_its_own_peak_memory(tmp_path, tiny_model_dir, tiny_data_file):
     from ila.pipeline import run_all
     from ila.ranking import Ranking
-    from ila.strategies import plan_strategies, run_strategies
+    from ila.strategies import run_strategies
+    from ila.strategy_plan import plan_strategies
 
     cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + ["stage3.train.max_steps=1"])
     run_all(cfg, tmp_path / "run")

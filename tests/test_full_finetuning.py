@@ -161,7 +161,8 @@ def test_evaluate_and_compare_strategies_read_a_full_stage3_model(full_run, tmp_
     (not fall back to the stage-1 update), and a strategy comparison must fine-tune and score models too."""
     from ila.evaluation import evaluate_run, heldout_loss
     from ila.models import load_base_model, load_tokenizer
-    from ila.strategies import Strategy, run_strategies
+    from ila.strategies import run_strategies
+    from ila.strategy_plan import Strategy
 
     cfg, run_dir, _ = full_run
     out = evaluate_run(cfg, run_dir)

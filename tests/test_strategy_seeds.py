@@ -10,18 +10,18 @@ import pytest
 from conftest import TINY_OVERRIDES
 from safetensors.torch import load_file
 
-from ila import strategies
+from ila import strategies, strategy_plan
 from ila.config import load_config
 from ila.errors import IlaError
 from ila.heldout import interval, paired_interval
 from ila.ranking import Ranking
-from ila.strategies import (
+from ila.strategies import run_strategies
+from ila.strategy_plan import (
     Strategy,
     equal_time_strategies,
     matched_rank,
     only_strategies,
     plan_strategies,
-    run_strategies,
 )
 from ila.strategy_summary import summarise_strategies
 
@@ -450,7 +450,7 @@ def test_an_equal_time_run_gets_the_steps_that_fill_alls_training_time(caplog):
 
 
 def test_kept_step_times_are_measured_once_per_settings(tmp_path, monkeypatch):
-    from ila.strategies import kept_step_times
+    from ila.strategy_plan import kept_step_times
 
     path = tmp_path / ".timing" / "ila-top-25-seed0.json"
     measured = []
@@ -458,7 +458,7 @@ def test_kept_step_times_are_measured_once_per_settings(tmp_path, monkeypatch):
     assert kept_step_times(path, "a", measure) == (1.0, 2.0)
     assert kept_step_times(path, "a", measure) == (1.0, 2.0) and len(measured) == 1  # kept: not timed again
     assert kept_step_times(path, "b", measure) == (2.0, 2.0)  # other settings: timed again
-    monkeypatch.setattr(strategies, "TIMING_STEPS", strategies.TIMING_STEPS + 1)
+    monkeypatch.setattr(strategy_plan, "TIMING_STEPS", strategy_plan.TIMING_STEPS + 1)
     assert kept_step_times(path, "b", measure) == (3.0, 2.0)  # timed over other steps: again
 
 
@@ -481,7 +481,7 @@ def test_equal_time_runs_train_their_longer_schedule_beside_the_others(two_seeds
         timed.append((strat.run, len(strat.layers), seconds > 0, folder.exists()))
         return 2.0 if strat.name == "all" else 1.0
 
-    monkeypatch.setattr(strategies, "TIMING_STEPS", 2)
+    monkeypatch.setattr(strategy_plan, "TIMING_STEPS", 2)
     monkeypatch.setattr(strategies, "_time_steps", time_steps)
     with monkeypatch.context() as mp, pytest.raises(IlaError, match="no strategy matches"):
         mp.setattr(strategies, "_run_strategy", lambda *a: pytest.fail("trained before the typo was seen"))

@@ -17,7 +17,8 @@ from .pipeline import stage2
 from .plots import new_figure, save_figure
 from .ranking import Ranking
 from .rundir import RunDir
-from .strategies import TIMING_STEPS, run_strategies, step_seconds
+from .strategies import run_strategies
+from .strategy_plan import TIMING_STEPS, step_seconds
 from .strategy_summary import summarise_strategies
 
 log = logging.getLogger(__name__)
