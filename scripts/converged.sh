@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The converged strategy comparison of one model (the settings of config converged-smollm2, on that model):
-# stages 1 and 2, the cheap scorers, then the strategies the verdicts rest on with 3 seeds, ILA's top 30 % at
-# equal wall-clock time, the verdict strategies after 20 steps, the benchmarks of one seed of each; unless
+# stages 1 and 2, the cheap scorers, then the strategies the verdicts rest on with 3 seeds, the same after 20
+# steps, ILA's top 30 % at equal wall-clock time, the benchmarks of one seed of each; unless
 # the second argument is `verdicts`, three more seeds of all, ILA's top 30 % and random-30; unless it is
 # `draws` too, the rest of the grid with one seed.
 #
@@ -142,13 +142,15 @@ if [[ $name != "$model" ]]; then
     exit 0
 fi
 ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}"
+# The verdict strategies again after 20 of the 400 steps (the same ranking, data and schedule shape): where
+# the answer depends on how far fine-tuning went, both regimes are shown. About 2 minutes a run, so it comes
+# before the equal-time runs, which take as long as all's (most of an hour each on 2 cores) and lose their
+# checkpoints with the machine.
+ila compare-strategies "${config[@]}" --run-dir "$run" --out "$short" --seeds 3 --only "${verdict[@]}" \
+    --set stage3.train.max_steps=20
 # ILA's top 30 % at equal wall-clock time: again with the steps that fill all's training time at the same
 # seed, from the step times of both timed back to back here.
 ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}" --equal-time ila-top-30
-# The verdict strategies again after 20 of the 400 steps (the same ranking, data and schedule shape): where
-# the answer depends on how far fine-tuning went, both regimes are shown. About 2 minutes a run.
-ila compare-strategies "${config[@]}" --run-dir "$run" --out "$short" --seeds 3 --only "${verdict[@]}" \
-    --set stage3.train.max_steps=20
 # The benchmarks, on seed 0 of every verdict strategy and of ILA's top 30 % at equal time, trained again in a
 # folder of their own so that each is scored on its adapter as soon as it finishes (adapters are not kept
 # across machines): the first 100 documents of each task, IFEval answers of at most 256 tokens (about 8

@@ -4,8 +4,8 @@
 #
 #   mkdir -p runs && nohup bash scripts/evidence.sh > runs/evidence.log 2>&1 &
 #
-# 1. SmolLM2: the verdict strategies with three seeds, ILA's top 30 % at equal wall-clock time, the 20-step
-#    regime and the benchmarks (scripts/converged.sh smollm2 verdicts);
+# 1. SmolLM2: the verdict strategies with three seeds, the 20-step regime, ILA's top 30 % at equal
+#    wall-clock time and the benchmarks (scripts/converged.sh smollm2 verdicts);
 # 2. the study in the same regime, both models (scripts/study-converged.sh);
 # 3. Gemma-3-270M (base): the same, in fp32 (scripts/converged.sh gemma3-270m verdicts);
 # 4. SmolLM2: three more seeds of all, the top 30 % and random-30, then the rest of the grid with one seed
