@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The converged strategy comparison of one model (the settings of config converged-smollm2, on that model):
 # stages 1 and 2, the cheap scorers, then the strategies the verdicts rest on with 3 seeds, the same after 20
-# steps, ILA's top 30 % at equal wall-clock time, the benchmarks of one seed of each; unless
-# the second argument is `verdicts`, three more seeds of all, ILA's top 30 % and random-30; unless it is
-# `draws` too, the rest of the grid with one seed.
+# steps, ILA's top 30 % at equal wall-clock time; unless the second argument is `verdicts`, three more seeds
+# of all, ILA's top 30 % and random-30; the benchmarks of one seed of each verdict strategy; unless the
+# second argument is `draws` too, the rest of the grid with one seed.
 #
 #   bash scripts/converged.sh smollm2 > runs/converged-smollm2.log 2>&1 &
 #   bash scripts/converged.sh gemma3-270m verdicts > runs/converged-gemma3-270m.log 2>&1 &
@@ -151,17 +151,19 @@ ila compare-strategies "${config[@]}" --run-dir "$run" --out "$short" --seeds 3 
 # ILA's top 30 % at equal wall-clock time: again with the steps that fill all's training time at the same
 # seed, from the step times of both timed back to back here.
 ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}" --equal-time ila-top-30
+if [[ $scope != verdicts ]]; then
+    # Three more seeds of all, ILA's top 30 % and random-30: each seed of random-30 draws another selection,
+    # so its spread is that of the draws, which three seeds do not pin down. A verdict waits for them, so
+    # they come before the benchmarks, which have told no strategies apart so far. Then the verdict
+    # strategies' report again, which the last call's would otherwise replace with these three only.
+    ila compare-strategies "${common[@]}" --seeds 6 --only all ila-top-30 random-30
+    ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}"
+fi
 # The benchmarks, on seed 0 of every verdict strategy and of ILA's top 30 % at equal time, trained again in a
 # folder of their own so that each is scored on its adapter as soon as it finishes (adapters are not kept
 # across machines): the first 100 documents of each task, IFEval answers of at most 256 tokens (about 8
 # minutes a model on 2 cores).
 ila compare-strategies "${config[@]}" --run-dir "$run" --out "$bench" --scorers "${scorers[@]}" --seeds 1 \
     --only "${verdict[@]}" --equal-time ila-top-30 --tasks "${tasks[@]}" --limit 100 --max-gen-toks 256
-[[ $scope == verdicts ]] && exit 0
-# Three more seeds of all, ILA's top 30 % and random-30: each seed of random-30 draws another selection, so
-# its spread is that of the draws, which three seeds do not pin down. Then the verdict strategies' report
-# again, which the last call's would otherwise replace with these three strategies only.
-ila compare-strategies "${common[@]}" --seeds 6 --only all ila-top-30 random-30
-ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}"
-[[ $scope == draws ]] && exit 0
+[[ $scope == grid ]] || exit 0
 ila compare-strategies "${common[@]}" --seeds 1

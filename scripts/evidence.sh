@@ -5,16 +5,17 @@
 #   mkdir -p runs && nohup bash scripts/evidence.sh > runs/evidence.log 2>&1 &
 #
 # 1. SmolLM2: the verdict strategies with three seeds, the 20-step regime, ILA's top 30 % at equal
-#    wall-clock time and the benchmarks (scripts/converged.sh smollm2 verdicts);
+#    wall-clock time, three more seeds of all, the top 30 % and random-30 (a verdict waits for them), the
+#    benchmarks (scripts/converged.sh smollm2 draws);
 # 2. the study in the same regime, both models (scripts/study-converged.sh);
 # 3. Gemma-3-270M (base): the same, in fp32 (scripts/converged.sh gemma3-270m verdicts);
-# 4. SmolLM2: three more seeds of all, the top 30 % and random-30, then the rest of the grid with one seed
-#    (scripts/converged.sh smollm2); on a CPU without bf16 instructions the same in fp32, paired only with
-#    itself: all, the top 30 % and random-30 with six seeds, the benchmarks of random-30 and all-rank-R, the
-#    rest of the grid (scripts/converged.sh smollm2 grid fp32).
+# 4. SmolLM2: the rest of the grid with one seed (scripts/converged.sh smollm2); on a CPU without bf16
+#    instructions the same in fp32, paired only with itself: all, the top 30 % and random-30 with six seeds,
+#    the benchmarks of random-30 and all-rank-R, the rest of the grid (scripts/converged.sh smollm2 grid
+#    fp32).
 #
-# The claims that have no converged number yet come first: the study and the second model before more
-# random draws and the strategies no verdict rests on.
+# What a verdict waits for comes first: the draws that SmolLM2's top 30 % against random-30 needs, then the
+# study and the second model, before the strategies no verdict rests on.
 #
 # The SmolLM2 steps train under bf16 autocast, as its kept runs did; on a CPU without bf16 instructions they
 # stop at once (exit 3, saying so) and the steps in fp32 go on, step 4 in fp32 itself.
@@ -31,7 +32,7 @@ smollm2_grid() {
     [ $rc -eq 3 ] || return $rc  # 3: no bf16 instructions here
     bash scripts/converged.sh smollm2 grid fp32
 }
-step bash scripts/converged.sh smollm2 verdicts
+step bash scripts/converged.sh smollm2 draws
 step bash scripts/study-converged.sh
 step bash scripts/converged.sh gemma3-270m verdicts
 step smollm2_grid
