@@ -123,9 +123,10 @@ def test_the_paired_difference_is_per_seed_and_over_seeds(two_seeds):
     assert "vs_all" not in report["strategies"]["all"]
 
 
-def test_every_run_records_its_heldout_curve(two_seeds):
+def test_every_run_records_its_heldout_curve_and_its_machine(two_seeds):
     _, report = two_seeds
     for row in report["results"]:
+        assert row["machine"]["cpu_count"] and isinstance(row["machine"]["bf16_native"], bool)
         assert [c["step"] for c in row["heldout_curve"]] == [1, 2]
         assert all(c["ci95"][0] <= c["loss"] <= c["ci95"][1] for c in row["heldout_curve"])
 

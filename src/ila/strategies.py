@@ -56,6 +56,7 @@ from .evaluation import benchmark_settings, fill_benchmarks, write_generations
 from .forgetting import forgetting_loss, general_text_rows, text_source
 from .heldout import example_losses, heldout_loss, summarise
 from .ifeval import DEFAULT_MAX_GEN_TOKS
+from .machine import describe_machine
 from .models import layer_widths, load_base_model, load_tokenizer
 from .pipeline import load_datasets, prepare_run_dir, stage3
 from .progress import progress
@@ -202,6 +203,8 @@ def _run_strategy(
         # time, timed beside this run's)
         "reference_seconds": strat.reference_seconds,
         "timed_step_seconds": list(strat.timed_step_seconds) if strat.timed_step_seconds else None,
+        # step times, and losses under bf16, depend on the machine: a report says when its runs span two
+        "machine": describe_machine(rc.model.device),
         # the held-out loss during training (stage3.train.eval_steps): where each strategy levels off
         "heldout_curve": curve,
     }

@@ -13,6 +13,7 @@ from .artifacts import write_json_atomic, write_text_atomic
 from .config import RunConfig
 from .errors import IlaError
 from .ifeval import DEFAULT_MAX_GEN_TOKS
+from .machine import machine_label
 from .pipeline import stage2
 from .plots import new_figure, save_figure
 from .ranking import Ranking
@@ -106,8 +107,39 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
         ),
     ]
     lines += _equal_time_lines(rows)
+    lines += _machine_lines(rows)
     lines += _benchmark_lines(report, summary, list(by_name))
     return "\n".join(lines) + "\n"
+
+
+def _machine_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Which runs ran on which machine, where they ran on more than one (:mod:`ila.machine`)."""
+    by_machine: dict[str, list[str]] = {}
+    for r in rows:
+        by_machine.setdefault(machine_label(r.get("machine")), []).append(r["run"])
+    if len(by_machine) < 2:
+        return []
+    seeds: dict[int, set[str]] = {}
+    for r in rows:  # a run without a record can be checked against nothing
+        if r.get("machine"):
+            seeds.setdefault(r["seed"], set()).add(machine_label(r["machine"]))
+    split = sorted(s for s, labels in seeds.items() if len(labels) > 1)
+    mix = "paired differences mix the machine's effect with the strategy's."
+    if len(split) == 1:
+        pairing = f"Seed {split[0]} spans machines: its {mix}"
+    elif split:
+        pairing = f"Seeds {', '.join(map(str, split))} span machines: their {mix}"
+    else:
+        where = "Where the machine is recorded, each" if machine_label(None) in by_machine else "Each"
+        pairing = f"{where} seed's runs share one, so the differences paired by seed compare like with like."
+    return [
+        "",
+        "Machines: the runs come from more than one, and step times (and, under bf16, losses) differ "
+        "between machines. "
+        + "; ".join(f"{label}: {', '.join(runs)}" for label, runs in by_machine.items())
+        + ". "
+        + pairing,
+    ]
 
 
 def _equal_time_lines(rows: list[dict[str, Any]]) -> list[str]:
