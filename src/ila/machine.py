@@ -1,9 +1,10 @@
 """The machine a measurement was made on, kept with every strategy run.
 
-Step times depend on it, and so do losses under bf16 autocast, whose kernels accumulate differently from
-one CPU or GPU to another: two runs of one seed and settings on two machines differ by more than seeds do.
-A comparison that pairs runs by seed stays fair only while the runs of each seed share a machine, so the
-strategy report names the machines when its runs come from more than one
+Step times depend on it, and losses can: bf16 and fp32 kernels accumulate in different orders on different
+CPUs and GPUs. (Seed 0 of SmolLM2's converged `all-rank-3`, trained again under bf16 on a second CPU with
+AVX-512 BF16, landed 0.00005 from its first run, far below the spread of seeds; other pairs of machines
+were not measured.) A comparison that pairs runs by seed compares like with like only while each seed's
+runs share a machine, so the strategy report names the machines when its runs come from more than one
 (:func:`ila.strategy_report.render_markdown`).
 """
 

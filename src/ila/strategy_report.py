@@ -134,8 +134,8 @@ def _machine_lines(rows: list[dict[str, Any]]) -> list[str]:
         pairing = f"{where} seed's runs share one, so the differences paired by seed compare like with like."
     return [
         "",
-        "Machines: the runs come from more than one, and step times (and, under bf16, losses) differ "
-        "between machines. "
+        "Machines: the runs come from more than one; step times differ between machines, and losses "
+        "can. "
         + "; ".join(f"{label}: {', '.join(runs)}" for label, runs in by_machine.items())
         + ". "
         + pairing,
