@@ -62,5 +62,5 @@ def test_the_report_names_the_machines_only_where_the_runs_span_several():
     older = [_row("all", 0, None), _row("ila-top-30", 0, None)]
     older += [_row("all", 3, "A"), _row("ila-top-30", 3, "A")]
     (line,) = _machines(older)
-    assert "not recorded: all-seed0, ila-top-30-seed0" in line and "Where the machine is recorded" in line
+    assert "Not recorded: all-seed0, ila-top-30-seed0" in line and "Where the machine is recorded" in line
     assert "spans" not in line

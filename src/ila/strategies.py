@@ -203,7 +203,7 @@ def _run_strategy(
         # time, timed beside this run's)
         "reference_seconds": strat.reference_seconds,
         "timed_step_seconds": list(strat.timed_step_seconds) if strat.timed_step_seconds else None,
-        # step times, and losses under bf16, depend on the machine: a report says when its runs span two
+        # step times depend on the machine, and losses can: a report says when its runs span several
         "machine": describe_machine(rc.model.device),
         # the held-out loss during training (stage3.train.eval_steps): where each strategy levels off
         "heldout_curve": curve,

@@ -136,7 +136,7 @@ def _machine_lines(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "Machines: the runs come from more than one; step times differ between machines, and losses "
         "can. "
-        + "; ".join(f"{label}: {', '.join(runs)}" for label, runs in by_machine.items())
+        + "; ".join(f"{lab[:1].upper()}{lab[1:]}: {', '.join(runs)}" for lab, runs in by_machine.items())
         + ". "
         + pairing,
     ]
