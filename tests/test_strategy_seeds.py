@@ -37,6 +37,10 @@ def test_every_strategy_gets_every_seed_and_random_at_least_three_draws(
     one = plan_strategies(ranking)
     assert {s.seed for s in one if s.family != "random"} == {0}
     assert {s.seed for s in one if s.name == "random-10"} == {0, 1, 2}
+    # every size ILA's top is tuned at, the sweep's too, has random draws of that size beside it
+    tops = {s.name[len("ila-top-") :]: len(s.layers) for s in one if s.family == "ila-top"}
+    draws = {s.name[len("random-") :]: len(s.layers) for s in one if s.family == "random"}
+    assert tops == draws and {"50", "75"} <= set(tops)
     five = plan_strategies(ranking, seeds=5)
     for name in ("all", "ila-top-30", "first-20", "random-20"):
         assert sorted(s.seed for s in five if s.name == name) == [0, 1, 2, 3, 4]
@@ -186,7 +190,7 @@ def test_only_keeps_the_strategies_it_names_and_refuses_a_pattern_that_matches_n
     runs = plan_strategies(ranking, seeds=1, widths={n: 16 for n in ranking.order}, rank=8)
     kept = only_strategies(runs, ["all", "random-*", "all-rank-*"])
     matched = next(s.name for s in runs if s.family == "all-matched")
-    assert {s.name for s in kept} == {"all", "random-10", "random-20", "random-30", matched}
+    assert {s.name for s in kept} == {"all", *(f"random-{p}" for p in (10, 20, 30, 50, 75)), matched}
     assert len([s for s in kept if s.name == "random-30"]) == 3
     assert [s.run for s in only_strategies(runs, ["random-30-seed1"])] == ["random-30-seed1"]
     with pytest.raises(IlaError, match="no strategy matches 'ila-top-33'"):

@@ -10,7 +10,8 @@ LoRA rank), each strategy is a stage-3 run from theta_0 on a different selection
 - ``ila-drop-bottom-25``: ILA, the 25 % least important layers frozen (the paper: better than ``all``);
 - ``ila-top-10/20/30``: ILA, only the top 10 / 20 / 30 % tuned (the paper: close to ``all`` at a fraction
   of the cost);
-- ``random-F``: random selections of the same sizes, one draw per seed (at least three);
+- ``random-F``: random selections of the sizes of every ``ila-top-F`` (sweep included), one draw per seed
+  (at least three);
 - ``first-F`` / ``last-F``: the first or last blocks, the same number of layers;
 - ``ila-top-F`` for the sweep fractions (e.g. 50 %, 75 %), for the quality-vs-fraction curve;
 - ``all-rank-R``: every layer at the LoRA rank R whose trainable parameter count is nearest ILA's top 30 %

@@ -82,13 +82,17 @@ def plan_strategies(
         k = ranking.count(f)
         pct = round(f * 100)
         fixed.append((f"ila-top-{pct}", "ila-top", tuple(order[:k])))
-        for s in range(max(seeds, random_runs)):
-            chosen = _random.Random(s).sample(order, k)
-            out.append(Strategy(f"random-{pct}", "random", k / n, tuple(chosen), seed=s))
         fixed.append((f"first-{pct}", "first", tuple(model_order[:k])))
         fixed.append((f"last-{pct}", "last", tuple(model_order[-k:])))
     for f in sweep:
         fixed.append((f"ila-top-{round(f * 100)}", "ila-top", tuple(order[: ranking.count(f)])))
+    # random draws of every size ILA's top is tuned at, sweep included: each point of the quality-vs-fraction
+    # curve has the baseline a selection must beat
+    for f in (*fractions, *sweep):
+        k = ranking.count(f)
+        for s in range(max(seeds, random_runs)):
+            chosen = _random.Random(s).sample(order, k)
+            out.append(Strategy(f"random-{round(f * 100)}", "random", k / n, tuple(chosen), seed=s))
     for scorer, other in (others or {}).items():
         other.check_matches(ranking.layers)
         for f in other_fractions:
