@@ -47,6 +47,30 @@ def _machines(rows):
     return [x for x in render_markdown({"results": rows}, "x").splitlines() if x.startswith("Machines:")]
 
 
+def _steps(rows):
+    """Each strategy's step cell, and the line that explains the table's marks."""
+    lines = render_markdown({"results": rows}, "x").splitlines()
+    cells = {x.split(" | ")[0][2:]: x.split(" | ")[9] for x in lines if x.startswith("| ") and "---" not in x}
+    return cells, next(x for x in lines if x.startswith("step: "))
+
+
+def test_a_step_time_averaged_over_machines_is_marked_as_such():
+    one = [_row(n, s, "A") for n in ("all", "ila-top-30") for s in (0, 1)]
+    cells, note = _steps(one)
+    assert "‡" not in cells["all"] + cells["ila-top-30"] + note
+    spread = [
+        _row("all", 0, "A"),
+        _row("all", 1, "B"),
+        _row("ila-top-30", 0, "A"),
+        _row("ila-top-30", 1, "A"),
+    ]
+    cells, note = _steps(spread)
+    assert cells["all"].endswith("‡") and "‡" not in cells["ila-top-30"]
+    assert "more than one machine" in note
+    cells, _ = _steps([_row("all", 0, None), _row("all", 1, "A")])  # an unrecorded run may be another machine
+    assert cells["all"].endswith("‡")
+
+
 def test_the_report_names_the_machines_only_where_the_runs_span_several():
     one = [_row(n, s, "A") for n in ("all", "ila-top-30") for s in (0, 1)]
     assert _machines(one) == []

@@ -67,7 +67,7 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
     by_name: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_name.setdefault(r["name"], []).append(r)
-    walls = False
+    walls = mixed = False
     for name, rs in by_name.items():
         entry = summary[name]
         loss = f"{entry['heldout_loss']:.4f}{_interval(entry['heldout_ci95'])}"
@@ -89,6 +89,8 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             step = f"{statistics.mean(r['seconds_per_step'] for r in rs):.2f} †"
             walls = True
         minutes = f"{statistics.mean(seconds) / 60:.1f}" + (" †" if step.endswith("†") else "")
+        if len({machine_label(r.get("machine")) for r in rs}) > 1:  # step times are the machine's
+            step, minutes, mixed = f"{step} ‡", f"{minutes} ‡", True
         steps = "/".join(str(n) for n in dict.fromkeys(r["steps"] for r in rs))
         peaks = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb") is not None]
         peak = f"{statistics.mean(peaks):.0f}" if peaks else "-"
@@ -104,6 +106,11 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             "that predate the median)."
             if walls
             else "."
+        )
+        + (
+            " ‡ the strategy's runs come from more than one machine (below): the mean mixes their step times."
+            if mixed
+            else ""
         ),
     ]
     lines += _equal_time_lines(rows)
