@@ -130,6 +130,13 @@ watcher=$!
 trap 'kill $watcher 2>/dev/null || true; save' EXIT
 
 common=("${config[@]}" --run-dir "$run" --out "$out" --scorers "${scorers[@]}")
+grid() {  # the rest of the grid, one seed each: first ILA's other sizes and the cheap scorers' top 30 % (the
+    # verdicts on the top 10 and 20 % and the learnt ranking against cheap ones read them), then the blocks
+    # and the random draws. The first call names the verdict strategies too, so that the report it leaves
+    # keeps them.
+    ila compare-strategies "${common[@]}" --seeds 1 --only "${verdict[@]}" 'ila-top-*' '*-top-30'
+    ila compare-strategies "${common[@]}" --seeds 1
+}
 if [[ $name != "$model" ]]; then
     # Another precision: what the kept runs lack, in the order of the verdicts that wait for it. The draws
     # first (ILA's top 30 % against random-30 cannot be told apart with three), then the report of the
@@ -138,7 +145,7 @@ if [[ $name != "$model" ]]; then
     ila compare-strategies "${config[@]}" --run-dir "$run" --out "$bench" --scorers "${scorers[@]}" --seeds 1 \
         --only random-30 'all-rank-*' --tasks "${tasks[@]}" --limit 100 --max-gen-toks 256
     [[ $scope == grid ]] || exit 0
-    ila compare-strategies "${common[@]}" --seeds 1
+    grid
     exit 0
 fi
 ila compare-strategies "${common[@]}" --seeds 3 --only "${verdict[@]}"
@@ -166,4 +173,4 @@ fi
 ila compare-strategies "${config[@]}" --run-dir "$run" --out "$bench" --scorers "${scorers[@]}" --seeds 1 \
     --only "${verdict[@]}" --equal-time ila-top-30 --tasks "${tasks[@]}" --limit 100 --max-gen-toks 256
 [[ $scope == grid ]] || exit 0
-ila compare-strategies "${common[@]}" --seeds 1
+grid

@@ -60,7 +60,7 @@ def test_another_precision_trains_only_stage_3_in_it_into_folders_of_its_own(tmp
     assert rc == 0, stderr
     calls = _calls(clone)
     # the kept ranking is there, so no stage is trained again: comparisons only
-    assert [c[0] for c in calls] == ["compare-strategies"] * 3
+    assert [c[0] for c in calls] == ["compare-strategies"] * 4
     for call in calls:
         sets = _option(call, "--set")
         assert "stage3.train.precision=fp32" in sets
@@ -71,7 +71,12 @@ def test_another_precision_trains_only_stage_3_in_it_into_folders_of_its_own(tmp
     # the draws first, then the benchmarks the kept runs lack, then the rest of the grid
     assert _option(calls[0], "--seeds") == ["6"] and _option(calls[0], "--only") == ["all"]
     assert "--tasks" in calls[1] and "random-30" in calls[1]
-    assert _option(calls[2], "--seeds") == ["1"] and "--only" not in calls[2]
+    # ILA's other sizes and the cheap scorers first, with the verdict strategies so that the report keeps
+    # them, then every strategy
+    assert _option(calls[2], "--seeds") == ["1"] and {"all", "ila-top-*", "*-top-30", "random-30"} <= {
+        *calls[2]
+    }
+    assert _option(calls[3], "--seeds") == ["1"] and "--only" not in calls[3]
     assert (clone / "runs" / "converged-smollm2" / "stage2" / "ranking.json").is_file()
     # the kept bf16 results are neither restored into the fp32 comparison nor touched
     assert not (clone / "runs" / "converged-smollm2-fp32-strategies" / "all-seed0").exists()
