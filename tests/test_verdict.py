@@ -92,6 +92,51 @@ def test_a_baseline_with_fewer_seeds_is_paired_on_the_seeds_both_have():
     assert lone["per_seed"] == pytest.approx([0.05, 0.05]) and lone["interval_over"] == "seeds"
 
 
+def test_ila_is_held_against_the_random_draws_of_every_size_it_was_trained_at():
+    from ila.strategy_summary import draws_difference
+
+    losses = {"all": [1.8], "ila-top-10": [1.85], "random-10": [1.90, 1.92, 1.91], "ila-top-20": [1.83],
+              "ila-top-50": [1.82], "random-50": [1.80, 1.86, 1.83]}  # fmt: skip
+    rows = _rows(_report(losses))
+    ten = rows["ILA's top 10 % beats a random 10 %"]
+    # one ILA seed against three draws: each draw against it, the interval over the draws
+    assert ten.verdict == "agrees" and "(random draws, each against seed 0, n=3)" in ten.measured
+    assert "vs random-10 -0.0600" in ten.measured
+    assert (
+        rows["ILA's top 50 % beats a random 50 %"].verdict == "cannot tell at this scale"
+    )  # draws on both sides
+    assert not any("random 20 %" in claim for claim in rows)  # no draws of that size, no row
+    # as many ILA seeds as draws: paired by seed, as every other baseline
+    ila = [_run("ila-top-10", loss, seed) for seed, loss in enumerate([1.85, 1.86, 1.84])]
+    draws = [_run("random-10", loss, seed) for seed, loss in enumerate([1.90, 1.92, 1.91])]
+    by_seed = draws_difference(ila, draws)
+    assert by_seed["interval_over"] == "seeds" and "against_seeds" not in by_seed
+    assert by_seed["per_seed"] == pytest.approx([-0.05, -0.06, -0.07])
+    # one seed in common: that draw against ILA's run of its seed, the others against ILA's first run
+    ila = [_run("ila-top-10", 1.85, 0), _run("ila-top-10", 1.87, 2)]
+    draws = [_run("random-10", loss, seed) for seed, loss in ((2, 1.90), (5, 1.92), (6, 1.91))]
+    lone = draws_difference(ila, draws)
+    assert lone["against_seeds"] == [0, 2] and lone["per_seed"] == pytest.approx([-0.03, -0.07, -0.06])
+
+
+def test_ila_is_held_against_the_top_30_of_each_cheaper_ranking():
+    families = {"all": "all", "ila-top-30": "ila-top", "random-30": "random", "first-30": "first",
+                "taylor-top-30": "taylor", "snr-top-30": "snr",
+                "ila-top-30-equal-time": "equal-time"}  # fmt: skip
+    losses = [1.8, 1.85, 1.9, 1.95, 1.85, 1.95, 1.83]
+    report = _report({name: [loss] for name, loss in zip(families, losses, strict=True)})
+    for r in report["results"]:
+        r["family"] = families[r["name"]]
+    rows = _rows(report)
+    scorers = [claim for claim in rows if "needs no stage 2" in claim]
+    assert scorers == [
+        "ILA's top 30 % beats the snr top 30 % (a ranking that needs no stage 2)",
+        "ILA's top 30 % beats the taylor top 30 % (a ranking that needs no stage 2)",
+    ]  # neither random draws, first blocks nor an equal-time run counts as a ranking
+    assert rows[scorers[0]].verdict == "agrees" and "vs snr-top-30 -0.1000" in rows[scorers[0]].measured
+    assert rows[scorers[1]].verdict == "cannot tell at this scale"  # the same loss
+
+
 def test_a_comparison_without_all_or_a_base_is_refused_or_skipped():
     with pytest.raises(IlaError, match="no `all` runs"):
         strategy_verdicts(_report({"ila-top-30": [1.8]}), "x")

@@ -61,6 +61,30 @@ def paired_difference(
     }
 
 
+def draws_difference(
+    runs: list[dict[str, Any]], draws: list[dict[str, Any]], metric: str = "heldout"
+) -> dict[str, Any]:
+    """The paired difference of ``runs`` (one strategy's results) with ``draws`` (a random selection's,
+    each seed its own draw), on the same examples. Where they share two seeds or more, by seed
+    (:func:`paired_difference`). Where the strategy has fewer seeds than that and there are two draws or more,
+    each draw against the strategy's run of the draw's seed or, lacking it, its first run: the t-interval is
+    then over the draws, whose spread is the baseline's, while the strategy's own seed spread is not in it
+    (``interval_over`` is then ``random draws``, and ``against_seeds`` lists the strategy's seeds)."""
+    by_seed = {r["seed"]: r for r in runs}
+    if len(set(by_seed) & {d["seed"] for d in draws}) >= 2 or len(draws) < 2:
+        return paired_difference(runs, {d["seed"]: d for d in draws}, metric)
+    first = by_seed[min(by_seed)]
+    diffs = [_paired(by_seed.get(d["seed"], first), d, metric)[0] for d in draws]
+    diff, ci = mean_interval(diffs)
+    return {
+        "difference": diff,
+        "ci95": ci,
+        "interval_over": "random draws",
+        "per_seed": diffs,
+        "against_seeds": sorted(by_seed),
+    }
+
+
 def summarise_strategies(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per strategy: the held-out loss over its runs (mean, sd, 95 % t-interval over seeds) and the paired
     difference with ``all`` (run k against ``all``'s run k, :func:`seed_pairs`). With two or
