@@ -225,6 +225,37 @@ def test_one_run_falls_back_to_the_interval_over_examples():
     assert vs["ci95"] == pytest.approx([0.1, 0.1])  # every example is exactly 0.1 worse: no spread
 
 
+def test_the_quality_plots_show_the_paired_difference_with_all_where_there_is_all(tmp_path, monkeypatch):
+    """One run's loss has an interval over examples far wider than the gap between selections; the
+    difference paired on the same examples has not, so the plots draw that wherever `all` is there."""
+    from ila import strategy_report
+    from ila.strategy_report import quality_points
+
+    counts = np.full(50, 10.0)
+    sums = counts * np.linspace(1.0, 3.0, 50)  # examples of very different difficulty
+
+    def run(name: str, family: str, fraction: float, worse: float) -> dict:
+        examples = {"sums": (sums + worse * counts).tolist(), "counts": counts.tolist()}
+        return {"name": name, "run": f"{name}-seed0", "family": family, "seed": 0, "num_layers": 4,
+                "fraction": fraction, "trainable_parameters": 100, "heldout_loss": 2.0 + worse,
+                "heldout_ci95": [1.5 + worse, 2.5 + worse], "heldout_examples": examples}  # fmt: skip
+
+    rows = [run("all", "all", 1.0, 0.0), run("ila-top-50", "ila-top", 0.5, 0.01),
+            run("random-50", "random", 0.5, 0.03)]  # fmt: skip
+    paired, points = quality_points(summarise_strategies(rows))
+    assert paired and points["all"] == (0.0, (0.0, 0.0))
+    assert points["ila-top-50"][0] == pytest.approx(0.01) and points["random-50"][0] == pytest.approx(0.03)
+    assert max(points["random-50"][1]) < 0.01  # every example 0.03 worse: the pair leaves no spread
+    alone, loss = quality_points(summarise_strategies(rows[1:]))  # no `all`: the loss itself
+    assert not alone and loss["ila-top-50"] == (pytest.approx(2.01), (pytest.approx(0.5), pytest.approx(0.5)))
+    figs = []
+    monkeypatch.setattr(strategy_report, "save_figure", lambda fig, path: figs.append(fig) or path)
+    strategy_report.plot_strategies({"results": rows, "base_heldout_loss": 2.2}, tmp_path)
+    lines = {c.get_label(): c.lines[0].get_ydata() for c in figs[0].axes[0].containers}
+    assert list(lines["ila-top"]) == pytest.approx([0.01, 0.0])  # ila-top-50, then `all` at fraction 1
+    assert "minus `all`" in figs[0].axes[0].get_ylabel()
+
+
 def test_every_run_reports_its_forgetting_against_the_base_model_and_all(two_seeds):
     tmp, report = two_seeds
     forgot = {r["run"]: r["forgetting_loss"] for r in report["results"]}

@@ -227,16 +227,34 @@ def _benchmark_lines(report: dict[str, Any], summary: dict[str, Any], names: lis
     return lines
 
 
-def _error(entry: dict[str, Any]) -> tuple[float, float]:
-    ci = entry.get("heldout_ci95")
-    return (entry["heldout_loss"] - ci[0], ci[1] - entry["heldout_loss"]) if ci else (0.0, 0.0)
+def quality_points(summary: dict[str, Any]) -> tuple[bool, dict[str, tuple[float, tuple[float, float]]]]:
+    """Each strategy's point on the quality plots and its error bar (below, above): with ``all`` to pair with,
+    ``(True, ...)`` and the paired difference with ``all`` (``all`` at 0; a strategy that cannot be paired
+    left out); else ``(False, ...)`` and the held-out loss (mean over runs, 95 % interval)."""
+    paired = "all" in summary and any(e.get("vs_all") for e in summary.values())
+    points = {}
+    for name, e in summary.items():
+        if not paired:
+            value, ci = e["heldout_loss"], e.get("heldout_ci95")
+        elif name == "all":
+            value, ci = 0.0, None
+        elif e.get("vs_all") is None:
+            continue
+        else:
+            value, ci = e["vs_all"]["difference"], e["vs_all"]["ci95"]
+        points[name] = (value, (value - ci[0], ci[1] - value) if ci else (0.0, 0.0))
+    return paired, points
 
 
 def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
-    """Held-out loss (mean over runs, 95 % interval) vs fraction tuned and vs trainable parameters, and the
-    paired difference of every strategy with ``all``."""
+    """The quality of each strategy against the fraction of layers it tunes and against its trainable
+    parameters, and the paired difference of every strategy with ``all``. Quality is the held-out loss minus
+    ``all``'s on the same examples and seeds, with the interval of that paired difference: the loss of one
+    run has an interval over examples far wider than the differences between selections, which pairing
+    cancels. Without ``all`` to pair with, the held-out loss itself (mean over runs, 95 % interval)."""
     rows = report["results"]
     summary = report.get("strategies") or summarise_strategies(rows)
+    paired_axis, points = quality_points(summary)
     first_run = {}
     for r in rows:
         first_run.setdefault(r["name"], r)
@@ -251,39 +269,46 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
             ("ila-top", "o-", "ila-top"),
             ("first", "s--", "first"),
             ("last", "^--", "last"),
-            ("random", "x:", "random (runs pooled)"),
+            ("random", "x:", "random (draws pooled)"),
         ):
             names = [
-                n for n, e in summary.items() if e["family"] == family or (family == "ila-top" and n == "all")
+                n for n in points if summary[n]["family"] == family or (family == "ila-top" and n == "all")
             ]
-            pts = sorted((first_run[n][xkey], summary[n]) for n in names)
+            pts = sorted((first_run[n][xkey], points[n]) for n in names)
             if pts:
-                errors = list(zip(*(_error(e) for _, e in pts), strict=True))
                 ax.errorbar(
                     [x for x, _ in pts],
-                    [e["heldout_loss"] for _, e in pts],
-                    yerr=errors,
+                    [y for _, (y, _) in pts],
+                    yerr=list(zip(*(err for _, (_, err) in pts), strict=True)),
                     fmt=style,
                     capsize=3,
                     label=label,
                 )
-        for n, e in summary.items():
-            if e["family"] not in ("all", "ila-top", "first", "last", "random"):  # drop-bottom, other scorers
-                marker = "D" if e["family"] == "ila-drop-bottom" else "*"
+        for n, (y, err) in points.items():
+            family = summary[n]["family"]
+            if family not in ("all", "ila-top", "first", "last", "random"):  # drop-bottom, other scorers
                 ax.errorbar(
                     [first_run[n][xkey]],
-                    [e["heldout_loss"]],
-                    yerr=[[v] for v in _error(e)],
-                    fmt=marker,
+                    [y],
+                    yerr=[[v] for v in err],
+                    fmt="D" if family == "ila-drop-bottom" else "*",
                     markersize=8,
                     capsize=3,
                     label=n,
                 )
         ax.set_xlabel(xlabel)
-        if report.get("base_heldout_loss") is not None:
-            ax.axhline(report["base_heldout_loss"], ls=":", color="grey", label="base model, untuned")
-        ax.set_ylabel("held-out loss (response tokens)")
-        ax.legend(fontsize=8)
+        base = report.get("base_heldout_loss")
+        if paired_axis:
+            ax.axhline(0.0, ls=":", color="grey")
+            all_loss = summary["all"]["heldout_loss"]
+            gain = "" if base is None else f" (`all` gains {base - all_loss:.4f} on the base model)"
+            ax.set_ylabel("held-out loss minus `all`\n(paired, 95 % interval; below 0 is better)")
+            ax.set_title(f"quality against {xlabel}{gain}", fontsize=9)
+        else:
+            if base is not None:
+                ax.axhline(base, ls=":", color="grey", label="base model, untuned")
+            ax.set_ylabel("held-out loss (response tokens)")
+        ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
         paths.append(save_figure(fig, out / name))
     paired = [(n, e["vs_all"]) for n, e in summary.items() if e.get("vs_all")]
