@@ -95,3 +95,14 @@ def test_a_precision_it_does_not_know_is_refused_before_anything_runs(tmp_path):
     rc, stderr = _converged(clone, "smollm2", "grid", "fp16")
     assert rc == 2 and "bf16 or fp32" in stderr
     assert _calls(clone) == [] and not (clone / "runs").exists()
+
+
+def test_without_bf16_instructions_the_kept_precision_trains_nothing_and_says_what_waits(tmp_path):
+    clone = _clone(tmp_path)
+    python = clone / ".venv" / "bin" / "python"  # the check of the CPU: no bf16 instructions here
+    python.write_text("#!/usr/bin/env bash\nexit 1\n")
+    python.chmod(0o755)
+    rc, stderr = _converged(clone, "smollm2", "grid")
+    assert rc == 3  # not a failure: evidence.sh goes on with the fp32 steps
+    assert "those not kept in docs/results/converged/smollm2 wait" in stderr and "grid fp32" in stderr
+    assert _calls(clone) == [] and not (clone / "runs").exists()
