@@ -254,6 +254,9 @@ def test_the_quality_plots_show_the_paired_difference_with_all_where_there_is_al
     lines = {c.get_label(): c.lines[0].get_ydata() for c in figs[0].axes[0].containers}
     assert list(lines["ila-top"]) == pytest.approx([0.01, 0.0])  # ila-top-50, then `all` at fraction 1
     assert "minus `all`" in figs[0].axes[0].get_ylabel()
+    bars = figs[2].axes[0]  # paired-vs-all: one row a strategy, `all` itself left out
+    assert [t.get_text() for t in bars.get_yticklabels()] == ["ila-top-50", "random-50"]
+    assert list(bars.containers[0].lines[0].get_xdata()) == pytest.approx([0.01, 0.03])
 
 
 def test_every_run_reports_its_forgetting_against_the_base_model_and_all(two_seeds):

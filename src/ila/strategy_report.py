@@ -311,20 +311,16 @@ def plot_strategies(report: dict[str, Any], out: Path) -> list[Path]:
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
         paths.append(save_figure(fig, out / name))
-    paired = [(n, e["vs_all"]) for n, e in summary.items() if e.get("vs_all")]
-    if paired:
+    paired = {n: p for n, p in points.items() if n != "all"} if paired_axis else {}
+    if paired:  # the same points, one row a strategy
         fig = new_figure(6.4, 1.2 + 0.28 * len(paired))
         ax = fig.add_subplot(1, 1, 1)
-        ys = range(len(paired))
-        diffs = [v["difference"] for _, v in paired]
-        errs = [
-            [d - v["ci95"][0] for d, (_, v) in zip(diffs, paired, strict=True)],
-            [v["ci95"][1] - d for d, (_, v) in zip(diffs, paired, strict=True)],
-        ]
-        ax.errorbar(diffs, list(ys), xerr=errs, fmt="o", capsize=3, color="#1f4e79")
+        ys = list(range(len(paired)))
+        errs = list(zip(*(err for _, err in paired.values()), strict=True))
+        ax.errorbar([d for d, _ in paired.values()], ys, xerr=errs, fmt="o", capsize=3, color="#1f4e79")
         ax.axvline(0.0, color="grey", ls=":")
-        ax.set_yticks(list(ys))
-        ax.set_yticklabels([n for n, _ in paired], fontsize=8)
+        ax.set_yticks(ys)
+        ax.set_yticklabels(list(paired), fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("held-out loss minus `all` (paired, 95 % interval); left of 0 is better")
         ax.grid(alpha=0.3, axis="x")
