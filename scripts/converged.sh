@@ -79,6 +79,10 @@ restore() {  # what an earlier run kept, back where the commands look for it
             [ -e "$dest/result.json" ] || { mkdir -p "$dest" && cp "$f" "$dest/"; }
         done
     done
+    # the step times each kept equal-time run was sized from, for the benchmarks' folder, which trains it
+    # again: timed anew there it would get other steps than the run it stands for
+    python -c 'import sys; from pathlib import Path; from ila.strategy_plan import restore_step_timings
+restore_step_timings(Path(sys.argv[1]), Path(sys.argv[2]))' "$keep/runs" "$bench"
     return 0
 }
 

@@ -3,9 +3,11 @@ hours of training, so its plan is checked with a stand-in `ila` that only record
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +30,12 @@ def _clone(tmp_path: Path) -> Path:
         f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {clone}/calls\necho >> {clone}/calls\n'
     )
     (bin_ / "ila").chmod(0o755)
+    # the venv's python, which this test runs under; the check of the CPU says it has bf16 instructions
+    python = bin_ / "python"
+    python.write_text(
+        f'#!/usr/bin/env bash\ncase "$*" in *bf16_is_native*) exit 0;; esac\nexec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
     (bin_ / "activate").write_text(f'export PATH="{bin_}:$PATH"\n')
     return clone
 
@@ -106,3 +114,21 @@ def test_without_bf16_instructions_the_kept_precision_trains_nothing_and_says_wh
     assert rc == 3  # not a failure: evidence.sh goes on with the fp32 steps
     assert "those not kept in docs/results/converged/smollm2 wait" in stderr and "grid fp32" in stderr
     assert _calls(clone) == [] and not (clone / "runs").exists()
+
+
+def test_the_benchmarks_train_a_kept_equal_time_run_with_the_steps_it_had(tmp_path):
+    """Retrained to be scored, the equal-time run must be the kept one: sized from the step times it was
+    sized from, which the script restores into the benchmarks' folder, not timed anew."""
+    clone = _clone(tmp_path)
+    run = clone / "docs" / "results" / "converged" / "smollm2" / "runs" / "ila-top-30-equal-time-seed0"
+    run.mkdir(parents=True)
+    result = {"name": "ila-top-30-equal-time", "run": run.name, "family": "equal-time", "seed": 0,
+              "steps": 527, "timed_step_seconds": [3.9, 5.15], "settings_sha256": "a"}  # fmt: skip
+    (run / "result.json").write_text(json.dumps(result))
+    rc, stderr = _converged(clone, "smollm2", "verdicts")
+    assert rc == 0, stderr
+    (bench,) = [c for c in _calls(clone) if "--tasks" in c]
+    assert _option(bench, "--equal-time") == ["ila-top-30"]
+    (out,) = _option(bench, "--out")
+    timing = json.loads((clone / out / ".timing" / "ila-top-30-seed0.json").read_text())
+    assert (timing["seconds"], timing["all_seconds"], timing["settings_sha256"]) == (3.9, 5.15, "a")

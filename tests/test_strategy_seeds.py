@@ -501,6 +501,33 @@ def test_kept_step_times_are_measured_once_per_settings(tmp_path, monkeypatch):
     assert kept_step_times(path, "b", measure) == (3.0, 2.0)  # timed over other steps: again
 
 
+def test_an_equal_time_run_trained_again_elsewhere_gets_the_steps_it_had(tmp_path):
+    """Retrained in another folder (to score its benchmarks), an equal-time run is sized from the step times
+    it was sized from, not timed anew into a run of other length."""
+    from ila.strategy_plan import kept_step_times, restore_step_timings, step_timing_path
+
+    kept = tmp_path / "kept"
+    for run, family, timed in (("ila-top-25-equal-time-seed0", "equal-time", [3.9, 5.15]),
+                               ("ila-top-25-equal-time-seed1", "equal-time", None),  # sized untimed
+                               ("ila-top-25-seed0", "ila-top", [1.0, 1.0])):  # fmt: skip
+        (kept / run).mkdir(parents=True)
+        name, seed = run.rsplit("-seed", 1)
+        result = {"name": name, "run": run, "family": family, "seed": int(seed), "settings_sha256": "a"}
+        (kept / run / "result.json").write_text(json.dumps({**result, "timed_step_seconds": timed}))
+    out = tmp_path / "benchmarks"
+    assert restore_step_timings(kept, out) == [step_timing_path(out, "ila-top-25-seed0")]
+    never = lambda: pytest.fail("timed again")  # noqa: E731
+    times = kept_step_times(step_timing_path(out, "ila-top-25-seed0"), "a", never)
+    assert times == (3.9, 5.15)
+    layers = ("a", "b", "c", "d")
+    runs = [Strategy("all", "all", 1.0, layers), Strategy("ila-top-25", "ila-top", 0.25, layers[:1])]
+    results = [{"run": r, "steps": 400} for r in ("all-seed0", "ila-top-25-seed0")]
+    (longer,) = equal_time_strategies(runs, results, ["ila-top-25"], lambda s: times)
+    assert longer.steps == 528  # 400 x 5.15 / 3.9, as the kept run
+    # what the folder already holds is its own: kept, not replaced
+    assert restore_step_timings(kept, out) == []
+
+
 def test_equal_time_runs_train_their_longer_schedule_beside_the_others(two_seeds, tmp_path, monkeypatch):
     import shutil
 

@@ -63,7 +63,14 @@ from .pipeline import load_datasets, prepare_run_dir, stage3
 from .progress import progress
 from .ranking import Ranking
 from .rundir import RunDir
-from .strategy_plan import Strategy, equal_time_strategies, kept_step_times, only_strategies, plan_strategies
+from .strategy_plan import (
+    Strategy,
+    equal_time_strategies,
+    kept_step_times,
+    only_strategies,
+    plan_strategies,
+    step_timing_path,
+)
 from .strategy_summary import summarise_strategies
 
 if TYPE_CHECKING:
@@ -310,7 +317,7 @@ def run_strategies(
                                for s in (strat, ref))  # fmt: skip
                 return own, theirs
 
-            return kept_step_times(out / ".timing" / f"{strat.run}.json", settings, measure)
+            return kept_step_times(step_timing_path(out, strat.run), settings, measure)
 
         longer = equal_time_strategies(strategies, list(known.values()), equal_time, step_times)
         longer.sort(key=lambda s: s.seed)

@@ -182,6 +182,20 @@ def equal_time_strategies(
     return out
 
 
+def step_timing_path(out: Path, run: str) -> Path:
+    """Where a comparison in ``out`` keeps the step times that size the equal-time run of ``run``
+    (``ila-top-30-seed0``: the strategy's run, not its equal-time one)."""
+    return out / ".timing" / f"{run}.json"
+
+
+def _keep_step_times(path: Path, own: float, theirs: float, settings: str) -> None:
+    write_json_atomic(
+        path,
+        {**envelope("ila.step_timing"), "seconds": own, "all_seconds": theirs, "timing_steps": TIMING_STEPS,
+         "settings_sha256": settings},
+    )  # fmt: skip
+
+
 def kept_step_times(
     path: Path, settings: str, measure: Callable[[], tuple[float, float]]
 ) -> tuple[float, float]:
@@ -193,9 +207,23 @@ def kept_step_times(
         if kept.get("settings_sha256") == settings and kept.get("timing_steps") == TIMING_STEPS:
             return kept["seconds"], kept["all_seconds"]
     own, theirs = measure()
-    write_json_atomic(
-        path,
-        {**envelope("ila.step_timing"), "seconds": own, "all_seconds": theirs, "timing_steps": TIMING_STEPS,
-         "settings_sha256": settings},
-    )  # fmt: skip
+    _keep_step_times(path, own, theirs, settings)
     return own, theirs
+
+
+def restore_step_timings(runs: Path, out: Path) -> list[Path]:
+    """Keep in the comparison folder ``out`` the step times that sized each finished equal-time run in
+    ``runs`` (``<run>/result.json``, its ``timed_step_seconds``), where ``out`` has none for it: a comparison
+    that trains that run again (to score its benchmarks, where its adapter was not kept) gives it the steps
+    it had, instead of timing it anew, under other load, into another run. Returns the files written."""
+    written = []
+    for done in sorted(runs.glob("*-equal-time-seed*/result.json")):
+        r = read_json(done, "strategy result")
+        timed = r.get("timed_step_seconds")
+        if r.get("family") != "equal-time" or not timed:
+            continue
+        path = step_timing_path(out, f"{r['name'].removesuffix('-equal-time')}-seed{r['seed']}")
+        if not path.exists():
+            _keep_step_times(path, *timed, r["settings_sha256"])
+            written.append(path)
+    return written
