@@ -16,6 +16,8 @@
 # seeds (unless the scope is `verdicts`), the benchmarks of seed 0 of random-30 and all-rank-R, then (scope
 # `grid`) the rest of the grid with one seed.
 #
+# CONVERGED_TASKS (default "ila_mmlu_dev ila_hhh ila_ifeval") names the benchmark tasks.
+#
 # Resumable: a finished strategy run (its result.json) is never run again, and every minute the small files
 # that the report needs (rankings, each run's result.json and curves) are copied into
 # docs/results/converged/<model>/, from where a fresh checkout restores them before it starts.
@@ -46,7 +48,10 @@ bench=runs/converged-$name-benchmarks  # seed 0 of the verdict strategies, bench
 keep_bench=docs/results/converged/$name-benchmarks
 verdict=(all ila-drop-bottom-25 ila-top-30 random-30 'all-rank-*')
 scorers=(taylor update-norm snr)
-tasks=(ila_mmlu_dev ila_hhh ila_ifeval)
+# HHH reads the bigbench source archive (358 MB), which not every package index serves; without it
+# CONVERGED_TASKS="ila_mmlu_dev ila_ifeval" scores the other two, and HHH can be added later, where the archive
+# is, to the runs whose adapters are still there (the same command scores finished runs)
+read -r -a tasks <<< "${CONVERGED_TASKS:-ila_mmlu_dev ila_hhh ila_ifeval}"
 
 [ -x .venv/bin/ila ] || bash scripts/bootstrap.sh
 # shellcheck disable=SC1091

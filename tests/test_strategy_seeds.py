@@ -433,7 +433,7 @@ def test_a_run_trained_with_benchmarks_asked_for_is_scored_before_the_next_one_t
     def trained(cfg, strat, ranking_path, folder, *rest):  # the fixture's finished run, copied in
         events.append(("train", strat.run))
         if strat.run != "all-seed0":  # the first run's score is on disk before the next run trains
-            first = json.loads((tmp_path / "s" / "all-seed0" / "result.json").read_text())
+            first = json.loads((folder.parent / "all-seed0" / "result.json").read_text())
             assert first["benchmarks"] == {"ila_mmlu_dev": {"acc/none": 0.5}}
         shutil.copytree(tmp / "s" / strat.run, folder)
         return json.loads((folder / "result.json").read_text())
@@ -453,6 +453,14 @@ def test_a_run_trained_with_benchmarks_asked_for_is_scored_before_the_next_one_t
     assert events[:4] == [("train", "all-seed0"), ("score", "all-seed0"),
                           ("train", "ila-top-25-seed0"), ("score", "ila-top-25-seed0")]  # fmt: skip
     assert ("score", "base") in events[4:] and all(e[0] == "score" for e in events[4:])
+    # a run that finished in an earlier call, unscored, is scored before anything else trains
+    again = tmp_path / "again"
+    shutil.copytree(tmp / "s" / "all-seed0", again / "all-seed0")
+    events.clear()
+    run_strategies(report["cfg"], path, again, strategies=runs, isolate=False,
+                   data=tmp / "run" / "data", tasks=("ila_mmlu_dev",), limit=2)  # fmt: skip
+    assert events[:2] == [("score", "all-seed0"), ("train", "ila-top-25-seed0")]
+    assert json.loads((again / "all-seed0" / "result.json").read_text())["benchmarks"]
 
 
 def test_an_equal_time_run_gets_the_steps_that_fill_alls_training_time(caplog):

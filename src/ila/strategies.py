@@ -241,8 +241,8 @@ def run_strategies(
 
     ``tasks`` (lm-eval, with ``limit`` documents each and IFEval answers of at most ``max_gen_toks`` tokens)
     are scored on every reported run's saved model, finished runs included, and on the base model
-    (``out/base/benchmarks.json``); a run trained in this call is scored as soon as it finishes, and a score
-    is reused while its settings are the same.
+    (``out/base/benchmarks.json``); a run trained in this call is scored as soon as it finishes, one finished
+    in an earlier call before anything trains, and a score is reused while its settings are the same.
 
     ``isolate`` (default: on unless the model runs on CUDA) fine-tunes each strategy in its own process so
     that peak memory is measured per strategy. ``data`` holds the tokenized examples (default ``out/data``;
@@ -286,6 +286,9 @@ def run_strategies(
             done = out / strat.run / "result.json"
             if done.is_file():
                 results.append(_reuse(done, settings))
+                if bench_settings:
+                    # scored now, before hours of training that a cut-off could end with its model gone
+                    score(results[-1])
                 continue
             if heldout is None:
                 heldout = load_datasets(cfg, tokenizer, out / ".data", data)[1]
