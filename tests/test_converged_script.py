@@ -4,6 +4,7 @@ hours of training, so its plan is checked with a stand-in `ila` that only record
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -40,13 +41,14 @@ def _clone(tmp_path: Path) -> Path:
     return clone
 
 
-def _converged(clone: Path, *args: str) -> tuple[int, str]:
+def _converged(clone: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run the script; its exit status and what it wrote to stderr. Into files, not pipes: the copying loop's
     `sleep` outlives the script by up to a minute and would hold a pipe open."""
     with open(clone / "stdout", "w") as out, open(clone / "stderr", "w") as err:
         rc = subprocess.run(
-            ["bash", "scripts/converged.sh", *args], cwd=clone, stdout=out, stderr=err
-        ).returncode
+            ["bash", "scripts/converged.sh", *args], cwd=clone, stdout=out, stderr=err,
+            env={**os.environ, **(env or {})},
+        ).returncode  # fmt: skip
     return rc, (clone / "stderr").read_text()
 
 
@@ -132,3 +134,24 @@ def test_the_benchmarks_train_a_kept_equal_time_run_with_the_steps_it_had(tmp_pa
     (out,) = _option(bench, "--out")
     timing = json.loads((clone / out / ".timing" / "ila-top-30-seed0.json").read_text())
     assert (timing["seconds"], timing["all_seconds"], timing["settings_sha256"]) == (3.9, 5.15, "a")
+
+
+def test_the_benchmark_tasks_are_those_asked_for(tmp_path):
+    """Three by default; CONVERGED_TASKS names others (an index without HHH's archive: the other two), and a
+    run scored on those is kept."""
+    two = "ila_mmlu_dev ila_ifeval"
+    for sub, env, tasks in (
+        ("three", {}, "ila_mmlu_dev ila_hhh ila_ifeval"),
+        ("two", {"CONVERGED_TASKS": two}, two),
+    ):
+        clone = _clone(tmp_path / sub)
+        scored = clone / "runs" / "converged-smollm2-benchmarks" / "all-seed0"
+        scored.mkdir(parents=True)
+        done = {"benchmark_settings": {"ila_mmlu_dev": {}, "ila_ifeval": {}}}
+        (scored / "result.json").write_text(json.dumps(done))
+        rc, stderr = _converged(clone, "smollm2", "verdicts", env=env)
+        assert rc == 0, stderr
+        (bench,) = [c for c in _calls(clone) if "--tasks" in c]
+        assert bench[bench.index("--tasks") + 1 : bench.index("--limit")] == tasks.split()
+        kept = clone / "docs" / "results" / "converged" / "smollm2-benchmarks" / "runs" / "all-seed0"
+        assert kept.exists() == (tasks == two)  # kept once scored on every task asked for

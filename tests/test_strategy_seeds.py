@@ -417,6 +417,23 @@ def test_finished_runs_gain_benchmarks_on_their_saved_models_without_training_ag
     assert "not benchmarked" in caplog.text
 
 
+def test_a_task_whose_data_cannot_be_had_fails_before_any_training(two_seeds, tmp_path, monkeypatch):
+    from ila import lm_eval_tasks
+
+    tmp, report = two_seeds
+    monkeypatch.setenv("ILA_CACHE", str(tmp_path / "cache"))  # no bigbench archive there
+
+    def unreachable(name, version, folder):
+        raise IlaError(f"could not download {name}-{version}.tar.gz")
+
+    monkeypatch.setattr(lm_eval_tasks, "download_sdist", unreachable)
+    monkeypatch.setattr(strategies, "_run_strategy", lambda *a: pytest.fail("trained before the tasks"))
+    with pytest.raises(IlaError, match="bigbench-1.0.0"):
+        run_strategies(report["cfg"], tmp / "run" / "stage2" / "ranking.json", tmp_path / "s", isolate=False,
+                       data=tmp / "run" / "data", tasks=("ila_mmlu_dev", "ila_hhh"), limit=2)  # fmt: skip
+    assert not any((tmp_path / "s").glob("*-seed*"))
+
+
 def test_a_run_trained_with_benchmarks_asked_for_is_scored_before_the_next_one_trains(
     two_seeds, tmp_path, monkeypatch
 ):

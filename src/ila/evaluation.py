@@ -93,6 +93,17 @@ def per_document(
     return out
 
 
+def offline_task_folder(tasks: Sequence[str], cache: Path | None = None) -> Path | None:
+    """The lm-eval include folder with the offline ``ila_*`` tasks among ``tasks`` written into it (their data
+    fetched on first use, HHH's archive included), or None without any. Called before training too, so that
+    a task whose data cannot be had fails before hours of fine-tuning, not after them."""
+    offline = [t for t in tasks if t in OFFLINE_TASKS]
+    if not offline:
+        return None
+    cache = cache or cache_root()
+    return write_offline_tasks(cache / "lm_eval_tasks", offline, cache)
+
+
 def lm_eval_scores(
     model_path: str,
     tasks: Sequence[str],
@@ -123,8 +134,7 @@ def lm_eval_scores(
         raise IlaError("benchmarks need lm-evaluation-harness: pip install 'lm-eval==0.4.13'") from None
 
     cache = cache or cache_root()
-    offline = [t for t in tasks if t in OFFLINE_TASKS]
-    folder = write_offline_tasks(cache / "lm_eval_tasks", offline, cache) if offline else None
+    folder = offline_task_folder(tasks, cache)
     lm = HFLM(
         pretrained=model_path,
         peft=str(adapter) if adapter else None,

@@ -53,7 +53,7 @@ from .artifacts import envelope, read_json, read_jsonl, write_json_atomic
 from .batching import choose_batching
 from .config import RunConfig
 from .errors import IlaError
-from .evaluation import benchmark_settings, fill_benchmarks, write_generations
+from .evaluation import benchmark_settings, fill_benchmarks, offline_task_folder, write_generations
 from .forgetting import forgetting_loss, general_text_rows, text_source
 from .heldout import example_losses, heldout_loss, summarise
 from .ifeval import DEFAULT_MAX_GEN_TOKS
@@ -273,6 +273,8 @@ def run_strategies(
     tokenizer = load_tokenizer(cfg.model)
     settings = _settings_sha256(cfg, ranking_path)
     bench_settings = benchmark_settings(tokenizer, cfg, tasks, limit, max_gen_toks) if tasks else None
+    if tasks:
+        offline_task_folder(tasks)  # a task without its data fails here, before any training
 
     def score(result: dict[str, Any]) -> None:
         folder = out / result["run"]
