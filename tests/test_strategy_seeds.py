@@ -603,3 +603,22 @@ def test_equal_time_runs_train_their_longer_schedule_beside_the_others(two_seeds
     third = run_strategies(report["cfg"], path, tmp_path / "s", strategies=runs, isolate=False,
                            data=tmp / "run" / "data", equal_time=["ila-top-*"])  # fmt: skip
     assert third["strategies"]["ila-top-25-equal-time"]["vs_all"] == summary["vs_all"]
+
+
+def test_a_stop_ends_the_isolated_fine_tune_too():
+    """Ctrl-C or a SIGTERM sent to ``ila compare-strategies`` alone stops the process that fine-tunes: the
+    stop takes effect at once instead of after the whole fine-tune, and nothing writes on afterwards."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    # a real signal, as the user's: it wakes the main thread from its wait on the result
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        strategies._in_own_process(time.sleep, 30)
+    assert time.monotonic() - started < 20
+    assert not multiprocessing.active_children()
+    assert strategies._in_own_process(divmod, 7, 2) == (3, 1)  # and a finished call returns its result

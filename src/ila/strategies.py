@@ -74,6 +74,8 @@ from .strategy_plan import (
 from .strategy_summary import summarise_strategies
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import datasets
     from transformers import PreTrainedTokenizerBase
 
@@ -112,10 +114,28 @@ def _finetune(rc: RunConfig, folder: Path, data: Path, isolated: bool = True) ->
 
 
 def _finetune_isolated(rc: RunConfig, folder: Path, data: Path) -> dict[str, Any]:
+    return _in_own_process(_finetune, rc, folder, data)
+
+
+def _in_own_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a fresh process. A stop of this one (Ctrl-C, a SIGTERM sent to it alone) stops that
+    process too: leaving the pool would otherwise wait for a whole fine-tune to finish before the stop took
+    effect, and the fine-tune would write on in a run dir that a resumed call takes up again."""
     # spawn, not fork: a forked child inherits the parent's resident pages and its peak RSS with them.
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_finetune, rc, folder, data).result()
+        future = pool.submit(fn, *args)
+        try:
+            return future.result()
+        except BaseException:
+            # ProcessPoolExecutor has no public way to stop a busy worker before Python 3.14
+            terminate = getattr(pool, "terminate_workers", None)
+            if terminate is not None:
+                terminate()
+            else:
+                for process in list((pool._processes or {}).values()):
+                    process.terminate()
+            raise
 
 
 def _strategy_config(cfg: RunConfig, strat: Strategy, ranking_path: Path) -> RunConfig:
