@@ -120,6 +120,16 @@ def test_lm_evals_checker_tells_obeying_answers_from_breaking_ones(tmp_path):
     assert len({ifeval.check(odd, halves, tmp_path)["strict"] for _ in range(12)}) == 1
 
 
+def test_the_language_rules_give_one_verdict_for_one_answer(tmp_path):
+    """langdetect names another language for a mixed answer on some calls unless it is seeded."""
+    import langdetect
+
+    langdetect.DetectorFactory.seed = None  # as a fresh process has it
+    row = _row("language:response_language", language="es")
+    mixed = "hola hello ciao"  # unseeded: Spanish on some calls, Italian on others
+    assert len({ifeval.check(row, mixed, tmp_path)["strict"] for _ in range(40)}) == 1
+
+
 def test_the_instruction_level_stderr_is_the_clustered_one():
     # one instruction per prompt: it is the ordinary standard error of a mean
     flat = [True, False, True, True, False]

@@ -188,10 +188,17 @@ def use_local_punkt(cache: Path) -> Path:
 
 def checker(cache: Path) -> ModuleType:
     """lm-eval's IFEval checker (``lm_eval.tasks.ifeval.utils``), imported only once the local punkt is on
-    NLTK's path: its ``instructions_util`` downloads ``punkt_tab`` at import when NLTK cannot find it."""
+    NLTK's path: its ``instructions_util`` downloads ``punkt_tab`` at import when NLTK cannot find it.
+
+    langdetect, which the language and case rules call, draws from an unseeded generator and can name
+    another language for the same short or mixed answer on each call; its seed is fixed here (langdetect's
+    documented ``DetectorFactory.seed``) so that the same answers always get the same verdicts."""
     for module, install in _CHECKER_PACKAGES:
         if importlib.util.find_spec(module) is None:
             raise IlaError(f"IFEval's checker needs {module}: {install} (or pip install 'ila[eval]')")
+    import langdetect
+
+    langdetect.DetectorFactory.seed = 0
     use_local_punkt(cache)
     try:
         from lm_eval.tasks.ifeval import utils
