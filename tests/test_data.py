@@ -315,6 +315,21 @@ def test_plain_template_masks_everything_but_the_replies(plain_tok):
     assert labelled_text(plain_tok, row) == f"Hi!{EOS_TOKEN}4, of course.{EOS_TOKEN}"
 
 
+@pytest.mark.parametrize("bos", [None, "<s>"])
+def test_the_plain_chat_template_renders_what_training_does(bos):
+    """Prompts rendered through apply_chat_template (as lm-eval renders them) are the training format."""
+    tok = make_tokenizer(chat_template=False)  # its own: the module's fixture is shared and has no bos token
+    tok.bos_token = bos
+    for conv in (MULTI_TURN[:2], MULTI_TURN[:4], MULTI_TURN[1:2]):
+        rendered = tok.apply_chat_template(
+            conv, chat_template=data.PLAIN_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+        )
+        assert rendered == data.render_prompt(conv, tok, "plain")
+    whole = tok.apply_chat_template(MULTI_TURN, chat_template=data.PLAIN_CHAT_TEMPLATE, tokenize=False)
+    row = data.tokenize_conversation(MULTI_TURN, tok, max_length=1000, template="plain")
+    assert whole == tok.decode(row["input_ids"])
+
+
 def test_resolve_template(chat_tok, plain_tok):
     assert data.resolve_template(chat_tok, "auto") == "chat"
     assert data.resolve_template(plain_tok, "auto") == "plain"

@@ -214,6 +214,40 @@ def test_a_model_without_a_chat_template_gets_the_bare_prompt_and_lm_evals_score
         )
 
 
+def test_a_run_in_the_plain_template_is_asked_in_it(tmp_path, monkeypatch, tiny_model_dir, tiny_data_file):
+    """A base model trained in ila's plain template gets each IFEval prompt as a user turn of that template,
+    the form it was taught, from lm-eval as from ila's own generations; the setting records it."""
+    from lm_eval.models.huggingface import HFLM
+
+    from ila.config import load_config
+    from ila.data import render_prompt
+    from ila.evaluation import benchmark_settings, lm_eval_scores
+
+    monkeypatch.setattr(HFLM, "generate_until", lambda self, requests, **kw: ["i obey."] * len(requests))
+    tok = make_tokenizer(chat_template=False)
+    tok.bos_token = "<s>"  # as Gemma's has one: lm-eval must not add a second
+    make_model(vocab=len(tok)).save_pretrained(tmp_path / "base-model")
+    tok.save_pretrained(tmp_path / "base-model")
+    cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file))
+    settings = benchmark_settings(tok, cfg, ["ila_ifeval"], 2, 8)
+    assert settings["chat_template"] == ifeval.PLAIN
+    samples = tmp_path / "samples.jsonl"
+    lm_eval_scores(
+        str(tmp_path / "base-model"),
+        ["ila_ifeval"],
+        limit=2,
+        batch_size=2,
+        cache=tmp_path / "cache",
+        chat_template=settings["chat_template"],
+        ifeval_samples=samples,
+    )
+    sent = [json.loads(x)["input"] for x in samples.read_text().splitlines()]
+    rows = ifeval.ifeval_rows()[:2]
+    expected = [render_prompt([{"role": "user", "content": r["prompt"]}], tok, "plain") for r in rows]
+    assert sent == expected and sent[0].startswith("<s>### User:\n")
+    assert [ifeval.prompt_text(tok, r["prompt"], settings["chat_template"]) for r in rows] == expected
+
+
 def test_a_missing_package_says_what_to_install(monkeypatch, tmp_path):
     import importlib.metadata
 

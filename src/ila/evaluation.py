@@ -115,7 +115,7 @@ def lm_eval_scores(
     dtype: str = "float32",
     cache: Path | None = None,
     max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
-    chat_template: bool | None = None,
+    chat_template: bool | str | None = None,
     ifeval_samples: Path | None = None,
 ) -> Benchmarks:
     """Accuracy of the base model (plus a PEFT adapter) on lm-eval tasks; offline ``ila_*`` tasks are written
@@ -123,7 +123,8 @@ def lm_eval_scores(
 
     ``ila_ifeval`` runs in an lm-eval pass of its own, because lm-eval applies a chat template to every task
     of a pass and the other tasks are scored on bare prompts: its prompts go through the chat template
-    (``chat_template``; None: when the tokenizer has one) and its answers are capped at ``max_gen_toks`` new
+    (``chat_template``, as :func:`ila.ifeval.ifeval_chat_template` gives it; None: the tokenizer's chat
+    template when it has one, else the bare prompt) and its answers are capped at ``max_gen_toks`` new
     tokens; ``ifeval_samples`` gets its per-prompt inputs, answers and checks as JSON lines.
     """
     try:
@@ -185,7 +186,8 @@ def benchmark_settings(
     max_gen_toks: int,
 ) -> dict[str, Any]:
     """What a benchmark score depends on besides the model: the tasks, ``limit`` and, for IFEval, the answer
-    cap and whether prompts go through the chat template. Recorded beside every score."""
+    cap and the template its prompts go through (:func:`ifeval_chat_template`). Recorded beside every
+    score."""
     settings: dict[str, Any] = {"tasks": list(tasks), "limit": limit}
     if IFEVAL in tasks:
         settings.update(

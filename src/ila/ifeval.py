@@ -35,7 +35,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .artifacts import write_text_atomic
-from .data import resolve_template
+from .data import PLAIN_CHAT_TEMPLATE, render_prompt, resolve_template
 from .errors import IlaError
 
 if TYPE_CHECKING:
@@ -267,23 +267,25 @@ def run_ifeval(
     cache: Path,
     limit: int | None,
     max_gen_toks: int,
-    chat_template: bool,
+    chat_template: bool | str,
     samples_path: Path | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """IFEval through ``lm_eval.simple_evaluate`` on an ``HFLM``: the four metrics and their standard errors
     (``{metric}/none``, ``{metric}_stderr/none``), and lm-eval's logged samples in prompt order.
-    ``samples_path`` gets one JSON line per prompt: the text the model was given, its answer and what the
-    checker found."""
+    ``chat_template`` is what :func:`ifeval_chat_template` returns. ``samples_path`` gets one JSON line per
+    prompt: the text the model was given, its answer and what the checker found."""
     from lm_eval import simple_evaluate
 
     checker(cache)  # the task's process_results imports lm-eval's checker: punkt must be in place first
+    if chat_template == PLAIN:
+        lm.tokenizer.chat_template = PLAIN_CHAT_TEMPLATE  # lm-eval renders prompts with the tokenizer's one
     out = simple_evaluate(
         model=lm,
         tasks=[TASK],
         task_manager=manager,
         limit=limit,
         log_samples=True,
-        apply_chat_template=chat_template,
+        apply_chat_template=bool(chat_template),
         gen_kwargs={"max_gen_toks": int(max_gen_toks)},
     )
     metrics = out["results"][TASK]
@@ -316,21 +318,30 @@ def run_ifeval(
 # generations to read
 
 
-def ifeval_chat_template(tokenizer: PreTrainedTokenizerBase, template: str = "auto") -> bool:
-    """Whether IFEval prompts go through the chat template: when the run formats its data with one (a chat
-    model, ``data.template`` auto or chat); otherwise the model gets the bare prompt, as lm-eval gives a
-    model without a chat template (a base model)."""
-    return resolve_template(tokenizer, template) == "chat"
+PLAIN = "plain"
+"""The value of IFEval's ``chat_template`` setting when its prompts go through ila's plain template."""
 
 
-def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template: bool) -> str:
-    """The text lm-eval gives the model for an IFEval prompt: the prompt as one user turn of the chat
-    template, or the bare prompt for a model without one."""
+def ifeval_chat_template(tokenizer: PreTrainedTokenizerBase, template: str = "auto") -> bool | str:
+    """The form IFEval's prompts take, the one the run trains in (``data.template``): True, one user turn
+    of the tokenizer's chat template; ``"plain"`` (:data:`PLAIN`), one user turn of ila's plain template
+    (a base model, which has no chat template: what alignment taught it is that form, and a bare prompt
+    would ask it to continue a text instead). The untuned base model of a comparison is asked in the same
+    form, so that its row shows what the tuning bought. False, the bare prompt (lm-eval's default without
+    a chat template), is what records scored before this setting had a third value hold."""
+    return True if resolve_template(tokenizer, template) == "chat" else PLAIN
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template: bool | str) -> str:
+    """The text lm-eval gives the model for an IFEval prompt (``chat_template``: as
+    :func:`ifeval_chat_template` returns it): one user turn of the chat or the plain template, or the bare
+    prompt."""
+    turn = [{"role": "user", "content": prompt}]
+    if chat_template == PLAIN:
+        return render_prompt(turn, tokenizer, PLAIN)
     if not chat_template:
         return prompt
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+    return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
 
 
 def generations_markdown(

@@ -12,7 +12,7 @@ from typing import Any
 from .artifacts import write_json_atomic, write_text_atomic
 from .config import RunConfig
 from .errors import IlaError
-from .ifeval import DEFAULT_MAX_GEN_TOKS
+from .ifeval import DEFAULT_MAX_GEN_TOKS, PLAIN
 from .machine import machine_label
 from .pipeline import stage2
 from .plots import new_figure, save_figure
@@ -175,6 +175,8 @@ def _setting(key: str, value: Any) -> str:
     if key == "max_gen_toks":
         return f"answers of at most {value} tokens"
     if key == "chat_template":
+        if value == PLAIN:
+            return "prompts in ila's plain template (### User: / ### Assistant:)"
         return "prompts in the chat template" if value else "bare prompts"
     return f"{key} {value}"
 

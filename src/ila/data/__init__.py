@@ -32,6 +32,7 @@ from .sources import read_records
 from .split import split_conversations
 from .templates import (
     IGNORE_INDEX,
+    PLAIN_CHAT_TEMPLATE,
     PLAIN_TEMPLATE,
     TEMPLATES,
     TemplateRefused,
@@ -50,6 +51,7 @@ __all__ = [
     "BUILTIN_DATASETS",
     "FORMATS",
     "IGNORE_INDEX",
+    "PLAIN_CHAT_TEMPLATE",
     "PLAIN_TEMPLATE",
     "TEMPLATES",
     "Conversation",

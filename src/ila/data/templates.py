@@ -45,6 +45,19 @@ Only the assistant content and the eos token after it are labelled (trained on);
 A prompt for generation ends with "### Assistant:\\n".
 """
 
+PLAIN_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### User:\n{{ message['content'] }}\n\n### Assistant:\n"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}\n\n"
+    "{% endif %}{% endfor %}"
+)
+"""The plain template (:data:`PLAIN_TEMPLATE`) as a Jinja chat template, for the tools that render prompts
+through ``tokenizer.apply_chat_template`` (lm-eval's ``apply_chat_template``): a model trained in the plain
+template is asked its questions in the form it was taught. The generation prompt adds nothing, since a
+user turn already ends with the assistant header."""
+
 IGNORE_INDEX = -100
 """Label of tokens that do not count in the loss (the value that PyTorch's cross entropy ignores)."""
 
