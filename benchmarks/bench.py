@@ -92,13 +92,13 @@ def _collator(tokenizer):
 
 
 def _peak_mb(device: str) -> float:
-    import resource
-
     import torch
+
+    from ila.machine import peak_resident_mb
 
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak_resident_mb()
 
 
 def step_clock(times: list[float], device: str):

@@ -195,7 +195,7 @@ def test_compare_strategies_end_to_end(tmp_path, tiny_model_dir, tiny_data_file,
 def test_an_isolated_strategy_reports_its_own_peak_memory(tmp_path, tiny_model_dir, tiny_data_file):
     from ila.pipeline import run_all
     from ila.ranking import Ranking
-    from ila.strategies import run_strategies
+    from ila.strategies import PEAK_RSS_OWN_PROCESS, run_strategies
     from ila.strategy_plan import plan_strategies
 
     cfg = load_config(None, TINY_OVERRIDES(tiny_model_dir, tiny_data_file) + ["stage3.train.max_steps=1"])
@@ -204,8 +204,22 @@ def test_an_isolated_strategy_reports_its_own_peak_memory(tmp_path, tiny_model_d
     top = [s for s in plan_strategies(Ranking.load(ranking_path)) if s.name == "ila-top-10"]
     report = run_strategies(cfg, ranking_path, tmp_path / "s", strategies=top, isolate=True)
     (row,) = report["results"]
-    assert row["peak_memory_kind"] == "process resident set size" and row["peak_memory_mb"] > 0
+    assert row["peak_memory_kind"] == PEAK_RSS_OWN_PROCESS and row["peak_memory_mb"] > 0
     assert (tmp_path / "s" / "ila-top-10-seed0" / "stage3" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_spawned_process_does_not_report_the_peak_of_the_one_that_started_it():
+    """An isolated fine-tune's peak memory is its own: the process that starts it may have held far more
+    (a model it scored), and that must not show up as the fine-tune's peak."""
+    from ila.machine import peak_resident_mb
+    from ila.strategies import _in_own_process
+
+    held = bytearray(1536 * 2**20)
+    held[::4096] = b"\1" * len(held[::4096])  # touched, so that every page is resident
+    parent = peak_resident_mb()
+    del held
+    child = _in_own_process(peak_resident_mb)
+    assert parent > 1536 and 0 < child < parent - 1024
 
 
 def _fake_bigbench_archive(cache):

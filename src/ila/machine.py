@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +71,20 @@ def machine_label(machine: dict[str, Any] | None) -> str:
     known = machine.get("cpu_flags")
     flags = "flags not known" if known is None else ", ".join(known) or "no AVX2"
     return f"{machine['cpu']} ({flags}), {machine['cpu_count']} cores (torch {machine['torch']})"
+
+
+def peak_resident_mb() -> float:
+    """The most resident memory this process has held, in MiB: Linux's ``VmHWM``, which belongs to the
+    process's own address space. ``getrusage``'s ``ru_maxrss`` is not that: it is kept across ``exec``, so a
+    process started by spawn (fork, then exec) reports at least the resident size its parent had when it
+    started it, and an isolated fine-tune started by a process that had just scored a model reported the
+    scorer's peak. Elsewhere (no ``/proc``) ``ru_maxrss`` is all there is."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux

@@ -27,8 +27,8 @@ selection does not, except for ``random``). Each run is evaluated on the held-ou
 response loss of :mod:`ila.heldout`, with its interval) and, optionally, lm-eval tasks; each strategy is
 reported as the mean over its runs and as the paired difference with ``all`` (same seed, same examples:
 :mod:`ila.strategy_summary`).
-On the CPU each fine-tune runs in a fresh process (``isolate``) so that its peak resident memory is its own;
-on a GPU the CUDA peak-memory counters are reset per run instead.
+On the CPU each fine-tune runs in a fresh process (``isolate``) so that its peak resident memory is its own
+(:func:`ila.machine.peak_resident_mb`); on a GPU the CUDA peak-memory counters are reset per run instead.
 Results: ``strategies.json``, ``strategies.md`` and plots (quality vs fraction, quality vs cost).
 """
 
@@ -39,7 +39,6 @@ import copy
 import hashlib
 import logging
 import multiprocessing
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -57,7 +56,7 @@ from .evaluation import benchmark_settings, fill_benchmarks, offline_task_folder
 from .forgetting import forgetting_loss, general_text_rows, text_source
 from .heldout import example_losses, heldout_loss, summarise
 from .ifeval import DEFAULT_MAX_GEN_TOKS
-from .machine import describe_machine
+from .machine import describe_machine, peak_resident_mb
 from .models import layer_widths, load_base_model, load_tokenizer
 from .pipeline import load_datasets, prepare_run_dir, stage3
 from .progress import progress
@@ -100,15 +99,20 @@ def _reuse(done: Path, settings: str) -> dict[str, Any]:
     return result
 
 
+PEAK_RSS_OWN_PROCESS = "peak resident set size of the fine-tune's own process"
+"""``peak_memory_kind`` of an isolated CPU run. Records that say "process resident set size" were measured
+with ``ru_maxrss``, which also counts the peak of the process that started the fine-tune: an upper bound."""
+
+
 def _finetune(rc: RunConfig, folder: Path, data: Path, isolated: bool = True) -> dict[str, Any]:
     """Stage 3 for one strategy; without a CUDA peak, the process's peak resident set size stands in."""
     summary = stage3(rc, folder, data=data)
     if summary.get("peak_memory_mb") is None:
-        summary["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        summary["peak_memory_mb"] = peak_resident_mb()
         summary["peak_memory_kind"] = (
-            "process resident set size"
+            PEAK_RSS_OWN_PROCESS
             if isolated
-            else "resident set size of the process so far (not isolated)"
+            else "peak resident set size of the process so far (not isolated)"
         )
     return summary
 
